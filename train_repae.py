@@ -20,13 +20,8 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import math
-import time
-from pathlib import Path
 
 import torch
-from accelerate import Accelerator
-from accelerate.utils import ProjectConfiguration, gather_object
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
@@ -43,18 +38,7 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="train_repae.py", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--config", type=str, default=None, help="YAML file of flag values (flags given explicitly win)")
-    g = p.add_argument_group("experiment and logging")
-    g.add_argument("--output-dir", type=str, default="exps", help="folder holding experiment folders")
-    g.add_argument("--exp-name", type=str, default="repae", help="experiment folder name under --output-dir")
-    g.add_argument("--logging-dir", type=str, default="logs", help="tracker log folder inside the experiment folder")
-    g.add_argument("--report-to", type=str, default="tensorboard", choices=["tensorboard", "wandb", "none"], help="experiment tracker (wandb honours WANDB_MODE=offline)")
-    g.add_argument("--sampling-steps", type=int, default=10000, help="write a sample grid every N steps")
-    g.add_argument("--log-every", type=int, default=1, help="log losses every N steps")
-    g.add_argument("--resume-step", type=int, default=0, help="continue from checkpoints/NNNNNNN.pt (0: fresh)")
-    g.add_argument("--resume", type=str, default=None, help="'latest' or a step; overrides --resume-step")
-    g.add_argument("--continue-train-exp-dir", type=str, default=None,
-                   help="experiment folder to continue (default <output-dir>/<exp-name>)")
-    g.add_argument("--keep-checkpoints", type=int, default=0, help="keep only the newest N checkpoints (0: all)")
+    utils.add_common_training_flags(p)
     g = p.add_argument_group("model")
     g.add_argument("--model", type=str, default="SiT-XL/2", choices=list(SiT_models), help="SiT size and patch (T and N are tiny sizes for CPU)")
     g.add_argument("--num-classes", type=int, default=1000, help="number of class labels (the null label for guidance is this id)")
@@ -76,28 +60,12 @@ def parse_args(argv=None):
     g = p.add_argument_group("data")
     g.add_argument("--data-dir", type=str, default="data", help="image folder with one subfolder per class, or a REPA-E images.h5 archive")
     g.add_argument("--resolution", type=int, default=256, help="training image size (ADM center crop)")
-    g.add_argument("--batch-size", type=int, default=256, help="global batch (split over processes and accumulation)")
-    g.add_argument("--num-workers", type=int, default=4, help="data loader worker processes per rank")
     g.add_argument("--skip-bad-images", action="store_true", help="skip and count unreadable images instead of stopping at the first")
-    g = p.add_argument_group("precision and speed")
-    g.add_argument("--allow-tf32", action="store_true", help="allow TF32 matmuls and convolutions on Ampere+ GPUs")
-    g.add_argument("--mixed-precision", type=str, default="no", choices=["no", "fp16", "bf16"], help="autocast precision (bf16 recommended on GPUs)")
-    g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True, help="torch.compile the SiT")
-    g = p.add_argument_group("optimisation")
-    g.add_argument("--epochs", type=int, default=1400, help="stop after this many epochs")
-    g.add_argument("--max-train-steps", type=int, default=400000, help="stop after this many optimisation steps")
-    g.add_argument("--checkpointing-steps", type=int, default=50000, help="write a checkpoint every N steps (and at the end)")
-    g.add_argument("--gradient-accumulation-steps", type=int, default=1, help="micro-batches accumulated per optimisation step")
+    g = p.add_argument_group("learning rates and EMA")
     g.add_argument("--learning-rate", type=float, default=1e-4, help="SiT AdamW learning rate")
     g.add_argument("--vae-learning-rate", type=float, default=1e-4, help="VAE AdamW learning rate")
     g.add_argument("--disc-learning-rate", type=float, default=1e-4, help="discriminator AdamW learning rate")
-    g.add_argument("--adam-beta1", type=float, default=0.9, help="AdamW beta1 (all three optimizers)")
-    g.add_argument("--adam-beta2", type=float, default=0.999, help="AdamW beta2 (all three optimizers)")
-    g.add_argument("--adam-weight-decay", type=float, default=0.0, help="AdamW weight decay (all three optimizers)")
-    g.add_argument("--adam-epsilon", type=float, default=1e-8, help="AdamW epsilon (all three optimizers)")
-    g.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping norm for each network")
     g.add_argument("--ema-decay", type=float, default=0.9999, help="EMA decay of the SiT (parameters and BatchNorm statistics)")
-    g.add_argument("--seed", type=int, default=0, help="global seed (each rank derives its own stream)")
     g = p.add_argument_group("loss")
     g.add_argument("--path-type", type=str, default="linear", choices=["linear", "cosine"], help="interpolant between data and noise")
     g.add_argument("--prediction", type=str, default="v", choices=["v"], help="network target (velocity)")
@@ -112,10 +80,7 @@ def parse_args(argv=None):
     g.add_argument("--sample-num-steps", type=int, default=50, help="Euler steps for the sample grids")
     g.add_argument("--sample-cfg-scale", type=float, default=1.0, help="guidance scale for the sample grids")
     g.add_argument("--num-sample-images", type=int, default=16, help="images per sample grid")
-    args = utils.parse_args_with_config(p, argv)
-    if args.resume is None and args.resume_step:
-        args.resume = str(args.resume_step)
-    return args
+    return utils.finish_args(utils.parse_args_with_config(p, argv), "repae")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -139,16 +104,6 @@ def build_loss(args) -> ReconstructionLoss:
     return ReconstructionLoss(cfg, source=args.loss_cfg_path)
 
 
-def infinite_epochs(loader, sampler, epoch: int, batch: int):
-    """Yield (epoch, batch_index, data) forever, starting at a data position."""
-    while True:
-        sampler.set_position(epoch, batch)
-        for data in loader:
-            yield epoch, batch, data
-            batch += 1
-        epoch, batch = epoch + 1, 0
-
-
 @torch.no_grad()
 def psnr(x: torch.Tensor, y: torch.Tensor) -> float:
     """PSNR in dB of images in [-1, 1], averaged over samples."""
@@ -169,58 +124,13 @@ def sample_grid(ema, vae, latent_shape, labels, args, generator_seed: int):
     return ((vae.decode(x).float().clamp(-1, 1) + 1) / 2).cpu()
 
 
-def save_grid(images: torch.Tensor, path: Path) -> None:
-    from torchvision.utils import make_grid
-
-    grid = make_grid(images, nrow=int(math.ceil(math.sqrt(len(images)))), padding=2)
-    utils.atomic_save_png((grid.permute(1, 2, 0).numpy() * 255).round().clip(0, 255).astype("uint8"), path)
-
-
-def log_images(accelerator, images: torch.Tensor, step: int) -> None:
-    for tracker in accelerator.trackers:
-        if tracker.name == "tensorboard":
-            from torchvision.utils import make_grid
-
-            tracker.writer.add_image("samples", make_grid(images, nrow=int(math.ceil(math.sqrt(len(images))))), step)
-        elif tracker.name == "wandb":
-            import wandb
-
-            tracker.log({"samples": [wandb.Image(img) for img in images]}, step=step)
-
-
 # ------------------------------------------------------------------------------------------------
 # Training
 # ------------------------------------------------------------------------------------------------
 def main(args):
-    exp_dir = Path(args.continue_train_exp_dir or Path(args.output_dir) / args.exp_name)
-    ckpt_dir = exp_dir / "checkpoints"
-    accelerator = Accelerator(
-        gradient_accumulation_steps=args.gradient_accumulation_steps,
-        mixed_precision=args.mixed_precision,
-        log_with=None if args.report_to == "none" else args.report_to,
-        project_config=ProjectConfiguration(project_dir=str(exp_dir), logging_dir=str(exp_dir / args.logging_dir)),
-        cpu=not torch.cuda.is_available(),
-    )
-    device, world, rank = accelerator.device, accelerator.num_processes, accelerator.process_index
-    resume_path = utils.resolve_resume(ckpt_dir, args.resume)
-    if accelerator.is_main_process:
-        if resume_path is None and utils.list_checkpoints(ckpt_dir):
-            raise SystemExit(f"{ckpt_dir} already holds checkpoints {utils.list_checkpoints(ckpt_dir)}; "
-                             f"pass --resume latest to continue or choose another --exp-name")
-        exp_dir.mkdir(parents=True, exist_ok=True)
-        utils.write_args_json(args, exp_dir / "args.json")
-    accelerator.wait_for_everyone()
-    logger = utils.create_logger(exp_dir, accelerator.is_main_process, "train_repae")
-    logger.info(f"experiment {exp_dir} | {world} process(es) on {device} | mixed precision {args.mixed_precision}")
-    if args.allow_tf32 and torch.cuda.is_available():
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-
-    denom = world * args.gradient_accumulation_steps
-    if args.batch_size % denom:
-        raise SystemExit(f"--batch-size {args.batch_size} is not divisible by processes x accumulation = {denom}")
-    local_bs = args.batch_size // denom
-    utils.seed_everything(args.seed * world + rank)
+    run = utils.start_run(args, "train_repae")
+    accelerator, logger, device, world, rank = run.accelerator, run.logger, run.device, run.world, run.rank
+    exp_dir, ckpt_dir, local_bs = run.exp_dir, run.ckpt_dir, run.local_batch_size
 
     # ---------------- models
     vae, stats = build_vae(args, logger)
@@ -257,15 +167,10 @@ def main(args):
                 f"{vae.latent_channels}x{latent_size}x{latent_size}; VAE {sum(p.numel() for p in vae.parameters()) / 1e6:.2f}M;"
                 f" encoders {[e.name for e in encoders]}")
 
-    def adamw(params, lr):
-        return torch.optim.AdamW(params, lr=lr, betas=(args.adam_beta1, args.adam_beta2),
-                                 weight_decay=args.adam_weight_decay, eps=args.adam_epsilon,
-                                 fused=torch.cuda.is_available() or None)
-
     disc_params = list(loss_fn.discriminator.parameters())
-    opt = adamw(sit.parameters(), args.learning_rate)
-    opt_vae = adamw(vae.parameters(), args.vae_learning_rate)
-    opt_disc = adamw(disc_params, args.disc_learning_rate)
+    opt = utils.adamw(sit.parameters(), args.learning_rate, args)
+    opt_vae = utils.adamw(vae.parameters(), args.vae_learning_rate, args)
+    opt_disc = utils.adamw(disc_params, args.disc_learning_rate, args)
 
     # ---------------- data
     dataset = build_image_dataset(args.data_dir, args.resolution, skip_bad_images=args.skip_bad_images)
@@ -282,8 +187,9 @@ def main(args):
 
     # ---------------- resume
     step, epoch, batch_pos = 0, 0, 0
-    if resume_path is not None:
-        ckpt = torch.load(resume_path, map_location="cpu", weights_only=False)
+    ckpt = utils.load_resume_checkpoint(run)
+    if ckpt is not None:
+        resume_path = run.resume_path
         utils.load_state_dict_strict(sit, ckpt["model"], f"{resume_path}['model']")
         utils.load_state_dict_strict(ema, ckpt["ema"], f"{resume_path}['ema']")
         utils.load_state_dict_strict(vae, ckpt["vae"], f"{resume_path}['vae']")
@@ -293,7 +199,6 @@ def main(args):
         opt_disc.load_state_dict(ckpt["opt_disc"])
         step = int(ckpt["steps"])
         epoch, batch_pos = ckpt["data"]["epoch"], ckpt["data"]["batch"]
-        rng_states = ckpt["rng"]
         logger.info(f"resumed from {resume_path} at step {step} (epoch {epoch}, batch {batch_pos})")
     if args.compile:
         sit = torch.compile(sit)
@@ -302,35 +207,17 @@ def main(args):
     ema = ema.to(device)
     for e in encoders:
         e.to(device)
-    if resume_path is not None:
-        if accelerator.scaler is not None and ckpt.get("scaler") is not None:
-            accelerator.scaler.load_state_dict(ckpt["scaler"])
-        if len(rng_states) != world:
-            logger.info(f"checkpoint was written by {len(rng_states)} processes, now {world}: RNG streams restart")
-            utils.seed_everything(args.seed * world + rank + step)
-        else:
-            utils.set_rng_state(rng_states[rank])
+    if ckpt is not None:
+        utils.restore_scaler(run, ckpt)
+        utils.restore_rng(run, ckpt)
         del ckpt
 
     def save_checkpoint():
-        rngs = gather_object([utils.rng_state()])
-        if accelerator.is_main_process:
-            state = {
-                "model": sit_m.state_dict(), "ema": ema.state_dict(), "vae": vae_m.state_dict(),
-                "discriminator": loss_m.state_dict(), "opt": opt.optimizer.state_dict(),
-                "opt_vae": opt_vae.optimizer.state_dict(), "opt_disc": opt_disc.optimizer.state_dict(),
-                "scaler": accelerator.scaler.state_dict() if accelerator.scaler is not None else None,
-                "args": vars(args), "steps": step, "rng": rngs,
-                "data": {"epoch": epoch, "batch": batch_pos},
-                "latent_stats": ema.latent_stats(include_eps=True),
-            }
-            path = utils.checkpoint_path(ckpt_dir, step)
-            utils.atomic_save(state, path)
-            if args.keep_checkpoints > 0:
-                for old in utils.list_checkpoints(ckpt_dir)[:-args.keep_checkpoints]:
-                    utils.checkpoint_path(ckpt_dir, old).unlink(missing_ok=True)
-            logger.info(f"saved checkpoint {path}")
-        accelerator.wait_for_everyone()
+        utils.save_training_checkpoint(run, step, {"epoch": epoch, "batch": batch_pos}, lambda: {
+            "model": sit_m.state_dict(), "ema": ema.state_dict(), "vae": vae_m.state_dict(),
+            "discriminator": loss_m.state_dict(), "opt": opt.optimizer.state_dict(),
+            "opt_vae": opt_vae.optimizer.state_dict(), "opt_disc": opt_disc.optimizer.state_dict(),
+            "latent_stats": ema.latent_stats(include_eps=True)}, keep=args.keep_checkpoints)
 
     # Fixed evaluation material (independent of the training RNG stream).
     eval_images = torch.stack([dataset[i][0] for i in range(min(8, len(dataset)))]).to(device)
@@ -346,9 +233,6 @@ def main(args):
         vae_m.train()
         return psnr(x, r)
 
-    if accelerator.is_main_process:
-        accelerator.init_trackers("repae", config={k: v if isinstance(v, (int, float, str, bool)) else str(v)
-                                                   for k, v in vars(args).items()})
     summary = {"start_step": step, "psnr_start": eval_recon_psnr(), "losses": {}}
     logger.info(f"VAE reconstruction PSNR on {len(eval_images)} fixed images at step {step}: {summary['psnr_start']:.2f} dB")
 
@@ -356,15 +240,12 @@ def main(args):
     model.train()
     vae.train()
     loss_fn.train()
-    history = {k: [] for k in ("vae_loss", "align_proj_loss", "disc_loss", "denoising_loss", "proj_loss")}
     progress = tqdm(total=args.max_train_steps, initial=step, disable=not accelerator.is_main_process,
                     desc="train_repae", dynamic_ncols=True)
-    data_iter = infinite_epochs(loader, sampler, epoch, batch_pos)
+    data_iter = utils.infinite_epochs(loader, sampler, epoch, batch_pos)
     stop = utils.StopRequest().install()
-    t0, images_seen = time.time(), 0
-    # Throughput is also reported after a warm-up (compilation, allocator, first data batches).
-    warmup_steps = min(5, max(1, (args.max_train_steps - step) // 2))
-    t_warm, images_warm = None, 0
+    monitor = utils.StepMonitor(run, stop)
+    speed = utils.Throughput(step, args.max_train_steps)
     try:
         while step < args.max_train_steps and epoch < args.epochs:
             epoch, batch_pos, (raw, labels) = next(data_iter)
@@ -385,7 +266,7 @@ def main(args):
                     align = sit_m(z, labels, zs, loss_kwargs=dict(loss_kwargs, align_only=True))
                 vae_total = vae_loss + args.vae_align_proj_coeff * align["proj_loss"]
                 accelerator.backward(vae_total)
-                if accelerator.sync_gradients:
+                if accelerator.sync_gradients and args.max_grad_norm > 0:
                     accelerator.clip_grad_norm_(vae.parameters(), args.max_grad_norm)
                 opt_vae.step()
                 opt_vae.zero_grad(set_to_none=True)
@@ -393,7 +274,7 @@ def main(args):
                 # -- discriminator update on the same pair (the generator pass kept D frozen)
                 d_loss, d_logs = loss_fn(x, recon.detach(), posterior, step, "discriminator")
                 accelerator.backward(d_loss)
-                if accelerator.sync_gradients:
+                if accelerator.sync_gradients and args.max_grad_norm > 0:
                     accelerator.clip_grad_norm_(disc_params, args.max_grad_norm)
                 opt_disc.step()
                 opt_disc.zero_grad(set_to_none=True)
@@ -406,73 +287,49 @@ def main(args):
                                 time_input=align["time_input"], noises=align["noises"])
                 sit_loss = out["denoising_loss"].mean() + args.proj_coeff * out["proj_loss"]
                 accelerator.backward(sit_loss)
-                if accelerator.sync_gradients:
+                if accelerator.sync_gradients and args.max_grad_norm > 0:
                     accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
                 opt.step()
                 opt.zero_grad(set_to_none=True)
 
-            images_seen += raw.shape[0] * world
+            speed.update(raw.shape[0] * world, step + accelerator.sync_gradients)
             if not accelerator.sync_gradients:
                 continue
             utils.update_ema(ema, sit_m, args.ema_decay)
             step += 1
-            if step - summary["start_step"] == warmup_steps:
-                t_warm, images_warm = time.time(), images_seen
 
             losses = {"vae_loss": vae_loss.detach(), "align_proj_loss": align["proj_loss"].detach(),
                       "disc_loss": d_loss.detach(), "denoising_loss": out["denoising_loss"].mean().detach(),
                       "proj_loss": out["proj_loss"].detach()}
-            # One all-reduce per step: loss sums, per-loss non-finite counts and the stop flag.
-            values = torch.stack([v.float().reshape(()) for v in losses.values()])
-            packed = accelerator.reduce(torch.cat([values, (~torch.isfinite(values)).float(),
-                                                   values.new_tensor([float(stop.requested)])]), reduction="sum")
-            n = len(losses)
-            packed = packed.tolist()
-            bad = [k for k, count in zip(losses, packed[n:2 * n]) if count > 0]
-            stop_requested = packed[2 * n] > 0
-            if bad:
-                msg = (f"non-finite {bad[0]} at step {step}; stopping without saving "
-                       f"(last good checkpoint: {utils.list_checkpoints(ckpt_dir)[-1:] or 'none'})")
-                logger.error(msg)
-                raise utils.NonFiniteLossError(msg)
-            if step % args.log_every == 0 or step == args.max_train_steps:
-                vals = {k: v / world for k, v in zip(losses, packed[:n])}
-                for k, v in vals.items():
-                    history[k].append(v)
-                vals["images_per_sec"] = images_seen / max(time.time() - t0, 1e-9)
+            logged = step % args.log_every == 0 or step == args.max_train_steps
+            vals, stop_requested = monitor(losses, step, record=logged)
+            if logged:
+                vals["images_per_sec"] = speed.rate()
                 accelerator.log(vals | {f"vae/{k}": float(v) for k, v in vae_logs.items() if torch.is_tensor(v) and v.numel() == 1}, step=step)
                 progress.set_postfix({k: f"{v:.4f}" for k, v in vals.items() if k != "images_per_sec"})
                 logger.info(f"step {step:07d} " + " ".join(f"{k}={v:.4f}" for k, v in vals.items()))
             progress.update(1)
 
-            if args.sampling_steps > 0 and (step % args.sampling_steps == 0 or step in (1, args.max_train_steps)):
+            if utils.should_run(step, args.sampling_steps, args.max_train_steps, first=True):
                 if accelerator.is_main_process:
                     vae_m.eval()
                     images = sample_grid(ema, vae_m, latent_shape, sample_labels, args, args.seed)
                     vae_m.train()
-                    save_grid(images, exp_dir / "samples" / f"{step:07d}.png")
-                    log_images(accelerator, images, step)
+                    utils.save_image_grid(images, exp_dir / "samples" / f"{step:07d}.png")
+                    utils.log_images(accelerator, images, step)
                 accelerator.wait_for_everyone()
-            if step % args.checkpointing_steps == 0 or step == args.max_train_steps:
+            if utils.should_run(step, args.checkpointing_steps, args.max_train_steps) or stop_requested:
                 save_checkpoint()
             if stop_requested:
-                logger.info(f"stop requested (signal): saving step {step} and exiting")
-                if step % args.checkpointing_steps != 0 and step != args.max_train_steps:
-                    save_checkpoint()
+                logger.info(f"stop requested (signal): saved step {step}, exiting")
                 break
     finally:
         stop.restore()
         progress.close()
 
-    summary.update(end_step=step, psnr_end=eval_recon_psnr(),
-                   losses={k: {"first": v[0], "last": v[-1], "min": min(v), "mean_last_10%": sum(v[-max(1, len(v) // 10):]) / max(1, len(v) // 10)}
-                           for k, v in history.items() if v},
+    summary.update(end_step=step, psnr_end=eval_recon_psnr(), losses=monitor.summary(),
                    checkpoints=[str(utils.checkpoint_path(ckpt_dir, s)) for s in utils.list_checkpoints(ckpt_dir)],
-                   samples=sorted(str(p) for p in (exp_dir / "samples").glob("*.png")),
-                   seconds=time.time() - t0, images_per_sec=images_seen / max(time.time() - t0, 1e-9),
-                   images_per_sec_after_warmup=None if t_warm is None else
-                   (images_seen - images_warm) / max(time.time() - t_warm, 1e-9),
-                   peak_memory_gb=torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None)
+                   samples=sorted(str(p) for p in (exp_dir / "samples").glob("*.png")), **speed.summary())
     if accelerator.is_main_process:
         utils.atomic_write_text(json.dumps(summary, indent=2) + "\n", exp_dir / "summary.json")
         logger.info(f"done at step {step}: VAE PSNR {summary['psnr_start']:.2f} -> {summary['psnr_end']:.2f} dB; "

@@ -3,12 +3,20 @@ experiment folders, seeding and logging."""
 from __future__ import annotations
 
 import json
+import logging
+import math
 import os
+import random
+import re
+import signal
 import tempfile
+import time
 from collections import OrderedDict
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Dict, Iterator, Mapping, Optional
 
+import numpy as np
 import torch
 import torch.nn as nn
 
@@ -180,13 +188,6 @@ def unwrap(module: nn.Module) -> nn.Module:
 # Training infrastructure shared by the trainers: experiment folder, logging, checkpoints with
 # full state (RNG of every rank, data position), resume, stop signals and non-finite guards.
 # --------------------------------------------------------------------------------------------
-import logging
-import random
-import re
-import signal
-
-import numpy as np
-
 CKPT_RE = re.compile(r"^(\d{7})\.pt$")
 
 
@@ -286,3 +287,302 @@ class StopRequest:
 
 class NonFiniteLossError(RuntimeError):
     pass
+
+
+# --------------------------------------------------------------------------------------------
+# The trainers' shared plumbing (train_repae.py, train_ldm_only.py, train_stage1.py): one place for
+# the experiment folder, checkpoints, resume, the per-step all-reduce and the run summary, so every
+# trainer resumes and fails the same way.
+# --------------------------------------------------------------------------------------------
+@dataclass
+class TrainRun:
+    """What every trainer needs after start-up: the accelerator, the experiment folder, the
+    checkpoint to resume (if any), the logger and the per-process micro-batch size."""
+
+    args: Any
+    accelerator: Any
+    exp_dir: Path
+    ckpt_dir: Path
+    resume_path: Optional[Path]
+    logger: logging.Logger
+    local_batch_size: int
+
+    @property
+    def device(self) -> torch.device:
+        return self.accelerator.device
+
+    @property
+    def world(self) -> int:
+        return self.accelerator.num_processes
+
+    @property
+    def rank(self) -> int:
+        return self.accelerator.process_index
+
+    @property
+    def is_main(self) -> bool:
+        return self.accelerator.is_main_process
+
+
+def start_run(args, name: str) -> TrainRun:
+    """Accelerator (CPU/gloo when there is no GPU), experiment folder with args.json and log.txt,
+    resume resolution (a fresh run refuses a folder that already has checkpoints), TF32, the
+    micro-batch size (`--batch-size` is global) and a per-rank seed.
+
+    Expects the common flags: output_dir, exp_name, continue_train_exp_dir, logging_dir, report_to,
+    resume, gradient_accumulation_steps, mixed_precision, allow_tf32, batch_size, seed."""
+    from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration
+
+    exp_dir = Path(getattr(args, "continue_train_exp_dir", None) or Path(args.output_dir) / args.exp_name)
+    ckpt_dir = exp_dir / "checkpoints"
+    accelerator = Accelerator(
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        mixed_precision=args.mixed_precision,
+        log_with=None if args.report_to == "none" else args.report_to,
+        project_config=ProjectConfiguration(project_dir=str(exp_dir), logging_dir=str(exp_dir / args.logging_dir)),
+        cpu=not torch.cuda.is_available(),
+    )
+    resume_path = resolve_resume(ckpt_dir, args.resume)
+    if accelerator.is_main_process:
+        if resume_path is None and list_checkpoints(ckpt_dir):
+            raise SystemExit(f"{ckpt_dir} already holds checkpoints {list_checkpoints(ckpt_dir)}; "
+                             f"pass --resume latest to continue or choose another --exp-name")
+        exp_dir.mkdir(parents=True, exist_ok=True)
+        write_args_json(args, exp_dir / "args.json")
+    accelerator.wait_for_everyone()
+    logger = create_logger(exp_dir, accelerator.is_main_process, name)
+    world = accelerator.num_processes
+    logger.info(f"experiment {exp_dir} | {world} process(es) on {accelerator.device} | "
+                f"mixed precision {args.mixed_precision}")
+    if args.allow_tf32 and torch.cuda.is_available():
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    denom = world * args.gradient_accumulation_steps
+    if args.batch_size % denom:
+        raise SystemExit(f"--batch-size {args.batch_size} is not divisible by processes x accumulation = {denom}")
+    seed_everything(args.seed * world + accelerator.process_index)
+    if accelerator.is_main_process:
+        accelerator.init_trackers(name, config={k: v if isinstance(v, (int, float, str, bool)) else str(v)
+                                                for k, v in vars(args).items()})
+    return TrainRun(args, accelerator, exp_dir, ckpt_dir, resume_path, logger, args.batch_size // denom)
+
+
+def load_resume_checkpoint(run: TrainRun) -> Optional[dict]:
+    """The checkpoint to resume from, loaded on the CPU (never onto the GPU: no OOM at resume)."""
+    if run.resume_path is None:
+        return None
+    return torch.load(run.resume_path, map_location="cpu", weights_only=False)
+
+
+def restore_rng(run: TrainRun, ckpt: dict) -> None:
+    """Continue every rank's RNG stream where it stopped; a different world size restarts the
+    streams from a step-dependent seed (the data order itself stays exact: it is index-keyed)."""
+    states = ckpt["rng"]
+    if len(states) != run.world:
+        run.logger.info(f"checkpoint was written by {len(states)} processes, now {run.world}: RNG streams restart")
+        seed_everything(run.args.seed * run.world + run.rank + int(ckpt["steps"]))
+    else:
+        set_rng_state(states[run.rank])
+
+
+def save_training_checkpoint(run: TrainRun, step: int, data_position: dict, make_state: Callable[[], dict],
+                             keep: int = 0) -> None:
+    """Collective. Gathers every rank's RNG state; the main process writes `make_state()` plus
+    args, step, RNG and data position atomically, then prunes to the newest `keep` (0: keep all)."""
+    from accelerate.utils import gather_object
+
+    rngs = gather_object([rng_state()])
+    if run.is_main:
+        scaler = run.accelerator.scaler
+        state = dict(make_state(), args=vars(run.args), steps=step, rng=rngs, data=dict(data_position),
+                     scaler=scaler.state_dict() if scaler is not None else None)
+        path = checkpoint_path(run.ckpt_dir, step)
+        atomic_save(state, path)
+        if keep > 0:
+            for old in list_checkpoints(run.ckpt_dir)[:-keep]:
+                checkpoint_path(run.ckpt_dir, old).unlink(missing_ok=True)
+        run.logger.info(f"saved checkpoint {path}")
+    run.accelerator.wait_for_everyone()
+
+
+def restore_scaler(run: TrainRun, ckpt: dict) -> None:
+    if run.accelerator.scaler is not None and ckpt.get("scaler") is not None:
+        run.accelerator.scaler.load_state_dict(ckpt["scaler"])
+
+
+def infinite_epochs(loader, sampler, epoch: int, batch: int) -> Iterator:
+    """Yield (epoch, batch_index, data) forever from a data position; datasets with a per-epoch
+    deterministic choice (e.g. latent flips) get `set_epoch`."""
+    while True:
+        sampler.set_position(epoch, batch)
+        if hasattr(loader.dataset, "set_epoch"):
+            loader.dataset.set_epoch(epoch)
+        for data in loader:
+            yield epoch, batch, data
+            batch += 1
+        epoch, batch = epoch + 1, 0
+
+
+class StepMonitor:
+    """Per optimisation step, ONE all-reduce carries the loss sums, a non-finite count per loss and
+    the stop flag, so a NaN on any rank stops every rank at the same step with the loss named, and
+    a signal on any rank stops all of them together."""
+
+    def __init__(self, run: TrainRun, stop: StopRequest):
+        self.run, self.stop = run, stop
+        self.history: Dict[str, list] = {}
+
+    def __call__(self, losses: Mapping[str, torch.Tensor], step: int, record: bool = True):
+        """Returns ({name: mean over ranks}, stop_requested); raises NonFiniteLossError."""
+        values = torch.stack([v.detach().float().reshape(()) for v in losses.values()])
+        flags = torch.cat([values, (~torch.isfinite(values)).float(), values.new_tensor([float(self.stop.requested)])])
+        packed = self.run.accelerator.reduce(flags, reduction="sum").tolist()
+        n = len(losses)
+        bad = [k for k, count in zip(losses, packed[n:2 * n]) if count > 0]
+        if bad:
+            msg = (f"non-finite {bad[0]} at step {step}; stopping without saving "
+                   f"(last good checkpoint: {list_checkpoints(self.run.ckpt_dir)[-1:] or 'none'})")
+            self.run.logger.error(msg)
+            raise NonFiniteLossError(msg)
+        means = {k: v / self.run.world for k, v in zip(losses, packed[:n])}
+        if record:
+            for k, v in means.items():
+                self.history.setdefault(k, []).append(v)
+        return means, packed[2 * n] > 0
+
+    def summary(self) -> dict:
+        out = {}
+        for k, v in self.history.items():
+            tail = v[-max(1, len(v) // 10):]
+            out[k] = {"first": v[0], "last": v[-1], "min": min(v), "mean_last_10%": sum(tail) / len(tail)}
+        return out
+
+
+class Throughput:
+    """Images per second overall and after a warm-up (compilation, allocator, first batches)."""
+
+    def __init__(self, start_step: int, max_steps: int):
+        self.t0, self.seen = time.time(), 0
+        self.warmup_at = start_step + min(5, max(1, (max_steps - start_step) // 2))
+        self.t_warm, self.seen_warm = None, 0
+
+    def update(self, images: int, step: int) -> None:
+        self.seen += images
+        if step == self.warmup_at and self.t_warm is None:
+            self.t_warm, self.seen_warm = time.time(), self.seen
+
+    def rate(self) -> float:
+        return self.seen / max(time.time() - self.t0, 1e-9)
+
+    def summary(self) -> dict:
+        now = time.time()
+        return {"seconds": now - self.t0, "images_per_sec": self.rate(),
+                "images_per_sec_after_warmup": None if self.t_warm is None
+                else (self.seen - self.seen_warm) / max(now - self.t_warm, 1e-9),
+                "peak_memory_gb": torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None}
+
+
+def should_run(step: int, every: int, max_steps: int, first: bool = False) -> bool:
+    """Periodic work at multiples of `every`, at the last step (and at step 1 when `first`)."""
+    if every <= 0:
+        return False
+    return step % every == 0 or step == max_steps or (first and step == 1)
+
+
+def adamw(params, lr: float, args, betas=None) -> torch.optim.Optimizer:
+    """AdamW from the common flags (fused on CUDA)."""
+    return torch.optim.AdamW(params, lr=lr, betas=betas or (args.adam_beta1, args.adam_beta2),
+                             weight_decay=args.adam_weight_decay, eps=args.adam_epsilon,
+                             fused=torch.cuda.is_available() or None)
+
+
+def lr_multiplier(step: int, schedule: str, warmup_steps: int = 0, decay_start: int = 0, total_steps: int = 1,
+                  final_ratio: float = 0.0) -> float:
+    """LR / base LR at `step` (0-based count of optimizer steps already taken on THIS optimizer's
+    own clock). constant; linear warmup from 0 over `warmup_steps`; then
+    'cosine': cosine from 1 to `final_ratio` between warmup end and `total_steps`;
+    'linear': constant until `decay_start`, then linear to `final_ratio` at `total_steps`."""
+    if schedule not in ("constant", "cosine", "linear"):
+        raise ValueError(f"unknown LR schedule '{schedule}' (constant, cosine, linear)")
+    if warmup_steps > 0 and step < warmup_steps:
+        return step / warmup_steps
+    if schedule == "constant":
+        return 1.0
+    start = warmup_steps if schedule == "cosine" else max(decay_start, warmup_steps)
+    frac = min(max((step - start) / max(total_steps - start, 1), 0.0), 1.0)
+    if schedule == "cosine":
+        return final_ratio + (1 - final_ratio) * 0.5 * (1 + math.cos(math.pi * frac))
+    return 1.0 - (1.0 - final_ratio) * frac
+
+
+def lr_scheduler(optimizer, **kw) -> torch.optim.lr_scheduler.LambdaLR:
+    """A LambdaLR over `lr_multiplier` (its state_dict goes in the checkpoint)."""
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_multiplier(s, **kw))
+
+
+def save_image_grid(images: torch.Tensor, path: str | os.PathLike) -> None:
+    """Images [N, C, H, W] in [0, 1] -> one PNG grid, written atomically."""
+    from torchvision.utils import make_grid
+
+    grid = make_grid(images.float().cpu(), nrow=int(math.ceil(math.sqrt(len(images)))), padding=2)
+    # A diverged model gives NaN pixels: show them black rather than cast garbage.
+    arr = (grid.nan_to_num(0.0).permute(1, 2, 0).numpy() * 255).round().clip(0, 255).astype("uint8")
+    atomic_save_png(arr, path)
+
+
+def log_images(accelerator, images: torch.Tensor, step: int, tag: str = "samples") -> None:
+    """Send an image batch [N, C, H, W] in [0, 1] to the active trackers."""
+    for tracker in accelerator.trackers:
+        if tracker.name == "tensorboard":
+            from torchvision.utils import make_grid
+
+            tracker.writer.add_image(tag, make_grid(images.float().cpu(), nrow=int(math.ceil(math.sqrt(len(images))))), step)
+        elif tracker.name == "wandb":
+            import wandb
+
+            tracker.log({tag: [wandb.Image(img) for img in images.float().cpu()]}, step=step)
+
+
+def add_common_training_flags(p) -> None:
+    """Experiment, resume, precision and optimiser flags every trainer shares (official REPA-E
+    names); trainers add their own groups."""
+    import argparse
+
+    g = p.add_argument_group("experiment and logging")
+    g.add_argument("--output-dir", type=str, default="exps", help="folder holding experiment folders")
+    g.add_argument("--exp-name", type=str, required=False, default=None, help="experiment folder name under --output-dir")
+    g.add_argument("--logging-dir", type=str, default="logs", help="tracker log folder inside the experiment folder")
+    g.add_argument("--report-to", type=str, default="tensorboard", choices=["tensorboard", "wandb", "none"], help="experiment tracker (wandb honours WANDB_MODE=offline)")
+    g.add_argument("--sampling-steps", type=int, default=10000, help="write a sample / reconstruction grid every N steps")
+    g.add_argument("--log-every", type=int, default=1, help="log losses every N steps")
+    g.add_argument("--resume-step", type=int, default=0, help="continue from checkpoints/NNNNNNN.pt (0: fresh)")
+    g.add_argument("--resume", type=str, default=None, help="'latest' or a step; overrides --resume-step")
+    g.add_argument("--continue-train-exp-dir", type=str, default=None, help="experiment folder to continue (default <output-dir>/<exp-name>)")
+    g.add_argument("--keep-checkpoints", type=int, default=0, help="keep only the newest N checkpoints (0: all)")
+    g = p.add_argument_group("precision and speed")
+    g.add_argument("--allow-tf32", action="store_true", help="allow TF32 matmuls and convolutions on Ampere+ GPUs")
+    g.add_argument("--mixed-precision", type=str, default="no", choices=["no", "fp16", "bf16"], help="autocast precision (bf16 recommended on GPUs)")
+    g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True, help="torch.compile the trained network")
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--epochs", type=int, default=1400, help="stop after this many epochs")
+    g.add_argument("--max-train-steps", type=int, default=400000, help="stop after this many optimisation steps")
+    g.add_argument("--checkpointing-steps", type=int, default=50000, help="write a checkpoint every N steps (and at the end)")
+    g.add_argument("--gradient-accumulation-steps", type=int, default=1, help="micro-batches accumulated per optimisation step")
+    g.add_argument("--batch-size", type=int, default=256, help="global batch (split over processes and accumulation)")
+    g.add_argument("--num-workers", type=int, default=4, help="data loader worker processes per rank")
+    g.add_argument("--adam-beta1", type=float, default=0.9, help="AdamW beta1")
+    g.add_argument("--adam-beta2", type=float, default=0.999, help="AdamW beta2")
+    g.add_argument("--adam-weight-decay", type=float, default=0.0, help="AdamW weight decay")
+    g.add_argument("--adam-epsilon", type=float, default=1e-8, help="AdamW epsilon")
+    g.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping norm (0: off)")
+    g.add_argument("--seed", type=int, default=0, help="global seed (each rank derives its own stream)")
+
+
+def finish_args(args, default_exp_name: str):
+    """Post-parse fix-ups shared by the trainers."""
+    if args.resume is None and args.resume_step:
+        args.resume = str(args.resume_step)
+    if args.exp_name is None:
+        args.exp_name = default_exp_name
+    return args
