@@ -153,4 +153,6 @@ DDT_models = {
     "DiTDH-B": _maker(768, 12, 12),
     "DiTDH-L": _maker(1024, 24, 16),
     "DiTDH-XL": _maker(1152, 28, 16),
+    # Toolkit addition (not in the paper): a tiny size for CPU tests and demos.
+    "DiTDH-N": _maker(64, 2, 2, dec_dim=96, dec_depth=1, dec_heads=2),
 }

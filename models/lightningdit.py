@@ -273,4 +273,6 @@ LightningDiT_models = {
     "LightningDiT-L/1": _maker(24, 1024, 16, 1), "LightningDiT-L/2": _maker(24, 1024, 16, 2),
     "LightningDiT-B/1": _maker(12, 768, 12, 1), "LightningDiT-B/2": _maker(12, 768, 12, 2),
     "LightningDiT-S/1": _maker(12, 384, 6, 1), "LightningDiT-S/2": _maker(12, 384, 6, 2),
+    # Toolkit addition (not in the papers): a tiny size for CPU tests and demos.
+    "LightningDiT-N/1": _maker(2, 64, 2, 1), "LightningDiT-N/2": _maker(2, 64, 2, 2),
 }

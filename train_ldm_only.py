@@ -1,0 +1,354 @@
+"""Diffusion transformer training on cached latents: SiT (REPA-E flags, optional REPA loss),
+LightningDiT and DiT^DH, with any tokenizer's latents written by `cache_latents.py`.
+
+One optimisation step:
+  1. a batch of cached posteriors (mean, std) and labels; z = mean + std * eps (KL tokenizers; the
+     deterministic ones have std = 0); with REPA, the images of the same indices (flipped with the
+     latent) go through the frozen representation encoders;
+  2. SiT: its own forward on raw z (its input BatchNorm holds the latent statistics and stays fixed,
+     as in REPA-E): denoising loss + proj_coeff * REPA loss, time from --weighting;
+     LightningDiT / DiT^DH: z is normalised by the statistics of the latent folder (per channel or
+     per position), time t ~ --weighting (uniform or logit-normal) pushed by --time-shift, loss
+     MSE(v, eps - x) (+ --direction-loss-weight x LightningDiT's velocity-direction term);
+  3. clip, AdamW step, LR schedule, EMA (parameters and float buffers).
+Everything else (experiment folder, checkpoints with full state, exact resume, stop signals, NaN
+guard, summary) is the shared plumbing of `utils.py`, as in `train_repae.py`.
+
+  accelerate launch train_ldm_only.py --latents-dir LATENTS --model SiT-XL/2 --enc-type dinov2-vit-b --data-dir IMAGES
+  accelerate launch train_ldm_only.py --latents-dir LATENTS --model LightningDiT-XL/1 --enc-type none \
+      --weighting logit-normal --direction-loss-weight 1 --learning-rate 2e-4 --adam-beta2 0.95
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+import utils
+from dataset import LatentShardDataset, ResumableDistributedSampler, build_image_dataset
+from models.diffusion import (DIFFUSION_MODELS, LatentNormalizer, VelocityModel, build_diffusion_model,
+                              default_time_convention, flow_matching_loss, model_family, sit_bn_from_stats)
+from samplers import euler_sampler
+from transport import Transport, shift_from_dims
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(prog="train_ldm_only.py", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--config", type=str, default=None, help="YAML file of flag values (flags given explicitly win)")
+    utils.add_common_training_flags(p)
+    g = p.add_argument_group("model")
+    g.add_argument("--model", type=str, default="SiT-XL/2", choices=list(DIFFUSION_MODELS), help="diffusion transformer (SiT, LightningDiT or DiT^DH; N / T sizes are tiny CPU sizes)")
+    g.add_argument("--num-classes", type=int, default=1000, help="number of class labels (1 = unconditional; the null label for guidance is this id)")
+    g.add_argument("--cfg-prob", type=float, default=0.1, help="label dropout probability for classifier-free guidance")
+    g.add_argument("--qk-norm", action=argparse.BooleanOptionalAction, default=False, help="normalise queries and keys (LayerNorm for SiT, RMSNorm for LightningDiT / DiT^DH)")
+    g.add_argument("--fused-attn", action=argparse.BooleanOptionalAction, default=True, help="accepted for compatibility; attention always uses SDPA")
+    g.add_argument("--encoder-depth", type=int, default=8, help="SiT block after which the REPA projectors read features")
+    g.add_argument("--projector-dim", type=int, default=2048, help="hidden width of the REPA projector MLPs")
+    g.add_argument("--bn-momentum", type=float, default=0.1, help="accepted for compatibility: the SiT BatchNorm stays fixed at the latent statistics")
+    g.add_argument("--use-gembed", action="store_true", help="LightningDiT with RAE's Gaussian-Fourier time embedding")
+    g.add_argument("--time-convention", type=str, default="auto", choices=["auto", "noise-at-1", "data-at-1"],
+                   help="how the network reads t: data-at-1 is hustvl LightningDiT's (auto: data-at-1 for LightningDiT without --use-gembed)")
+    g.add_argument("--grad-checkpointing", action="store_true", help="recompute transformer blocks in backward (memory)")
+    g = p.add_argument_group("data")
+    g.add_argument("--latents-dir", type=str, required=False, default=None, help="folder written by cache_latents.py")
+    g.add_argument("--data-dir", type=str, default=None, help="the images the latents were cached from (needed for the REPA loss)")
+    g.add_argument("--no-flip", action="store_true", help="never use the cached horizontally flipped latents")
+    g.add_argument("--latent-norm", type=str, default="auto", choices=["auto", "channel", "position"],
+                   help="latent statistics used for normalisation (auto: the tokenizer's own mode)")
+    g = p.add_argument_group("tokenizer (decodes the sample grids)")
+    g.add_argument("--tokenizer", type=str, default=None, choices=["kl", "vavae", "vq", "rae"], help="tokenizer kind (default: the one recorded in the latent folder)")
+    g.add_argument("--vae", type=str, default=None, help="tokenizer preset name (default: the one recorded in the latent folder)")
+    g.add_argument("--vae-ckpt", type=str, default=None, help="tokenizer weights")
+    g.add_argument("--rae-config", type=str, default=None, help="RAE config file (tokenizer rae)")
+    g.add_argument("--random-init-vae", action="store_true", help="tokenizer with seeded random weights (tests; must match the latent folder)")
+    g.add_argument("--no-sample-grids", action="store_true", help="do not build the tokenizer; no sample grids")
+    g = p.add_argument_group("loss")
+    g.add_argument("--path-type", type=str, default="linear", choices=["linear", "cosine"], help="interpolant (SiT; the other families use linear)")
+    g.add_argument("--prediction", type=str, default="v", choices=["v"], help="network target (velocity)")
+    g.add_argument("--weighting", type=str, default="uniform", choices=["uniform", "lognormal", "logit-normal"],
+                   help="training time distribution (SiT: uniform | lognormal; LightningDiT / DiT^DH: uniform | logit-normal)")
+    g.add_argument("--time-shift", type=str, default="1", help="t' = s t / (1 + (s - 1) t) on training times: a number or 'auto' (RAE: sqrt(C*h*w / 4096))")
+    g.add_argument("--direction-loss-weight", type=float, default=0.0, help="LightningDiT velocity-direction (cosine) loss weight")
+    g.add_argument("--enc-type", type=str, default="none", help="REPA encoders (comma list) or 'none'")
+    g.add_argument("--random-init-encoders", action="store_true", help="encoders with random weights (offline tests)")
+    g.add_argument("--encoder-weights-dir", type=str, default=None, help="local folder of encoder weights")
+    g.add_argument("--proj-coeff", type=float, default=0.5, help="weight of the REPA loss")
+    g.add_argument("--resolution", type=int, default=None, help="image size for the REPA encoders (default: the latent folder's)")
+    g = p.add_argument_group("learning rate and EMA")
+    g.add_argument("--learning-rate", type=float, default=1e-4, help="AdamW learning rate")
+    g.add_argument("--lr-schedule", type=str, default="constant", choices=["constant", "linear", "cosine"], help="LR schedule after warm-up")
+    g.add_argument("--lr-warmup-steps", type=int, default=0, help="linear warm-up steps")
+    g.add_argument("--lr-decay-start", type=int, default=0, help="linear schedule: step where the decay starts")
+    g.add_argument("--final-lr", type=float, default=0.0, help="LR at --max-train-steps (linear / cosine schedules)")
+    g.add_argument("--ema-decay", type=float, default=0.9999, help="EMA decay")
+    g = p.add_argument_group("sample grids")
+    g.add_argument("--sample-num-steps", type=int, default=50, help="Euler steps for the sample grids")
+    g.add_argument("--sample-cfg-scale", type=float, default=1.0, help="guidance scale for the sample grids")
+    g.add_argument("--sample-shift", type=str, default="1", help="time shift of the sampling grid (number or 'auto')")
+    g.add_argument("--num-sample-images", type=int, default=16, help="images per sample grid")
+    args = utils.finish_args(utils.parse_args_with_config(p, argv), "ldm")
+    if not args.latents_dir:
+        p.error("--latents-dir is required (a folder written by cache_latents.py)")
+    return args
+
+
+def resolve_shift(value: str, latent_shape) -> float:
+    if str(value).lower() == "auto":
+        c, h, w = latent_shape
+        return shift_from_dims(c * h * w)
+    return float(value)
+
+
+def build_model(args, latent_shape, num_encoder_dims):
+    """The raw network and its options (stored in checkpoints so generate.py rebuilds it)."""
+    family = model_family(args.model)
+    options = {}
+    if family == "sit":
+        # without encoders there are no projectors and the depth at which they would read is moot
+        options = dict(z_dims=num_encoder_dims, encoder_depth=args.encoder_depth if num_encoder_dims else 1,
+                       projector_dim=args.projector_dim,
+                       qk_norm=args.qk_norm, path_type=args.path_type, grad_checkpointing=args.grad_checkpointing,
+                       fused_attn=args.fused_attn)
+    else:
+        if num_encoder_dims:
+            raise SystemExit(f"--enc-type {args.enc_type}: the REPA loss needs a SiT; {args.model} trains with --enc-type none")
+        options = dict(use_qknorm=args.qk_norm, use_checkpoint=args.grad_checkpointing)
+        if family == "lightningdit":
+            options["use_gembed"] = args.use_gembed
+    net = build_diffusion_model(args.model, latent_shape, args.num_classes, args.cfg_prob, **options)
+    if args.time_convention == "auto":
+        data_at_one = default_time_convention(args.model, options)
+    else:
+        data_at_one = args.time_convention == "data-at-1"
+    return net, options, data_at_one
+
+
+def build_tokenizer_for_grids(args, dataset, logger):
+    """The tokenizer that decodes sample grids; it must be the one that wrote the latents."""
+    if args.no_sample_grids or args.sampling_steps <= 0:
+        return None
+    from models.tokenizers import build_tokenizer
+
+    info = dataset.tokenizer_info
+    if args.vae_ckpt is None and args.rae_config is None and not args.random_init_vae:
+        logger.info("no --vae-ckpt / --rae-config / --random-init-vae: sample grids are off")
+        return None
+    tok = build_tokenizer(args.tokenizer or info["kind"], name=args.vae or info.get("name"), ckpt=args.vae_ckpt,
+                          config=args.rae_config, random_init=args.random_init_vae, seed=args.seed)
+    dataset.check_tokenizer(tok.identity())
+    return tok.eval().requires_grad_(False)
+
+
+def main(args):
+    run = utils.start_run(args, "train_ldm_only")
+    accelerator, logger, device, world = run.accelerator, run.logger, run.device, run.world
+    exp_dir, ckpt_dir, local_bs = run.exp_dir, run.ckpt_dir, run.local_batch_size
+    family = model_family(args.model)
+
+    # ---------------- data
+    use_repa = args.enc_type.lower() != "none"
+    image_dataset = None
+    if use_repa:
+        if not args.data_dir:
+            raise SystemExit("--enc-type needs --data-dir (the images the latents were cached from)")
+    dataset = LatentShardDataset(args.latents_dir, flip=not args.no_flip, seed=args.seed)
+    info, latent_shape = dataset.tokenizer_info, tuple(dataset.latent_shape)
+    resolution = args.resolution or int(info.get("resolution", 256))
+    if use_repa:
+        image_dataset = build_image_dataset(args.data_dir, resolution)
+        if len(image_dataset) != len(dataset):
+            raise SystemExit(f"--data-dir {args.data_dir} holds {len(image_dataset)} images but --latents-dir "
+                             f"{args.latents_dir} was cached from {len(dataset)}")
+        dataset = LatentShardDataset(args.latents_dir, flip=not args.no_flip, seed=args.seed, image_dataset=image_dataset)
+    if dataset.num_classes > args.num_classes:
+        raise SystemExit(f"{args.latents_dir} has {dataset.num_classes} classes but --num-classes is {args.num_classes}")
+    norm_mode = info.get("stats_mode", "channel") if args.latent_norm == "auto" else args.latent_norm
+    if family == "sit" and norm_mode != "channel":
+        raise SystemExit(f"--latent-norm {norm_mode}: the SiT normalises per channel (its input BatchNorm)")
+    stats = dataset.stats
+    sampler = ResumableDistributedSampler(len(dataset), local_bs, run.rank, world, seed=args.seed)
+    loader = DataLoader(dataset, batch_size=local_bs, sampler=sampler, num_workers=args.num_workers,
+                        pin_memory=torch.cuda.is_available(), drop_last=True,
+                        persistent_workers=False, generator=torch.Generator().manual_seed(args.seed))
+    logger.info(f"latents {args.latents_dir}: {len(dataset)} x {latent_shape} from tokenizer {info.get('kind')}/"
+                f"{info.get('name')}, {dataset.num_classes} classes; batch {args.batch_size} = {world} x "
+                f"{args.gradient_accumulation_steps} x {local_bs}")
+
+    # ---------------- models
+    encoders = []
+    if use_repa:
+        from models.encoders import load_encoders
+
+        encoders = load_encoders(args.enc_type, "cpu", resolution, random_init=args.random_init_encoders,
+                                 weights_dir=args.encoder_weights_dir)
+    net, model_options, data_at_one = build_model(args, latent_shape, [e.embed_dim for e in encoders])
+    if family == "sit":
+        sit_bn_from_stats(net, stats, f"{args.latents_dir}/latents_stats.pt")
+        tokens = net.x_embedder.num_patches
+        for e in encoders:
+            if e.num_tokens(resolution) != tokens:
+                raise SystemExit(f"encoder {e.name} gives {e.num_tokens(resolution)} tokens at {resolution}px but "
+                                 f"{args.model} on {latent_shape} latents has {tokens}; change the patch size")
+        normalizer = LatentNormalizer.from_stats(stats, "channel", latent_shape, net.bn.eps)
+    else:
+        normalizer = LatentNormalizer.from_stats(stats, norm_mode, latent_shape, 0.0 if norm_mode == "channel" else 1e-5,
+                                                 f"{args.latents_dir}/latents_stats.pt")
+    normalizer = normalizer.to(device)
+    train_shift = resolve_shift(args.time_shift, latent_shape)
+    sample_shift = resolve_shift(args.sample_shift, latent_shape)
+    time_dist = "logit-normal_0_1" if args.weighting == "logit-normal" else "uniform"
+    if family != "sit" and args.weighting == "lognormal":
+        raise SystemExit(f"--weighting lognormal is the SiT's; {args.model} takes uniform or logit-normal")
+    if family == "sit" and (args.weighting == "logit-normal" or train_shift != 1.0):
+        raise SystemExit("the SiT samples time with --weighting uniform | lognormal and no --time-shift")
+    transport = Transport(time_dist_type=time_dist, time_dist_shift=train_shift)
+    ema = copy.deepcopy(net).eval()
+    utils.requires_grad(ema, False)
+    tokenizer = build_tokenizer_for_grids(args, dataset, logger)
+    logger.info(f"{args.model}: {sum(p.numel() for p in net.parameters()) / 1e6:.2f}M params; time "
+                f"{'data' if data_at_one else 'noise'} at t = 1; train shift {train_shift:.3f}; "
+                f"latent normalisation per {norm_mode}; encoders {[e.name for e in encoders]}")
+
+    opt = utils.adamw([p for p in net.parameters() if p.requires_grad], args.learning_rate, args)
+    sched = utils.lr_scheduler(opt, schedule=args.lr_schedule, warmup_steps=args.lr_warmup_steps,
+                               decay_start=args.lr_decay_start, total_steps=args.max_train_steps,
+                               final_ratio=args.final_lr / args.learning_rate if args.learning_rate else 0.0)
+
+    # ---------------- resume
+    step, epoch, batch_pos = 0, 0, 0
+    ckpt = utils.load_resume_checkpoint(run)
+    if ckpt is not None:
+        src = run.resume_path
+        utils.load_state_dict_strict(net, ckpt["model"], f"{src}['model']")
+        utils.load_state_dict_strict(ema, ckpt["ema"], f"{src}['ema']")
+        opt.load_state_dict(ckpt["opt"])
+        sched.load_state_dict(ckpt["sched"])
+        step, epoch, batch_pos = int(ckpt["steps"]), ckpt["data"]["epoch"], ckpt["data"]["batch"]
+        logger.info(f"resumed from {src} at step {step} (epoch {epoch}, batch {batch_pos})")
+    model = torch.compile(net) if args.compile else net
+    model, opt = accelerator.prepare(model, opt)
+    net_m = utils.unwrap(model)
+    vmodel = VelocityModel(model, data_at_one)
+    ema = ema.to(device)
+    for e in encoders:
+        e.to(device)
+    if tokenizer is not None:
+        tokenizer.to(device)
+    if ckpt is not None:
+        utils.restore_scaler(run, ckpt)
+        utils.restore_rng(run, ckpt)
+        del ckpt
+
+    model_record = {"name": args.model, "family": family, "options": model_options, "data_at_one": data_at_one,
+                    "latent_shape": list(latent_shape), "num_classes": args.num_classes,
+                    "class_dropout_prob": args.cfg_prob, "latent_norm": norm_mode, "sample_shift": sample_shift}
+
+    def save_checkpoint():
+        utils.save_training_checkpoint(run, step, {"epoch": epoch, "batch": batch_pos}, lambda: {
+            "model": net_m.state_dict(), "ema": ema.state_dict(), "opt": opt.optimizer.state_dict(),
+            "sched": sched.state_dict(), "model_config": model_record, "tokenizer": info,
+            "latent_stats": {"mean": normalizer.mean.cpu(), "std": normalizer.std.cpu(), "mode": norm_mode}},
+            keep=args.keep_checkpoints)
+
+    g = torch.Generator().manual_seed(args.seed)
+    sample_labels = torch.randint(0, max(dataset.num_classes, 1), (args.num_sample_images,), generator=g).to(device)
+
+    @torch.no_grad()
+    def sample_grid():
+        gen = torch.Generator().manual_seed(args.seed)
+        z = torch.randn((len(sample_labels), *latent_shape), generator=gen).to(device)
+        x = euler_sampler(VelocityModel(ema, data_at_one), z, sample_labels, num_steps=args.sample_num_steps,
+                          cfg_scale=args.sample_cfg_scale, shift=sample_shift).float()
+        return ((tokenizer.decode(normalizer.denormalize(x)).float().clamp(-1, 1) + 1) / 2).cpu()
+
+    model.train()
+    if family == "sit":
+        net_m.bn.eval()  # normalise with the fixed latent statistics, never with batch statistics
+    progress = tqdm(total=args.max_train_steps, initial=step, disable=not accelerator.is_main_process,
+                    desc="train_ldm_only", dynamic_ncols=True)
+    data_iter = utils.infinite_epochs(loader, sampler, epoch, batch_pos)
+    stop = utils.StopRequest().install()
+    monitor = utils.StepMonitor(run, stop)
+    speed = utils.Throughput(step, args.max_train_steps)
+    start_step = step
+    try:
+        while step < args.max_train_steps and epoch < args.epochs:
+            epoch, batch_pos, batch = next(data_iter)
+            batch_pos += 1  # position of the NEXT micro-batch, what a checkpoint must record
+            mean = batch["mean"].to(device, non_blocking=True)
+            std = batch["std"].to(device, non_blocking=True)
+            labels = batch["label"].to(device, non_blocking=True)
+            z = mean + std * torch.randn_like(mean)  # posterior sample; std = 0 for deterministic tokenizers
+            with torch.no_grad(), accelerator.autocast():
+                zs = [enc(batch["image"].to(device, non_blocking=True)).float() for enc in encoders]
+            with accelerator.accumulate(model):
+                with accelerator.autocast():
+                    if family == "sit":
+                        out = model(z, labels, zs, loss_kwargs=dict(weighting=args.weighting, path_type=args.path_type,
+                                                                    prediction=args.prediction))
+                        denoising = out["denoising_loss"].mean()
+                        loss = denoising + args.proj_coeff * out["proj_loss"]
+                        losses = {"loss": loss, "denoising_loss": denoising, "proj_loss": out["proj_loss"]}
+                    else:
+                        x = normalizer(z)
+                        t = transport.sample_time(torch.rand(x.shape[0], device=device))
+                        per_sample, logs = flow_matching_loss(vmodel, x, labels, t, torch.randn_like(x),
+                                                              args.direction_loss_weight)
+                        loss = per_sample.mean()
+                        losses = {"loss": loss, "mse": logs["mse"]} | ({"direction_loss": logs["direction"]}
+                                                                       if "direction" in logs else {})
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and args.max_grad_norm > 0:
+                    accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                if accelerator.sync_gradients:
+                    sched.step()
+            speed.update(mean.shape[0] * world, step + accelerator.sync_gradients)
+            if not accelerator.sync_gradients:
+                continue
+            utils.update_ema(ema, net_m, args.ema_decay)
+            step += 1
+
+            logged = step % args.log_every == 0 or step == args.max_train_steps
+            vals, stop_requested = monitor(losses, step, record=logged)
+            if logged:
+                vals["lr"] = sched.get_last_lr()[0]
+                vals["images_per_sec"] = speed.rate()
+                accelerator.log(vals, step=step)
+                progress.set_postfix({k: f"{v:.4f}" for k, v in vals.items() if k not in ("images_per_sec", "lr")})
+                logger.info(f"step {step:07d} " + " ".join(f"{k}={v:.4g}" for k, v in vals.items()))
+            progress.update(1)
+            if tokenizer is not None and utils.should_run(step, args.sampling_steps, args.max_train_steps, first=True):
+                if accelerator.is_main_process:
+                    images = sample_grid()
+                    utils.save_image_grid(images, exp_dir / "samples" / f"{step:07d}.png")
+                    utils.log_images(accelerator, images, step)
+                accelerator.wait_for_everyone()
+            if utils.should_run(step, args.checkpointing_steps, args.max_train_steps) or stop_requested:
+                save_checkpoint()
+            if stop_requested:
+                logger.info(f"stop requested (signal): saved step {step}, exiting")
+                break
+    finally:
+        stop.restore()
+        progress.close()
+
+    summary = dict(start_step=start_step, end_step=step, losses=monitor.summary(),
+                   checkpoints=[str(utils.checkpoint_path(ckpt_dir, s)) for s in utils.list_checkpoints(ckpt_dir)],
+                   samples=sorted(str(p) for p in Path(exp_dir / "samples").glob("*.png")), **speed.summary())
+    if accelerator.is_main_process:
+        utils.atomic_write_text(json.dumps(summary, indent=2) + "\n", exp_dir / "summary.json")
+        logger.info(f"done at step {step}; summary in {exp_dir / 'summary.json'}")
+    accelerator.end_training()
+    return summary
+
+
+if __name__ == "__main__":
+    main(parse_args())
