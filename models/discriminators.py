@@ -1,4 +1,6 @@
-"""PatchGAN discriminator (pix2pix / taming-transformers `NLayerDiscriminator`) and ActNorm.
+"""Discriminators: the PatchGAN (pix2pix / taming-transformers `NLayerDiscriminator`) with
+ActNorm, and RAE's DINO discriminator (frozen DINO ViT-S/8 features + spectral-norm conv heads,
+see the section at the end).
 
 The same network serves every tokenizer family here: REPA-E's `loss/discriminator.py`, taming's
 VQGAN loss and VA-VAE (which imports taming). Its layers live in one `nn.Sequential` called
@@ -17,12 +19,16 @@ Convs followed by a norm carry a bias only with ActNorm (BatchNorm's shift makes
 """
 from __future__ import annotations
 
+import math as _math
 import os
-from typing import Mapping, Union
+from pathlib import Path
+from typing import Callable, Mapping, Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
+from models.encoders import IMAGENET_MEAN, IMAGENET_STD
 from utils import load_checkpoint_file, load_state_dict_strict
 
 
@@ -134,4 +140,292 @@ def load_discriminator(path: Union[str, os.PathLike], **config) -> NLayerDiscrim
 
 
 __all__ = ["ActNorm", "NLayerDiscriminator", "weights_init", "load_discriminator",
-           "discriminator_state_dict_from_checkpoint"]
+           "discriminator_state_dict_from_checkpoint", "DinoDiscriminator", "DinoBackbone", "DinoDiscHead",
+           "SpectralConv1d", "TokenNorm", "DINO_DISC_DEFAULTS", "DINO_DISC_TINY", "build_dino_discriminator",
+           "dino_heads_state_dict"]
+
+
+# ============================================================================================
+# DINO discriminator (RAE stage 1)
+# ============================================================================================
+# A projected discriminator in the style of StyleGAN-T: a FROZEN self-supervised ViT (DINO
+# ViT-S/8 at 224 px) turns the image into token features at several depths, and one small
+# trainable 1-D conv head per feature map scores every token. The backbone is never trained and
+# never leaves eval mode; gradients still flow through it to the input image (the generator's
+# adversarial term needs them).
+#
+# Shapes for the released setting (ViT-S/8, 224 px): each feature map is [B, 784, 384]
+# (28 x 28 patch tokens, CLS dropped); five maps (blocks 2, 5, 8, 11 and the final normed output)
+# -> logits [B, 5 * 784].
+DINO_DISC_DEFAULTS = dict(
+    pretrained="vit_small_patch8_224.dino",  # timm hub id, a local weights file, or "random"
+    arch="vit_small_patch8_224",
+    img_size=224, patch_size=8, embed_dim=384, depth=12, num_heads=6,
+    feature_blocks=(2, 5, 8, 11),  # indices into the ViT's blocks (0-based)
+    include_final=True,  # also score the final (layer-normed) output
+    kernel_size=9,  # the residual conv's width over the token sequence (circular padding)
+    norm_eps=1e-6,
+    resize_mode="bicubic",  # how the input is brought to img_size ("bilinear" also allowed)
+    heads_ckpt=None,  # optional file with trained head weights (see DinoDiscriminator.load_heads)
+    key_mapping=None,  # prefix renames {old: new} applied to heads_ckpt keys
+)
+
+# A CPU-test size: 32 px, patch 8 -> 16 tokens; 4 blocks of width 32.
+DINO_DISC_TINY = dict(pretrained="random", img_size=32, patch_size=8, embed_dim=32, depth=4, num_heads=2,
+                      feature_blocks=(1, 3))
+
+
+class SpectralConv1d(nn.Conv1d):
+    """Conv1d whose weight is divided by its spectral norm (one power iteration per training
+    forward). Uses `torch.nn.utils.spectral_norm`, so the state dict holds `weight_orig`,
+    `weight_u`, `weight_v` (the StyleGAN-T / projected-GAN key names)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        nn.utils.spectral_norm(self, name="weight", n_power_iterations=1, eps=1e-12, dim=0)
+
+
+class TokenNorm(nn.Module):
+    """Per-sample normalisation over the tokens: for each sample and channel, subtract the mean
+    over the N tokens and divide by their (biased) std, then a per-channel affine. Unlike
+    BatchNorm it never mixes samples, so real and fake batches can share one forward and the
+    result does not depend on the batch size or the number of processes."""
+
+    def __init__(self, channels: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(channels))
+        self.bias = nn.Parameter(torch.zeros(channels))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # x: [B, C, N]
+        mean = x.mean(dim=2, keepdim=True)
+        var = x.var(dim=2, keepdim=True, unbiased=False)
+        x = (x - mean) * torch.rsqrt(var + self.eps)
+        return x * self.weight.view(1, -1, 1) + self.bias.view(1, -1, 1)
+
+
+def _conv_block(channels: int, kernel_size: int, eps: float) -> nn.Sequential:
+    """spectral-norm Conv1d (circular padding keeps N) -> TokenNorm -> LeakyReLU(0.2)."""
+    return nn.Sequential(
+        SpectralConv1d(channels, channels, kernel_size=kernel_size, padding=kernel_size // 2,
+                       padding_mode="circular"),
+        TokenNorm(channels, eps),
+        nn.LeakyReLU(0.2),
+    )
+
+
+class _Residual(nn.Module):
+    """(fn(x) + x) / sqrt(2): keeps the activation scale of a residual sum at one."""
+
+    def __init__(self, fn: nn.Module):
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (self.fn(x) + x) * (1.0 / _math.sqrt(2.0))
+
+
+class DinoDiscHead(nn.Module):
+    """One feature map [B, N, C] -> one logit per token [B, N].
+
+    main.0: k=1 conv block; main.1: residual k=`kernel_size` conv block; cls: spectral-norm
+    Conv1d(C -> 1, k=1).
+    """
+
+    def __init__(self, channels: int, kernel_size: int = 9, eps: float = 1e-6):
+        super().__init__()
+        if kernel_size % 2 == 0:
+            raise ValueError(f"DINO discriminator kernel_size must be odd (keeps the token count), got {kernel_size}")
+        self.main = nn.Sequential(_conv_block(channels, 1, eps), _Residual(_conv_block(channels, kernel_size, eps)))
+        self.cls = SpectralConv1d(channels, 1, kernel_size=1)
+
+    def forward(self, feats: torch.Tensor) -> torch.Tensor:
+        h = self.main(feats.transpose(1, 2))  # [B, C, N]
+        return self.cls(h).squeeze(1)  # [B, N]
+
+
+def _drop_backbone_keys(module, state_dict, prefix, local_metadata) -> None:
+    for key in [k for k in state_dict if k.startswith(prefix)]:
+        del state_dict[key]
+
+
+def _fill_backbone_keys(module, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                        error_msgs) -> None:
+    # The frozen backbone comes from `pretrained`, never from a discriminator checkpoint.
+    for key in [k for k in state_dict if k.startswith(prefix)]:
+        del state_dict[key]
+    for name, tensor in module.vit.state_dict().items():
+        state_dict[prefix + "vit." + name] = tensor
+
+
+class DinoBackbone(nn.Module):
+    """Frozen timm ViT: images [B, 3, H, W] in [-1, 1] -> list of token maps [B, N, C].
+
+    Preprocessing: [-1, 1] -> [0, 1], resize to `img_size` (bicubic / bilinear, no antialias),
+    ImageNet mean/std. Maps: outputs of `feature_blocks`, then (include_final) the final norm's
+    output; prefix (CLS) tokens dropped. Its weights are constants: kept out of `state_dict()`
+    and not needed by `load_state_dict` (a discriminator checkpoint is the heads only).
+    """
+
+    def __init__(self, vit: nn.Module, img_size: int, feature_blocks: Sequence[int], include_final: bool,
+                 resize_mode: str = "bicubic"):
+        super().__init__()
+        depth = len(vit.blocks)
+        bad = [i for i in feature_blocks if not 0 <= int(i) < depth]
+        if bad:
+            raise ValueError(f"DINO discriminator feature_blocks {list(feature_blocks)}: indices {bad} are outside "
+                             f"the backbone's {depth} blocks")
+        if not feature_blocks and not include_final:
+            raise ValueError("DINO discriminator: no feature map selected (empty feature_blocks, include_final False)")
+        if resize_mode not in ("bicubic", "bilinear"):
+            raise ValueError(f"DINO discriminator resize_mode must be 'bicubic' or 'bilinear', got {resize_mode!r}")
+        self.vit = vit
+        self.img_size, self.resize_mode = int(img_size), resize_mode
+        self.feature_blocks = tuple(sorted(int(i) for i in feature_blocks))
+        self.include_final = bool(include_final)
+        self.embed_dim = vit.embed_dim
+        self.num_tokens = int(vit.patch_embed.num_patches)
+        self.num_maps = len(self.feature_blocks) + int(self.include_final)
+        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+        self.requires_grad_(False)
+        self.eval()
+        self.register_state_dict_post_hook(_drop_backbone_keys)
+        self.register_load_state_dict_pre_hook(_fill_backbone_keys)
+
+    def train(self, mode: bool = True) -> "DinoBackbone":
+        return super().train(False)  # frozen: no dropout / drop-path in the features, ever
+
+    def forward(self, x: torch.Tensor) -> list:
+        if x.ndim != 4 or x.shape[1] != 3:
+            raise ValueError(f"DINO discriminator expects images [B, 3, H, W], got {tuple(x.shape)}")
+        x = (x + 1) * 0.5  # [-1, 1] -> [0, 1]
+        if x.shape[-2:] != (self.img_size, self.img_size):
+            x = F.interpolate(x, size=(self.img_size, self.img_size), mode=self.resize_mode, align_corners=False)
+        x = (x - self.mean) / self.std
+        m = self.vit
+        h = m.norm_pre(m.patch_drop(m._pos_embed(m.patch_embed(x))))  # [B, P + N, C]
+        p = m.num_prefix_tokens
+        feats = []
+        last = self.feature_blocks[-1] if self.feature_blocks else -1
+        n_run = len(m.blocks) if self.include_final else last + 1  # skip blocks nobody reads
+        for i in range(n_run):
+            h = m.blocks[i](h)
+            if i in self.feature_blocks:
+                feats.append(h[:, p:])
+        if self.include_final:
+            feats.append(m.norm(h)[:, p:])
+        return feats  # num_maps x [B, N, C]
+
+
+def _build_dino_vit(cfg: dict) -> nn.Module:
+    """The timm ViT from `cfg`: random (`pretrained` None / "random"), a local weights file, or a
+    timm hub id (HF_HUB_OFFLINE honoured; fails loudly, never a silent random fallback)."""
+    import timm
+
+    arch_kwargs = dict(img_size=cfg["img_size"], patch_size=cfg["patch_size"], embed_dim=cfg["embed_dim"],
+                       depth=cfg["depth"], num_heads=cfg["num_heads"], num_classes=0)
+    pretrained = cfg["pretrained"]
+    if pretrained in (None, "", "random", False):
+        return timm.create_model(cfg["arch"], pretrained=False, **arch_kwargs)
+    if os.path.exists(str(pretrained)):
+        from models.encoders import load_timm_weights
+
+        vit = timm.create_model(cfg["arch"], pretrained=False, **arch_kwargs)
+        load_timm_weights(vit, Path(pretrained), "DINO discriminator backbone")  # strict, names the file
+        return vit
+    name = str(pretrained)
+    name = name[len("timm/"):] if name.startswith("timm/") else name
+    try:
+        return timm.create_model(name, pretrained=True, **arch_kwargs)
+    except Exception as e:  # noqa: BLE001 - re-raised naming the source
+        offline = " (HF_HUB_OFFLINE is set: the weights must already be in the hub cache)" \
+            if os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0") else ""
+        raise RuntimeError(f"DINO discriminator: could not load backbone weights '{pretrained}' (not a local file; "
+                           f"tried as a timm hub id){offline}: {e}") from e
+
+
+def dino_heads_state_dict(obj: Mapping, key_mapping: Union[None, Mapping[str, str], Callable] = None,
+                          source: str = "checkpoint") -> dict:
+    """The heads' entries from what a file holds: a plain heads state dict, or a training
+    checkpoint holding it under `disc` / `discriminator` / `state_dict` / `model`; a
+    `module.` / `discriminator.` prefix is stripped. `key_mapping` then renames keys: a mapping
+    of prefixes {old: new} (first match wins) or a callable key -> new key (None drops it)."""
+    if not isinstance(obj, Mapping):
+        raise TypeError(f"{source}: expected a state dict, got {type(obj).__name__}")
+    for key in ("disc", "discriminator", "state_dict", "model"):
+        if key in obj and isinstance(obj[key], Mapping):
+            return dino_heads_state_dict(obj[key], key_mapping, f"{source}[{key!r}]")
+    sd = dict(obj)
+    for prefix in ("module.", "discriminator."):
+        if sd and all(k.startswith(prefix) for k in sd):
+            sd = {k[len(prefix):]: v for k, v in sd.items()}
+    if key_mapping is None:
+        return sd
+    out = {}
+    for k, v in sd.items():
+        if callable(key_mapping):
+            new = key_mapping(k)
+        else:
+            new = next((new_p + k[len(old_p):] for old_p, new_p in key_mapping.items() if k.startswith(old_p)), k)
+        if new is not None:
+            out[new] = v
+    return out
+
+
+class DinoDiscriminator(nn.Module):
+    """Frozen DINO ViT features + one trainable `DinoDiscHead` per feature map.
+
+    forward: images [B, 3, H, W] in [-1, 1] -> logits [B, num_maps * N] (heads concatenated in
+    the order blocks..., final). `state_dict()` holds only `heads.*` (the backbone is rebuilt
+    from `pretrained`). `train()` never puts the backbone in training mode.
+    """
+
+    def __init__(self, backbone: DinoBackbone, kernel_size: int = 9, norm_eps: float = 1e-6, config: Optional[dict] = None):
+        super().__init__()
+        self.backbone = backbone
+        self.heads = nn.ModuleList([DinoDiscHead(backbone.embed_dim, kernel_size, norm_eps)
+                                    for _ in range(backbone.num_maps)])
+        self.config = dict(config or {})
+
+    @property
+    def num_logits(self) -> int:
+        return self.backbone.num_maps * self.backbone.num_tokens
+
+    def train(self, mode: bool = True) -> "DinoDiscriminator":
+        super().train(mode)
+        self.backbone.eval()
+        return self
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        feats = self.backbone(x)  # num_maps x [B, N, C]
+        return torch.cat([head(f) for head, f in zip(self.heads, feats)], dim=1)  # [B, num_maps * N]
+
+    def load_heads(self, obj: Union[Mapping, str, os.PathLike],
+                   key_mapping: Union[None, Mapping[str, str], Callable] = None) -> "DinoDiscriminator":
+        """Load trained heads strictly from a state dict or a file (see `dino_heads_state_dict`);
+        a mismatch raises `StateDictMismatch` naming the source and every bad key."""
+        source = "DINO discriminator heads"
+        if not isinstance(obj, Mapping):
+            source = str(obj)
+            obj = load_checkpoint_file(obj)
+        load_state_dict_strict(self, dino_heads_state_dict(obj, key_mapping, source), source)
+        return self
+
+
+def build_dino_discriminator(cfg: Optional[Mapping] = None) -> DinoDiscriminator:
+    """A `DinoDiscriminator` from a config dict (keys of DINO_DISC_DEFAULTS; missing keys take
+    those defaults, unknown keys raise). `{"pretrained": "random"}` builds it offline;
+    `DINO_DISC_TINY` is the CPU-test size."""
+    cfg = dict(cfg or {})
+    unknown = sorted(set(cfg) - set(DINO_DISC_DEFAULTS))
+    if unknown:
+        raise ValueError(f"DINO discriminator config: unknown keys {unknown} (known: {sorted(DINO_DISC_DEFAULTS)})")
+    cfg = {**DINO_DISC_DEFAULTS, **cfg}
+    backbone = DinoBackbone(_build_dino_vit(cfg), cfg["img_size"], cfg["feature_blocks"], cfg["include_final"],
+                            cfg["resize_mode"])
+    disc = DinoDiscriminator(backbone, int(cfg["kernel_size"]), float(cfg["norm_eps"]), config=cfg)
+    if cfg["heads_ckpt"]:
+        disc.load_heads(cfg["heads_ckpt"], cfg["key_mapping"])
+    return disc

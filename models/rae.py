@@ -16,6 +16,7 @@ from typing import Optional
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from models.encoders import (RAE_ENCODER_HUB_IDS, RAE_ENCODERS, build_rae_encoder, read_json_config)
 from models.layers import sincos_2d
@@ -98,12 +99,17 @@ class RAEDecoder(nn.Module):
     decoder_embed Linear(C -> Dd); prepend a trainable CLS token; add a frozen 2-D sin-cos table
     with a zero CLS row; pre-LN layers; decoder_norm; decoder_pred Linear(Dd -> p*p*3); drop the
     CLS row; unpatchify.
+
+    grad_checkpointing: recompute each decoder layer in the backward pass instead of storing its
+    activations (torch.utils.checkpoint, non-reentrant): same outputs and gradients, much less
+    memory for the XL decoder at large batches. Only active while gradients are being taken.
     """
 
     def __init__(self, num_tokens: int, in_dim: int, patch_size: int, hidden_size: int, depth: int,
                  num_heads: int, mlp_dim: int, layer_norm_eps: float = 1e-12, qkv_bias: bool = True,
-                 hidden_act: str = "gelu", out_channels: int = 3):
+                 hidden_act: str = "gelu", out_channels: int = 3, grad_checkpointing: bool = False):
         super().__init__()
+        self.grad_checkpointing = bool(grad_checkpointing)
         grid = math.isqrt(num_tokens)
         if grid * grid != num_tokens:
             raise ValueError(f"RAE decoder needs a square token grid, got {num_tokens} tokens")
@@ -118,8 +124,16 @@ class RAEDecoder(nn.Module):
         self.decoder_norm = nn.LayerNorm(hidden_size, eps=layer_norm_eps)
         self.decoder_pred = nn.Linear(hidden_size, patch_size * patch_size * out_channels)
 
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.grad_checkpointing = bool(enable)
+
+    def get_last_layer(self) -> torch.Tensor:
+        """decoder_pred.weight: the layer at which the adaptive GAN weight balances the losses."""
+        return self.decoder_pred.weight
+
     @classmethod
-    def from_config(cls, cfg: dict, in_dim: int, patch_size: int, num_tokens: int) -> "RAEDecoder":
+    def from_config(cls, cfg: dict, in_dim: int, patch_size: int, num_tokens: int,
+                    grad_checkpointing: bool = False) -> "RAEDecoder":
         """From a ViT-MAE style config dict; RAE overrides hidden_size / patch_size / image_size,
         so only the `decoder_*` sizes, hidden_act, layer_norm_eps and qkv_bias are read."""
         missing = [k for k in ("decoder_hidden_size", "decoder_num_hidden_layers", "decoder_num_attention_heads",
@@ -129,15 +143,16 @@ class RAEDecoder(nn.Module):
         return cls(num_tokens, in_dim, patch_size, cfg["decoder_hidden_size"], cfg["decoder_num_hidden_layers"],
                    cfg["decoder_num_attention_heads"], cfg["decoder_intermediate_size"],
                    float(cfg.get("layer_norm_eps", 1e-12)), bool(cfg.get("qkv_bias", True)),
-                   cfg.get("hidden_act", "gelu"), int(cfg.get("num_channels", 3)))
+                   cfg.get("hidden_act", "gelu"), int(cfg.get("num_channels", 3)), grad_checkpointing)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         B = tokens.shape[0]
         h = self.decoder_embed(tokens)  # [B, N, Dd]
         h = torch.cat([self.trainable_cls_token.expand(B, -1, -1).to(h.dtype), h], dim=1)
         h = h + self.decoder_pos_embed.to(h.dtype)  # [B, N+1, Dd]
+        checkpointing = self.grad_checkpointing and torch.is_grad_enabled()
         for layer in self.decoder_layers:
-            h = layer(h)
+            h = checkpoint(layer, h, use_reentrant=False) if checkpointing else layer(h)
         x = self.decoder_pred(self.decoder_norm(h))[:, 1:]  # [B, N, p*p*3]
         g, p, c = self.grid, self.patch_size, self.out_channels
         x = x.reshape(B, g, g, p, p, c).permute(0, 5, 1, 3, 2, 4)  # [B, 3, h, p, w, p]
