@@ -5,7 +5,14 @@
 * `H5ArchiveDataset`: the REPA-E archive, `images.h5` (PNG bytes stored under their relative
   paths, plus an EDM-style `dataset.json` entry with labels) and `images_h5.json` (the list of
   those paths).
+* `EDMImageDataset`: the EDM / REPA `dataset_tool.py` output, a folder or `.zip` of images plus a
+  `dataset.json` with `{"labels": [[relpath, label], ...]}` (or `null`: unconditional).
+* `ArchiveDataset`: the training archive `preprocessing.py` writes (uint8 shards read through
+  mmap, or PNG-encoded shards); see that script for the format and why it is the fast one.
 * `build_image_dataset`: picks the reader from what the folder holds; clear errors otherwise.
+* `VideoClipDataset`: clips (frame folders or uint8 `.npy` [T, H, W, C]) -> (frames, H, W, C)
+  windows with an index-keyed start; `flatten_video_batch` / `unflatten_video_batch` move between
+  (B, T, H, W, C) video batches and the (B*T, C, H, W) image batches tokenizers take.
 * `ResumableDistributedSampler`: the global order is a seeded permutation per epoch, cut into
   rank shards; it can start in the middle of an epoch, which is what exact resume needs.
 * `make_procedural_dataset`: the built-in class-conditional dataset for demos and tests.
@@ -16,6 +23,7 @@ import io
 import json
 import math
 import os
+import zipfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Iterator, List, Optional, Tuple
@@ -24,6 +32,8 @@ import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import Dataset, Sampler
+
+from utils import atomic_write_text
 
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".jpe"}
 
@@ -152,6 +162,8 @@ class H5ArchiveDataset(Dataset):
             raise KeyError(f"{self.h5_path}: dataset.json has no label for {len(missing)} images, e.g. {missing[:3]}")
         self.labels = np.array([labels[f] for f in self.files], dtype=np.int64)
         self.num_classes = int(self.labels.max()) + 1 if len(self.labels) else 0
+        # the archive stores label ids only; name each class by its id so every reader exposes a mapping
+        self.class_to_idx = {str(int(c)): int(c) for c in np.unique(self.labels)}
         self.resolution, self.channels = resolution, channels
         self._h5 = None
 
@@ -187,14 +199,399 @@ def write_h5_archive(image_dir: str | os.PathLike, out_dir: str | os.PathLike) -
     (out_dir / "images_h5.json").write_text(json.dumps(names))
 
 
+# --------------------------------------------------------------------------------------------
+# EDM / REPA dataset_tool output: a folder or .zip of images + dataset.json
+# --------------------------------------------------------------------------------------------
+def _decode_image(data: bytes, resolution: Optional[int], channels: int) -> np.ndarray:
+    """Decode encoded image bytes, convert to RGB / L, ADM-crop (skipped when already square at
+    `resolution`, which is what the crop would return anyway). Returns uint8 [H, W] or [H, W, C]."""
+    with Image.open(io.BytesIO(data)) as img:
+        img = img.convert("RGB" if channels == 3 else "L")
+        if resolution is None or img.size == (resolution, resolution):
+            return np.array(img)
+        return center_crop_arr(img, resolution)
+
+
+class EDMImageDataset(Dataset):
+    """Folder or `.zip` written by EDM's / REPA's `dataset_tool.py`: images under relative paths
+    plus `dataset.json` = {"labels": [[relpath, int label], ...]} (labels `null` or no
+    dataset.json: unconditional, label 0). Images are read in sorted relpath order and ADM-cropped
+    to `resolution`. A zip is opened lazily once per process (handles must not cross a fork)."""
+
+    def __init__(self, path: str | os.PathLike, resolution: int, channels: int = 3):
+        self.path = Path(path)
+        self.resolution, self.channels = resolution, channels
+        self.is_zip = self.path.is_file()
+        if self.is_zip:
+            if self.path.suffix.lower() != ".zip":
+                raise ValueError(f"{self.path}: expected a folder or a .zip of images")
+            with zipfile.ZipFile(self.path) as zf:
+                names = zf.namelist()
+                meta = json.loads(zf.read("dataset.json")) if "dataset.json" in names else None
+        elif self.path.is_dir():
+            names = [p.relative_to(self.path).as_posix() for p in self.path.rglob("*") if p.is_file()]
+            meta_path = self.path / "dataset.json"
+            meta = json.loads(meta_path.read_text()) if meta_path.is_file() else None
+        else:
+            raise FileNotFoundError(f"dataset not found: {self.path}")
+        self.files = sorted(n for n in names if Path(n).suffix.lower() in IMAGE_EXTENSIONS)
+        if not self.files:
+            raise FileNotFoundError(f"no images found in {self.path}")
+        labels = (meta or {}).get("labels")
+        if labels is None:
+            self.labels = np.zeros(len(self.files), dtype=np.int64)
+        else:
+            table = {str(k): v for k, v in labels}
+            missing = [f for f in self.files if f not in table]
+            if missing:
+                raise KeyError(f"{self.path}/dataset.json has no label for {len(missing)} images, e.g. {missing[:3]}")
+            bad = [f for f in self.files if not isinstance(table[f], int) or table[f] < 0]
+            if bad:
+                raise ValueError(f"{self.path}/dataset.json: labels must be non-negative integers, "
+                                 f"got {table[bad[0]]!r} for {bad[0]}")
+            self.labels = np.array([table[f] for f in self.files], dtype=np.int64)
+        self.num_classes = int(self.labels.max()) + 1
+        self.class_to_idx = {str(int(c)): int(c) for c in np.unique(self.labels)}
+        self._zip, self._zip_pid = None, None
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state["_zip"], state["_zip_pid"] = None, None
+        return state
+
+    def _read_bytes(self, name: str) -> bytes:
+        if not self.is_zip:
+            return (self.path / name).read_bytes()
+        if self._zip is None or self._zip_pid != os.getpid():
+            self._zip, self._zip_pid = zipfile.ZipFile(self.path), os.getpid()
+        return self._zip.read(name)
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, idx: int):
+        name = self.files[idx]
+        try:
+            arr = _decode_image(self._read_bytes(name), self.resolution, self.channels)
+        except Exception as e:  # noqa: BLE001 - re-raised with the file name
+            raise OSError(f"cannot read image {name} from {self.path}: {e}") from e
+        return _to_chw(arr, self.channels), int(self.labels[idx])
+
+
+# --------------------------------------------------------------------------------------------
+# Training archive written by preprocessing.py
+# --------------------------------------------------------------------------------------------
+ARCHIVE_FORMAT = "tokenizer-toolkit-image-archive"
+ARCHIVE_VERSION = 1
+
+
+def read_npy_header(path: str | os.PathLike) -> Tuple[Tuple[int, ...], np.dtype]:
+    """Shape and dtype of a `.npy` file from its header alone, after checking the file holds all
+    the bytes the header promises. Errors name the file: a missing or truncated shard must be
+    reported when the dataset is opened, not as a SIGBUS hours into training."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"archive file missing: {path} (rerun preprocessing.py with the same "
+                                f"arguments to rewrite it)")
+    try:
+        with open(path, "rb") as f:
+            major, _ = np.lib.format.read_magic(f)
+            read_header = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
+            shape, _, dtype = read_header(f)
+            data_offset = f.tell()
+    except Exception as e:  # noqa: BLE001 - re-raised with the file name
+        raise OSError(f"archive file {path} is not a valid .npy file ({e}); rerun preprocessing.py with the "
+                      f"same arguments to rewrite it") from e
+    expected = data_offset + int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    size = path.stat().st_size
+    if size < expected:
+        raise OSError(f"archive file {path} is truncated ({size} bytes, header promises {expected}); rerun "
+                      f"preprocessing.py with the same arguments to rewrite it")
+    return tuple(int(s) for s in shape), dtype
+
+
+def check_archive_shard(root: Path, shard: dict, resolution: int, channels: int, encoding: str) -> None:
+    """Validate one shard entry of index.json against its files (headers and sizes only)."""
+    n = int(shard["count"])
+    if encoding == "raw":
+        shape, dtype = read_npy_header(root / shard["images"])
+        want = (n, resolution, resolution, channels)
+        if shape != want or dtype != np.uint8:
+            raise OSError(f"archive file {root / shard['images']} holds {dtype} {shape}, expected uint8 {want}")
+    else:
+        off_shape, off_dtype = read_npy_header(root / shard["offsets"])
+        if off_shape != (n + 1,) or off_dtype != np.int64:
+            raise OSError(f"archive file {root / shard['offsets']} holds {off_dtype} {off_shape}, "
+                          f"expected int64 ({n + 1},)")
+        total = int(np.load(root / shard["offsets"], mmap_mode="r")[-1])
+        shape, dtype = read_npy_header(root / shard["images"])
+        if shape != (total,) or dtype != np.uint8:
+            raise OSError(f"archive file {root / shard['images']} holds {dtype} {shape}, expected uint8 ({total},) "
+                          f"(the byte count its offsets file gives)")
+
+
+class ArchiveDataset(Dataset):
+    """Reader of the `preprocessing.py` archive: `index.json`, `labels.npy` and shards of
+    already-cropped uint8 images. Returns (uint8 [C, H, W], int label) like ImageFolderDataset.
+
+    Raw shards are `np.load(mmap_mode="r")`-ed lazily, once per process (DataLoader workers map
+    their own, pickling carries no arrays), so reading an image is a page-cache copy with no
+    decode. PNG shards (flat byte buffer + offsets) cost one PNG decode per image. Every shard's
+    header and size are checked on construction, so a missing or truncated shard is named at
+    start. `class_to_idx` optionally remaps the stored class names to other label ids."""
+
+    def __init__(self, root: str | os.PathLike, channels: Optional[int] = None, class_to_idx: Optional[dict] = None):
+        self.root = Path(root)
+        index_path = self.root / "index.json"
+        if not index_path.is_file():
+            raise FileNotFoundError(f"archive index missing: {index_path} (run preprocessing.py to completion)")
+        index = json.loads(index_path.read_text())
+        if index.get("format") != ARCHIVE_FORMAT:
+            raise ValueError(f"{index_path} is not a {ARCHIVE_FORMAT} index (format={index.get('format')!r})")
+        if index.get("version") != ARCHIVE_VERSION:
+            raise ValueError(f"{index_path} has format version {index.get('version')}, this reader understands "
+                             f"{ARCHIVE_VERSION}; rerun preprocessing.py")
+        self.index = index
+        self.resolution, self.channels, self.encoding = index["resolution"], index["channels"], index["encoding"]
+        if channels is not None and channels != self.channels:
+            raise ValueError(f"{index_path}: the archive holds {self.channels}-channel images but {channels} "
+                             f"channels were requested; rerun preprocessing.py with --channels {channels}")
+        self.shards = index["shards"]
+        counts = np.array([s["count"] for s in self.shards], dtype=np.int64)
+        self._starts = np.concatenate([np.zeros(1, dtype=np.int64), np.cumsum(counts)])  # [num_shards + 1]
+        if int(self._starts[-1]) != index["num_images"]:
+            raise ValueError(f"{index_path}: shard counts sum to {int(self._starts[-1])}, num_images says "
+                             f"{index['num_images']}")
+        labels_path = self.root / index["labels"]
+        shape, _ = read_npy_header(labels_path)
+        if shape != (index["num_images"],):
+            raise ValueError(f"{labels_path} holds {shape} labels, {index_path} lists {index['num_images']} images")
+        labels = np.load(labels_path).astype(np.int64)
+        for shard in self.shards:
+            check_archive_shard(self.root, shard, self.resolution, self.channels, self.encoding)
+
+        stored = {str(k): int(v) for k, v in index["class_to_idx"].items()}
+        if class_to_idx is None:
+            self.class_to_idx = stored
+        else:
+            unknown = [c for c in stored if c not in class_to_idx]
+            if unknown:
+                raise KeyError(f"classes {unknown[:10]} of {index_path} are not in the class mapping")
+            lut = np.zeros(max(stored.values()) + 1, dtype=np.int64)  # stored id -> requested id
+            for name, idx in stored.items():
+                lut[idx] = class_to_idx[name]
+            labels = lut[labels]
+            self.class_to_idx = dict(class_to_idx)
+        self.labels = labels
+        self.num_classes = max(self.class_to_idx.values()) + 1 if self.class_to_idx else 1
+        # images skipped when the archive was written (--skip-bad-images), for the trainers' log
+        self.num_bad = int(index.get("num_bad", 0))
+        self.bad_files = [b["file"] for b in index.get("bad_images", [])]
+        self._maps, self._pid = {}, None
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state["_maps"], state["_pid"] = {}, None  # each process maps the shards itself
+        return state
+
+    def _shard_arrays(self, k: int):
+        if self._pid != os.getpid():
+            self._maps, self._pid = {}, os.getpid()
+        if k not in self._maps:
+            shard = self.shards[k]
+            images = np.load(self.root / shard["images"], mmap_mode="r")
+            offsets = np.load(self.root / shard["offsets"]) if self.encoding == "png" else None
+            self._maps[k] = (images, offsets)
+        return self._maps[k]
+
+    def __len__(self) -> int:
+        return int(self._starts[-1])
+
+    def __getitem__(self, idx: int):
+        if idx < 0:
+            idx += len(self)
+        if not 0 <= idx < len(self):
+            raise IndexError(f"index {idx} out of range for {self.root} ({len(self)} images)")
+        k = int(np.searchsorted(self._starts, idx, side="right")) - 1
+        j = idx - int(self._starts[k])
+        images, offsets = self._shard_arrays(k)
+        if self.encoding == "raw":
+            arr = images[j]  # [H, W, C] view into the page cache; _to_chw copies it out
+        else:
+            try:
+                arr = _decode_image(images[offsets[j]: offsets[j + 1]].tobytes(), None, self.channels)
+            except Exception as e:  # noqa: BLE001
+                raise OSError(f"cannot decode image {j} of {self.root / self.shards[k]['images']}: {e}") from e
+            if arr.shape[:2] != (self.resolution, self.resolution):
+                raise OSError(f"image {j} of {self.root / self.shards[k]['images']} is {arr.shape[:2]}, "
+                              f"index.json says {self.resolution}px")
+        return _to_chw(arr, self.channels), int(self.labels[idx])
+
+
+def is_archive(path: str | os.PathLike) -> bool:
+    """True when `path` is a folder holding an index.json of the preprocessing.py format."""
+    index_path = Path(path) / "index.json"
+    if not index_path.is_file():
+        return False
+    try:
+        return json.loads(index_path.read_text()).get("format") == ARCHIVE_FORMAT
+    except (ValueError, AttributeError):
+        return False
+
+
+def save_class_to_idx(class_to_idx: dict, path: str | os.PathLike) -> None:
+    """Write a class mapping as `{"name": id}` JSON (sorted by id), atomically."""
+    ordered = dict(sorted(class_to_idx.items(), key=lambda kv: (kv[1], kv[0])))
+    atomic_write_text(json.dumps(ordered, indent=1) + "\n", path)
+
+
 def build_image_dataset(data_dir: str | os.PathLike, resolution: int, channels: int = 3,
                         skip_bad_images: bool = False, class_to_idx: Optional[dict] = None) -> Dataset:
+    """The image dataset at `data_dir`, recognised by what it holds: a preprocessing.py archive
+    (`index.json`), a REPA-E archive (`images.h5`), an EDM/REPA folder-or-zip (`dataset.json`),
+    or an image folder (class subfolders, or images directly inside = one class)."""
     data_dir = Path(data_dir)
     if not data_dir.exists():
         raise FileNotFoundError(f"data folder not found: {data_dir} (check --data-dir)")
+    if data_dir.is_file():
+        if data_dir.suffix.lower() == ".zip":
+            return EDMImageDataset(data_dir, resolution, channels)
+        raise ValueError(f"--data-dir {data_dir} is a file; expected a folder (images, index.json archive, "
+                         f"images.h5 archive, dataset.json) or an EDM .zip")
+    if is_archive(data_dir):
+        ds = ArchiveDataset(data_dir, channels, class_to_idx)
+        if ds.resolution != resolution:
+            raise ValueError(f"{data_dir / 'index.json'}: the archive was preprocessed at {ds.resolution}px but "
+                             f"--resolution is {resolution}; rerun preprocessing.py --resolution {resolution}")
+        return ds
     if (data_dir / "images.h5").is_file():
         return H5ArchiveDataset(data_dir, resolution, channels)
+    if (data_dir / "dataset.json").is_file():
+        return EDMImageDataset(data_dir, resolution, channels)
     return ImageFolderDataset(data_dir, resolution, channels, skip_bad_images, class_to_idx)
+
+
+# --------------------------------------------------------------------------------------------
+# Video clips
+# --------------------------------------------------------------------------------------------
+def _has_images(folder: Path) -> bool:
+    return any(f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS for f in folder.iterdir())
+
+
+def _clips_in(folder: Path) -> List[Path]:
+    """Clips directly inside `folder`: uint8 .npy files and subfolders of frame images."""
+    return sorted(p for p in folder.iterdir() if not p.name.startswith(".") and
+                  ((p.is_file() and p.suffix.lower() == ".npy") or (p.is_dir() and _has_images(p))))
+
+
+class VideoClipDataset(Dataset):
+    """Fixed-length windows of video clips: uint8 (num_frames, H, W, C) + label.
+
+    root holds clips (a `.npy` uint8 [T, H, W, C] or [T, H, W], or a subfolder of frame images
+    sorted by name), either directly (label 0) or inside class subfolders (sorted names -> ids).
+    Each frame is ADM-cropped to `resolution`. The window takes frames start, start + stride, ...;
+    its start is drawn from a generator keyed by (seed, epoch, index), so a resumed run reads the
+    same windows whatever the worker or process count. `set_epoch` changes the windows per epoch
+    (call it before creating the epoch's DataLoader iterator; persistent workers keep the old one).
+    """
+
+    def __init__(self, root: str | os.PathLike, num_frames: int, resolution: int, channels: int = 3,
+                 stride: int = 1, seed: int = 0):
+        self.root = Path(root)
+        if not self.root.is_dir():
+            raise FileNotFoundError(f"video folder not found: {self.root}")
+        if num_frames < 1 or stride < 1:
+            raise ValueError(f"num_frames ({num_frames}) and stride ({stride}) must be >= 1")
+        if channels not in (1, 3):
+            raise ValueError(f"channels must be 1 or 3, got {channels}")
+        self.num_frames, self.resolution, self.channels, self.stride, self.seed = \
+            num_frames, resolution, channels, stride, seed
+        self.epoch = 0
+        top_clips = _clips_in(self.root)
+        class_dirs = sorted(p for p in self.root.iterdir()
+                            if p.is_dir() and not p.name.startswith(".") and p not in top_clips)
+        if class_dirs and top_clips:
+            raise ValueError(f"{self.root} mixes clips ({top_clips[0].name}) and class folders "
+                             f"({class_dirs[0].name}); use one layout")
+        if class_dirs:
+            self.class_to_idx = {d.name: i for i, d in enumerate(class_dirs)}
+            entries = [(c, d.name) for d in class_dirs for c in _clips_in(d)]
+        else:
+            self.class_to_idx = {"": 0}
+            entries = [(c, "") for c in top_clips]
+        if not entries:
+            raise FileNotFoundError(f"no clips found in {self.root} (expected .npy files or folders of frames, "
+                                    f"optionally inside class folders)")
+        self.clips = [c for c, _ in entries]
+        self.labels = np.array([self.class_to_idx[n] for _, n in entries], dtype=np.int64)
+        self.num_classes = len(self.class_to_idx)
+        span = (num_frames - 1) * stride + 1
+        self.lengths = np.array([self._length(c) for c in self.clips], dtype=np.int64)
+        short = np.flatnonzero(self.lengths < span)
+        if len(short):
+            c = self.clips[short[0]]
+            raise ValueError(f"clip {c} has {self.lengths[short[0]]} frames, fewer than the {span} a window of "
+                             f"{num_frames} frames at stride {stride} needs ({len(short)} clips too short)")
+
+    @staticmethod
+    def _length(clip: Path) -> int:
+        if clip.is_dir():
+            return sum(1 for f in clip.iterdir() if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS)
+        shape, dtype = read_npy_header(clip)
+        if dtype != np.uint8 or len(shape) not in (3, 4):
+            raise ValueError(f"clip {clip} holds {dtype} {shape}; expected uint8 [T, H, W, C] or [T, H, W]")
+        return shape[0]
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def window_start(self, idx: int) -> int:
+        """First frame of item idx's window for the current (seed, epoch)."""
+        span = (self.num_frames - 1) * self.stride + 1
+        rng = np.random.default_rng([self.seed, self.epoch, idx])
+        return int(rng.integers(0, int(self.lengths[idx]) - span + 1))
+
+    def _frame(self, frame: np.ndarray) -> np.ndarray:
+        """One stored frame [H, W(, C)] -> uint8 [R, R, channels] through the load_image pipeline."""
+        if frame.ndim == 3 and frame.shape[2] == 1:
+            frame = frame[:, :, 0]
+        img = Image.fromarray(np.ascontiguousarray(frame)).convert("RGB" if self.channels == 3 else "L")
+        arr = center_crop_arr(img, self.resolution)
+        return arr[:, :, None] if arr.ndim == 2 else arr
+
+    def __len__(self) -> int:
+        return len(self.clips)
+
+    def __getitem__(self, idx: int):
+        clip, start = self.clips[idx], self.window_start(idx)
+        picks = range(start, start + self.num_frames * self.stride, self.stride)
+        if clip.is_dir():
+            names = sorted(f for f in clip.iterdir() if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS)
+            # load_image gives [C, H, W]; stack -> [T, C, H, W] -> [T, H, W, C]
+            frames = torch.stack([load_image(names[i], self.resolution, self.channels) for i in picks])
+            return frames.permute(0, 2, 3, 1).contiguous(), int(self.labels[idx])
+        try:
+            stored = np.load(clip, mmap_mode="r")[start: start + self.num_frames * self.stride: self.stride]
+            frames = np.stack([self._frame(f) for f in stored])  # [T, R, R, C]
+        except Exception as e:  # noqa: BLE001 - re-raised with the file name
+            raise OSError(f"cannot read clip {clip}: {e}") from e
+        return torch.from_numpy(frames), int(self.labels[idx])
+
+
+def flatten_video_batch(x: torch.Tensor) -> torch.Tensor:
+    """(B, T, H, W, C) video batch -> (B*T, C, H, W) image batch, frames of a clip consecutive."""
+    if x.ndim != 5:
+        raise ValueError(f"expected a video batch (batch, frames, H, W, C), got shape {tuple(x.shape)}")
+    b, t, h, w, c = x.shape
+    return x.permute(0, 1, 4, 2, 3).reshape(b * t, c, h, w)
+
+
+def unflatten_video_batch(x: torch.Tensor, num_frames: int) -> torch.Tensor:
+    """Inverse of flatten_video_batch: (B*T, C, H, W) -> (B, T, H, W, C)."""
+    if x.ndim != 4 or x.shape[0] % num_frames:
+        raise ValueError(f"expected (batch*{num_frames}, C, H, W), got shape {tuple(x.shape)}")
+    n, c, h, w = x.shape
+    return x.reshape(n // num_frames, num_frames, c, h, w).permute(0, 1, 3, 4, 2).contiguous()
 
 
 class ResumableDistributedSampler(Sampler[int]):
@@ -311,3 +708,353 @@ def make_procedural_dataset(out_dir: str | os.PathLike, num_classes: int = 10, p
             Image.fromarray(arr).save(d / f"{i:05d}.png")
     done_marker.write_text(json.dumps(spec))
     return out_dir
+
+
+# --------------------------------------------------------------------------------------------
+# Latent shards (written by cache_latents.py, read by the latent-diffusion trainers)
+# --------------------------------------------------------------------------------------------
+# A latent folder holds `tokenizer.json` (who wrote it and how), `shards/latents-KKKKK.safetensors`
+# (shard k = dataset indices [k*S, (k+1)*S)) and `latents_stats.pt` (exact statistics). Shards are
+# read through a memory map of the raw safetensors layout: 8-byte little-endian header length, a
+# JSON header {name: {dtype, shape, data_offsets}}, then the tensor bytes.
+from typing import Dict as _Dict  # noqa: E402
+
+LATENT_INFO_FILE = "tokenizer.json"
+LATENT_STATS_FILE = "latents_stats.pt"
+LATENT_SHARD_DIR = "shards"
+# safetensors dtype -> (numpy storage dtype, torch dtype); bf16 is stored as raw 16-bit words.
+_SAFETENSORS_DTYPES = {"F16": (np.float16, torch.float16), "BF16": (np.uint16, torch.bfloat16),
+                       "F32": (np.float32, torch.float32), "F64": (np.float64, torch.float64),
+                       "I64": (np.int64, torch.int64), "I32": (np.int32, torch.int32)}
+
+
+def latent_shard_path(root: str | os.PathLike, k: int) -> Path:
+    return Path(root) / LATENT_SHARD_DIR / f"latents-{k:05d}.safetensors"
+
+
+def latent_shard_range(k: int, shard_size: int, num_images: int) -> Tuple[int, int]:
+    """Dataset indices [start, stop) held by shard k."""
+    return k * shard_size, min((k + 1) * shard_size, num_images)
+
+
+def num_latent_shards(num_images: int, shard_size: int) -> int:
+    return (num_images + shard_size - 1) // shard_size
+
+
+def read_shard_header(path: str | os.PathLike) -> dict:
+    """Parse a safetensors header and check that the file holds every byte it announces.
+
+    Returns {name: {"dtype", "shape", "start", "stop"} (absolute byte offsets)} plus
+    "__metadata__". A missing, truncated or corrupt file raises an error naming it."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"latent shard missing: {path}")
+    size = path.stat().st_size
+    try:
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise ValueError("shorter than the 8-byte header length")
+            n = int.from_bytes(head, "little")
+            if n <= 0 or 8 + n > size:
+                raise ValueError(f"header of {n} bytes does not fit a {size}-byte file")
+            header = json.loads(f.read(n).decode("utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ValueError(f"latent shard {path} is corrupt or truncated ({e}); delete it and rerun "
+                         f"cache_latents.py to rewrite it") from e
+    out = {"__metadata__": header.pop("__metadata__", {}) or {}}
+    end = 0
+    for name, entry in header.items():
+        if entry.get("dtype") not in _SAFETENSORS_DTYPES:
+            raise ValueError(f"latent shard {path}: tensor '{name}' has unsupported dtype {entry.get('dtype')}")
+        a, b = entry["data_offsets"]
+        out[name] = {"dtype": entry["dtype"], "shape": list(entry["shape"]), "start": 8 + n + a, "stop": 8 + n + b}
+        end = max(end, 8 + n + b)
+    if end > size:
+        raise ValueError(f"latent shard {path} is truncated: {size} bytes, its header announces {end}; delete it "
+                         f"and rerun cache_latents.py to rewrite it")
+    return out
+
+
+def map_shard_arrays(path: str | os.PathLike, header: dict) -> _Dict[str, np.ndarray]:
+    """Read-only numpy views (one memory map) of every tensor of a shard (bf16 as uint16 words)."""
+    raw = np.memmap(path, dtype=np.uint8, mode="r")
+    arrays = {}
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        np_dtype = _SAFETENSORS_DTYPES[entry["dtype"]][0]
+        arrays[name] = raw[entry["start"]:entry["stop"]].view(np_dtype).reshape(entry["shape"])
+    return arrays
+
+
+def _pread_into(fd: int, buf: np.ndarray, offset: int) -> int:
+    """Fill the uint8 array `buf` from `offset` of `fd`; returns the bytes read."""
+    if hasattr(os, "preadv"):
+        return os.preadv(fd, [buf], offset)
+    data = os.pread(fd, buf.nbytes, offset)  # platforms without preadv
+    buf.reshape(-1)[:len(data)] = np.frombuffer(data, dtype=np.uint8)
+    return len(data)
+
+
+def _read_rows(fd: int, entry: dict, j: int, count: int = 1) -> torch.Tensor:
+    """Rows j..j+count of a shard tensor [n, ...] as float32 [count, ...]: one positional read
+    (no shared file offset, so safe in forked workers) into a fresh buffer, then the cast."""
+    n = entry["shape"][0]
+    row_bytes = (entry["stop"] - entry["start"]) // max(n, 1)
+    buf = np.empty(row_bytes * count, dtype=np.uint8)
+    offset = entry["start"] + j * row_bytes
+    if _pread_into(fd, buf, offset) != buf.nbytes:
+        raise OSError(f"short read of a latent shard ({buf.nbytes} bytes at offset {offset}): "
+                      f"the file changed after it was opened")
+    t = torch.from_numpy(buf).view(_SAFETENSORS_DTYPES[entry["dtype"]][1])
+    return t.reshape([count] + entry["shape"][1:]).float()
+
+
+_MASK64 = (1 << 64) - 1
+
+
+def _mix64(x: int) -> int:
+    """splitmix64 finaliser: a well-mixed 64-bit hash of a 64-bit integer."""
+    x = (x + 0x9E3779B97F4A7C15) & _MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return x ^ (x >> 31)
+
+
+def latent_flip_choice(seed: int, epoch: int, index: int) -> bool:
+    """Whether dataset item `index` uses its flipped latent in `epoch`: a hash of the three
+    numbers (no global RNG), so the choice survives resume and ignores the DataLoader workers."""
+    h = _mix64(_mix64(_mix64(seed & _MASK64) ^ (epoch & _MASK64)) ^ (index & _MASK64))
+    return bool(h >> 63)
+
+
+class LatentShardDataset(Dataset):
+    """Cached latents of one tokenizer (a folder written by `cache_latents.py`).
+
+    Item i (dataset index i) is a dict: `mean`, `std` float32 [C, h, w] (std zeros for a
+    deterministic tokenizer: VQ, RAE), `label` int64, `index` int64, `flipped` bool and, with
+    `image_dataset`, `image` uint8 [3, H, W] of the same index (mirrored when the mirrored latent
+    was chosen). When the folder stores flips and `flip` is on, the plain / mirrored choice is
+    `latent_flip_choice(seed, epoch, index)`; call `set_epoch` before each epoch's iterator is
+    made (DataLoader workers copy the dataset when they start, so use persistent_workers=False
+    or recreate the loader). Sampling z = mean + std * eps is the trainer's job.
+
+    Shard headers are checked up front (every shard present, complete, with `labels`, sizes as
+    tokenizer.json says); rows are read lazily in each worker process with one positional read
+    each (faster than a memory map for the 400 KB rows of RAE latents, as fast for small ones).
+    """
+
+    def __init__(self, root: str | os.PathLike, flip: bool = True, seed: int = 0, image_dataset: Optional[Dataset] = None):
+        self.root = Path(root)
+        info_path = self.root / LATENT_INFO_FILE
+        if not info_path.is_file():
+            raise FileNotFoundError(f"{info_path} missing: {self.root} is not a latent folder (write one with "
+                                    f"cache_latents.py --output-dir {self.root})")
+        try:
+            self.info = json.loads(info_path.read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{info_path} is not valid JSON: {e}") from e
+        missing = [k for k in ("latent_shape", "num_images", "shard_size", "flip", "has_std") if k not in self.info]
+        if missing:
+            raise KeyError(f"{info_path} lacks {missing}; rewrite the folder with cache_latents.py")
+        self.num_images, self.shard_size = int(self.info["num_images"]), int(self.info["shard_size"])
+        self.has_flip, self.has_std = bool(self.info["flip"]), bool(self.info["has_std"])
+        self.flip, self.seed, self.epoch = bool(flip), int(seed), 0
+        self.image_dataset = image_dataset
+        if image_dataset is not None and len(image_dataset) != self.num_images:
+            raise ValueError(f"image dataset has {len(image_dataset)} images but {info_path} records "
+                             f"{self.num_images}: pass the dataset the latents were computed from")
+        keys = ["mean", "labels", "indices"] + (["std"] if self.has_std else [])
+        if self.has_flip:
+            keys += ["mean_flip"] + (["std_flip"] if self.has_std else [])
+        shape = [int(s) for s in self.info["latent_shape"]]
+        self._headers = []
+        total = 0
+        for k in range(num_latent_shards(self.num_images, self.shard_size)):
+            path = latent_shard_path(self.root, k)
+            if not path.is_file():
+                raise FileNotFoundError(f"latent shard {path} missing ({info_path} records {self.num_images} images in "
+                                        f"shards of {self.shard_size}); rerun cache_latents.py to complete the folder")
+            header = read_shard_header(path)
+            absent = [key for key in keys if key not in header]
+            if absent:
+                raise KeyError(f"latent shard {path} has no {absent} (has {sorted(k for k in header if k != '__metadata__')})")
+            start, stop = latent_shard_range(k, self.shard_size, self.num_images)
+            n = header["labels"]["shape"][0]
+            if n != stop - start:
+                raise ValueError(f"latent shard {path} holds {n} latents but {info_path} implies {stop - start} "
+                                 f"(num_images {self.num_images}, shard_size {self.shard_size})")
+            for key in keys:
+                want = [n] + shape if key.startswith(("mean", "std")) else [n]
+                if header[key]["shape"] != want:
+                    raise ValueError(f"latent shard {path}: '{key}' has shape {header[key]['shape']}, expected {want} "
+                                     f"(latent_shape in {info_path})")
+            total += n
+            self._headers.append((path, header))
+        if total != self.num_images:
+            raise ValueError(f"{self.root}: shards hold {total} latents, {info_path} records {self.num_images}")
+        self._arrays: _Dict[int, dict] = {}
+        self._pid = None
+        self._stats = None
+
+    # ---- metadata -----------------------------------------------------------------------------
+    @property
+    def tokenizer_info(self) -> dict:
+        return dict(self.info)
+
+    @property
+    def latent_shape(self) -> Tuple[int, int, int]:
+        return tuple(int(s) for s in self.info["latent_shape"])
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.info.get("num_classes") or 0)
+
+    @property
+    def class_to_idx(self) -> Optional[dict]:
+        return self.info.get("class_to_idx")
+
+    @property
+    def stats(self) -> dict:
+        """`latents_stats.pt`: mean / var [C, h, w] per position, channel_mean / channel_var [C], count."""
+        if self._stats is None:
+            path = self.root / LATENT_STATS_FILE
+            if not path.is_file():
+                raise FileNotFoundError(f"latent statistics {path} missing; run cache_latents.py --stats-only "
+                                        f"--output-dir {self.root} to compute them from the shards")
+            self._stats = torch.load(path, map_location="cpu", weights_only=True)
+        return self._stats
+
+    def check_tokenizer(self, identity: dict) -> None:
+        """Raise when the latents were written by another tokenizer than `identity` describes."""
+        diffs = []
+        for key in ("kind", "name", "fingerprint", "latent_shape"):
+            have, want = self.info.get(key), identity.get(key)
+            if key == "latent_shape":
+                have, want = list(have or []), list(want or [])
+            if have != want:
+                diffs.append(f"{key}: folder {have!r} vs given {want!r}")
+        if diffs:
+            raise ValueError(f"latent folder {self.root} was written by another tokenizer ({'; '.join(diffs)}); "
+                             f"encode the data again with this tokenizer (cache_latents.py) into another folder")
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def uses_flip(self, index: int) -> bool:
+        return self.has_flip and self.flip and latent_flip_choice(self.seed, self.epoch, index)
+
+    # ---- items --------------------------------------------------------------------------------
+    def _shard(self, k: int) -> dict:
+        """{fd, labels, indices} of shard k, opened on first use in this process (a forked
+        worker opens its own descriptors)."""
+        if self._pid != os.getpid():
+            self._arrays, self._pid = {}, os.getpid()
+        if k not in self._arrays:
+            path, header = self._headers[k]
+            fd = os.open(path, os.O_RDONLY)
+            self._arrays[k] = {"fd": fd, "labels": _read_rows(fd, header["labels"], 0, header["labels"]["shape"][0]),
+                               "indices": _read_rows(fd, header["indices"], 0, header["indices"]["shape"][0])}
+        return self._arrays[k]
+
+    def close(self) -> None:
+        """Close this process's shard descriptors (they reopen on the next access)."""
+        if self._pid == os.getpid():
+            for entry in self._arrays.values():
+                os.close(entry["fd"])
+        self._arrays = {}
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001 - interpreter shutdown
+            pass
+
+    def __len__(self) -> int:
+        return self.num_images
+
+    def __getitem__(self, i: int) -> dict:
+        i = int(i)
+        if not 0 <= i < self.num_images:
+            raise IndexError(f"latent index {i} out of range [0, {self.num_images})")
+        k, j = divmod(i, self.shard_size)
+        shard, header = self._shard(k), self._headers[k][1]
+        flipped = self.uses_flip(i)
+        suffix = "_flip" if flipped else ""
+        item = {"mean": _read_rows(shard["fd"], header["mean" + suffix], j)[0]}
+        if self.has_std:
+            item["std"] = _read_rows(shard["fd"], header["std" + suffix], j)[0]
+        else:
+            item["std"] = torch.zeros(self.latent_shape)
+        index = int(shard["indices"][j])
+        item.update(label=torch.tensor(int(shard["labels"][j]), dtype=torch.int64),
+                    index=torch.tensor(index, dtype=torch.int64), flipped=torch.tensor(flipped))
+        if self.image_dataset is not None:
+            image = self.image_dataset[index]
+            image = image[0] if isinstance(image, (tuple, list)) else image
+            item["image"] = image.flip(-1) if flipped else image
+        return item
+
+    def get_batch(self, indices) -> dict:
+        """The items of `indices` already batched: {mean, std [B, C, h, w] float32, label, index
+        [B] int64, flipped [B] bool, [image uint8 [B, 3, H, W]]}. Rows are read straight into one
+        buffer per tensor and cast once, instead of per item and then stacked."""
+        indices = [int(i) for i in indices]
+        B, shape = len(indices), list(self.latent_shape)
+        for i in indices:
+            if not 0 <= i < self.num_images:
+                raise IndexError(f"latent index {i} out of range [0, {self.num_images})")
+        flipped = [self.uses_flip(i) for i in indices]
+        keys = ["mean"] + (["std"] if self.has_std else [])
+        out, labels, index = {}, [], []
+        for key in keys:
+            first = self._headers[0][1][key]
+            row_bytes = (first["stop"] - first["start"]) // first["shape"][0]
+            buf = np.empty((B, row_bytes), dtype=np.uint8)
+            for b, (i, f) in enumerate(zip(indices, flipped)):
+                k, j = divmod(i, self.shard_size)
+                entry = self._headers[k][1][key + ("_flip" if f else "")]
+                shard = self._shard(k)
+                if _pread_into(shard["fd"], buf[b], entry["start"] + j * row_bytes) != row_bytes:
+                    raise OSError(f"short read of latent shard {self._headers[k][0]}: the file changed after it was opened")
+                if key == "mean":
+                    labels.append(int(shard["labels"][j]))
+                    index.append(int(shard["indices"][j]))
+            dtype = _SAFETENSORS_DTYPES[first["dtype"]][1]
+            out[key] = torch.from_numpy(buf).view(dtype).reshape([B] + shape).float()
+        if not self.has_std:
+            # stride-0 zeros: no memory, and nothing to copy between worker and trainer processes
+            out["std"] = torch.zeros(()).expand([B] + shape)
+        out.update(label=torch.tensor(labels, dtype=torch.int64), index=torch.tensor(index, dtype=torch.int64),
+                   flipped=torch.tensor(flipped))
+        if self.image_dataset is not None:
+            images = []
+            for i, f in zip(index, flipped):
+                image = self.image_dataset[i]
+                image = image[0] if isinstance(image, (tuple, list)) else image
+                images.append(image.flip(-1) if f else image)
+            out["image"] = torch.stack(images)
+        return out
+
+    def __getitems__(self, indices) -> "LatentBatch":
+        """DataLoader's batched fetch: per-item dicts that are views of one `get_batch`, so the
+        default collate still works; `collate_latents` returns the batch without the stack copy."""
+        batch = self.get_batch(indices)
+        items = LatentBatch({k: v[b] for k, v in batch.items()} for b in range(len(indices)))
+        items.batched = batch
+        return items
+
+
+class LatentBatch(list):
+    """A list of per-item dicts that also carries the ready batch (`.batched`)."""
+
+    batched: Optional[dict] = None
+
+
+def collate_latents(items) -> dict:
+    """collate_fn for LatentShardDataset loaders: the batch `__getitems__` already built (no copy),
+    otherwise the default collate."""
+    if isinstance(items, LatentBatch) and items.batched is not None:
+        return items.batched
+    return torch.utils.data.default_collate(items)

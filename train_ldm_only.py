@@ -141,7 +141,7 @@ def build_tokenizer_for_grids(args, dataset, logger):
         return None
     tok = build_tokenizer(args.tokenizer or info["kind"], name=args.vae or info.get("name"), ckpt=args.vae_ckpt,
                           config=args.rae_config, random_init=args.random_init_vae, seed=args.seed)
-    dataset.check_tokenizer(tok.identity())
+    dataset.check_tokenizer(tok.identity(int(info.get("resolution", 256))))
     return tok.eval().requires_grad_(False)
 
 

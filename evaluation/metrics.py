@@ -539,6 +539,8 @@ def reconstruction_metrics(vae: nn.Module, dataset, reference=None, inception: O
                            num_workers: int = 0, progress: bool = False) -> Dict[str, float]:
     """Tokenizer quality on a dataset of uint8 images ([3, H, W] or (image, label) items).
 
+    `vae` is a `models.tokenizers.Tokenizer` (any kind; its `reconstruct`) or an AutoencoderKL.
+
     Reconstructions use the posterior mode (deterministic) and are quantised to uint8 like saved
     images. PSNR and SSIM are on [0, 255]; LPIPS (VGG, `lpips` = "imagenet" | local VGG16 path |
     "random" | a module taking [-1, 1] images) on [-1, 1]; rFID against `reference` (a file as in
@@ -574,7 +576,10 @@ def reconstruction_metrics(vae: nn.Module, dataset, reference=None, inception: O
             raise ValueError(f"reconstruction_metrics: dataset must yield uint8 images, got {img.dtype}")
         img = img.to(device)
         x = img.float() / 127.5 - 1
-        rec = _to_uint8(vae.decode(vae.encode(x).mode()))  # [B, 3, H, W] uint8
+        # A models.tokenizers.Tokenizer converts its own input (KL, VQ, RAE alike); a plain
+        # AutoencoderKL takes [-1, 1] and returns a posterior.
+        rec = vae.reconstruct(img) if hasattr(vae, "reconstruct") else vae.decode(vae.encode(x).mode())
+        rec = _to_uint8(rec)  # [B, 3, H, W] uint8
         a, b = img.double(), rec.double()
         if "psnr" in per_image:
             mse = (a - b).pow(2).flatten(1).mean(1)

@@ -1,0 +1,167 @@
+"""End-to-end tests of train_ldm_only.py on latents cached by cache_latents.py from a tiny generated
+dataset: every family trains and writes its artefacts, resume is exact, the SiT's latent
+normalisation stays fixed, a 2-process gloo run works, and bad input gets clear errors."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import cache_latents
+import train_ldm_only
+import utils
+from dataset import make_procedural_dataset
+from models.diffusion import LatentNormalizer, VelocityModel, flow_matching_loss
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ldm")
+    images = make_procedural_dataset(root / "images", num_classes=4, per_class=5, resolution=32, seed=0)
+    latents = root / "latents"
+    cache_latents.main(cache_latents.parse_args([
+        "--data-dir", str(images), "--output-dir", str(latents), "--tokenizer", "kl", "--vae", "tiny-f4d4",
+        "--random-init", "--seed", "3", "--resolution", "32", "--batch-size", "8", "--shard-size", "8",
+        "--flip", "--num-workers", "0", "--dtype", "float32"]))
+    return images, latents
+
+
+def flags(latents, out, name, steps, **extra):
+    f = {"latents-dir": latents, "output-dir": out, "exp-name": name, "num-classes": 4, "model": "SiT-N/2",
+         "batch-size": 4, "max-train-steps": steps, "checkpointing-steps": 2, "sampling-steps": 2,
+         "sample-num-steps": 2, "num-sample-images": 4, "num-workers": 0, "report-to": "none", "seed": 3,
+         "vae": "tiny-f4d4"}
+    f.update({k.replace("_", "-"): v for k, v in extra.items()})
+    argv = ["--no-compile", "--random-init-vae"]
+    for k, v in f.items():
+        if v is True:
+            argv.append(f"--{k}")
+        elif v is not None and v is not False:
+            argv += [f"--{k}", str(v)]
+    return argv
+
+
+def run(argv):
+    return train_ldm_only.main(train_ldm_only.parse_args(argv))
+
+
+def load(path):
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def test_sit_with_repa_writes_everything_and_keeps_latent_stats_fixed(data, tmp_path):
+    images, latents = data
+    summary = run(flags(latents, tmp_path, "sit", 3, model="SiT-N/4", enc_type="dinov2-vit-tiny", data_dir=images,
+                        projector_dim=32, encoder_depth=2, random_init_encoders=True))
+    exp = tmp_path / "sit"
+    assert utils.list_checkpoints(exp / "checkpoints") == [2, 3]
+    assert sorted(p.name for p in (exp / "samples").glob("*.png")) == ["0000001.png", "0000002.png", "0000003.png"]
+    assert set(summary["losses"]) == {"loss", "denoising_loss", "proj_loss"}
+    assert all(torch.isfinite(torch.tensor(v["last"])) for v in summary["losses"].values())
+    assert summary["losses"]["proj_loss"]["last"] != 0.0
+    ckpt = load(exp / "checkpoints/0000003.pt")
+    stats = torch.load(latents / "latents_stats.pt", map_location="cpu", weights_only=False)
+    # the BatchNorm holds the folder's exact statistics before and after training (model and EMA)
+    for key in ("model", "ema"):
+        torch.testing.assert_close(ckpt[key]["bn.running_mean"], stats["channel_mean"].float())
+        torch.testing.assert_close(ckpt[key]["bn.running_var"], stats["channel_var"].float())
+    assert ckpt["model_config"]["family"] == "sit" and ckpt["tokenizer"]["kind"] == "kl"
+    assert not list(exp.rglob("*.tmp*"))
+
+
+@pytest.mark.parametrize("model,extra", [
+    ("LightningDiT-N/1", dict(weighting="logit-normal", direction_loss_weight=1.0, lr_schedule="linear",
+                              lr_decay_start=2, final_lr=1e-5)),
+    ("DiTDH-N", dict(weighting="logit-normal", time_shift="auto", latent_norm="position", sample_shift="auto")),
+])
+def test_resume_is_exact(data, tmp_path, model, extra):
+    _, latents = data
+    run(flags(latents, tmp_path, "full", 4, model=model, sampling_steps=0, **extra))
+    run(flags(latents, tmp_path, "half", 2, model=model, sampling_steps=0, **extra))
+    summary = run(flags(latents, tmp_path, "half", 4, model=model, sampling_steps=0, resume="latest", **extra))
+    assert summary["start_step"] == 2
+    a, b = load(tmp_path / "full/checkpoints/0000004.pt"), load(tmp_path / "half/checkpoints/0000004.pt")
+    for key in ("model", "ema"):
+        for k in a[key]:
+            assert torch.equal(a[key][k], b[key][k]), (key, k)
+    assert a["sched"] == b["sched"] and a["data"] == b["data"]
+    sa, sb = a["opt"]["state"], b["opt"]["state"]
+    assert all(torch.equal(sa[i]["exp_avg_sq"], sb[i]["exp_avg_sq"]) for i in sa)
+    if "lr_schedule" in extra:  # the LR really decays on the optimizer's clock
+        assert a["opt"]["param_groups"][0]["lr"] < 1e-4
+    if model.startswith("DiTDH"):
+        assert a["latent_stats"]["mode"] == "position" and a["latent_stats"]["mean"].shape == (4, 8, 8)
+
+
+def test_fewer_classes_than_the_data_is_refused(data, tmp_path):
+    _, latents = data
+    with pytest.raises(SystemExit, match="4 classes but --num-classes is 1"):
+        run(flags(latents, tmp_path, "uncond", 1, model="LightningDiT-N/1", num_classes=1))
+
+
+def test_two_processes_gloo(data, tmp_path):
+    _, latents = data
+    env = dict(os.environ, ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT))
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29523",
+           str(ROOT / "train_ldm_only.py")] + flags(latents, tmp_path, "ddp", 2, model="LightningDiT-N/1")
+    res = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    log = (tmp_path / "ddp/log.txt").read_text()
+    assert "2 process(es)" in log and "batch 4 = 2 x 1 x 2" in log
+    ckpt = load(tmp_path / "ddp/checkpoints/0000002.pt")
+    assert len(ckpt["rng"]) == 2 and (tmp_path / "ddp/samples/0000002.png").is_file()
+
+
+def test_bad_input_is_named(data, tmp_path):
+    images, latents = data
+    # a tokenizer other than the one that wrote the latents (another seed = other weights)
+    argv = flags(latents, tmp_path, "tok", 1, model="LightningDiT-N/1")
+    argv[argv.index("--seed") + 1] = "4"
+    with pytest.raises(Exception, match="latents"):
+        run(argv)
+    with pytest.raises(SystemExit, match="REPA loss needs a SiT"):
+        run(flags(latents, tmp_path, "repa", 1, model="DiTDH-N", enc_type="dinov2-vit-tiny", data_dir=images,
+                  random_init_encoders=True))
+    bad = tmp_path / "nostats"
+    bad.mkdir()
+    for p in latents.rglob("*"):
+        if p.is_file() and p.name != "latents_stats.pt":
+            dst = bad / p.relative_to(latents)
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            dst.write_bytes(p.read_bytes())
+    with pytest.raises(Exception, match="latents_stats.pt"):
+        run(flags(bad, tmp_path, "nostats", 1, model="LightningDiT-N/1"))
+
+
+def test_direction_loss_and_time_reversal():
+    """flow_matching_loss: zero for the exact field; a data-at-1 network is read in our convention."""
+    torch.manual_seed(0)
+    x, noise = torch.randn(3, 4, 2, 2), torch.randn(3, 4, 2, 2)
+    t = torch.rand(3)
+
+    class Oracle(torch.nn.Module):  # knows the pair: v = eps - x in the toolkit's convention
+        num_classes = 1
+
+        def forward(self, xt, tt, y):
+            return noise - x
+
+    loss, logs = flow_matching_loss(VelocityModel(Oracle()), x, torch.zeros(3, dtype=torch.long), t, noise, 1.0)
+    assert loss.abs().max() < 1e-6 and logs["direction"].abs() < 1e-6
+
+    class DataAtOne(torch.nn.Module):  # the same field written as hustvl's LightningDiT would predict it
+        num_classes = 1
+
+        def forward(self, xt, tt, y):
+            assert torch.allclose(tt, 1 - t)
+            return x - noise
+
+    loss, _ = flow_matching_loss(VelocityModel(DataAtOne(), data_at_one=True), x, torch.zeros(3, dtype=torch.long), t, noise)
+    assert loss.abs().max() < 1e-6
+    norm = LatentNormalizer(torch.ones(4), torch.full((4,), 4.0))
+    torch.testing.assert_close(norm.denormalize(norm(x)), x)
+    torch.testing.assert_close(norm(torch.ones(1, 4, 2, 2)), torch.zeros(1, 4, 2, 2))
