@@ -23,7 +23,7 @@ def data(tmp_path_factory):
     root = tmp_path_factory.mktemp("ldm")
     images = make_procedural_dataset(root / "images", num_classes=4, per_class=5, resolution=32, seed=0)
     latents = root / "latents"
-    cache_latents.main(cache_latents.parse_args([
+    cache_latents.main(cache_latents.build_args([
         "--data-dir", str(images), "--output-dir", str(latents), "--tokenizer", "kl", "--vae", "tiny-f4d4",
         "--random-init", "--seed", "3", "--resolution", "32", "--batch-size", "8", "--shard-size", "8",
         "--flip", "--num-workers", "0", "--dtype", "float32"]))
