@@ -30,7 +30,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 import utils
-from dataset import LatentShardDataset, ResumableDistributedSampler, build_image_dataset
+from dataset import LatentShardDataset, ResumableDistributedSampler, build_image_dataset, collate_latents
 from models.diffusion import (DIFFUSION_MODELS, LatentNormalizer, VelocityModel, build_diffusion_model,
                               default_time_convention, flow_matching_loss, model_family, sit_bn_from_stats)
 from samplers import euler_sampler
@@ -174,7 +174,7 @@ def main(args):
     stats = dataset.stats
     sampler = ResumableDistributedSampler(len(dataset), local_bs, run.rank, world, seed=args.seed)
     loader = DataLoader(dataset, batch_size=local_bs, sampler=sampler, num_workers=args.num_workers,
-                        pin_memory=torch.cuda.is_available(), drop_last=True,
+                        collate_fn=collate_latents, pin_memory=torch.cuda.is_available(), drop_last=True,
                         persistent_workers=False, generator=torch.Generator().manual_seed(args.seed))
     logger.info(f"latents {args.latents_dir}: {len(dataset)} x {latent_shape} from tokenizer {info.get('kind')}/"
                 f"{info.get('name')}, {dataset.num_classes} classes; batch {args.batch_size} = {world} x "
