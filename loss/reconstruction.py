@@ -369,3 +369,228 @@ LPIPSWithDiscriminator = VAVAELoss
 
 __all__ = ["ReconstructionLoss", "VAVAELoss", "LPIPSWithDiscriminator", "pixel_loss", "kl_per_batch",
            "adversarial_generator_loss", "discriminator_step", "build_discriminator", "DEFAULT_DISCRIMINATOR"]
+
+
+# --------------------------------------------------------------------------------------------
+# RAE stage 1 (appended section: L1 + LPIPS + DINO-discriminator GAN with DiffAug)
+# --------------------------------------------------------------------------------------------
+from loss.diffaug import diff_augment, parse_policy  # noqa: E402  (kept with the section that uses it)
+
+RAE_LOSS_DEFAULTS = dict(perceptual_weight=1.0, gan_weight=0.75, disc_start_epoch=8, disc_update_start_epoch=6,
+                         adaptive_eps=1e-6, adaptive_max=1e4, diffaug_policy="color,translation",
+                         vgg_weights="imagenet", disc_loss="hinge")
+
+
+def quantize_8bit(x: torch.Tensor) -> torch.Tensor:
+    """Images in [-1, 1] -> clamped and rounded to the 256 levels of an 8-bit image, back in
+    [-1, 1]. The discriminator then sees fakes with the same value grid as the (uint8) reals and
+    cannot spot them by their continuous values."""
+    return torch.round((x.clamp(-1, 1) + 1) * 127.5) / 127.5 - 1
+
+
+class RAELoss(nn.Module):
+    """The RAE decoder's loss: reconstruction from the start, adaptive-weight GAN from an epoch.
+
+    generator_loss: rec = mean |x01 - x_hat01| (pixels in [0, 1]) + perceptual_weight * mean LPIPS;
+      from `disc_start_epoch` on, + gan_weight * lambda * (-mean D(DiffAug(x_hat))) with
+      lambda = clamp(||d rec / dW|| / (||d gan / dW|| + adaptive_eps), 0, adaptive_max), detached,
+      computed in fp32, W = `last_layer` (the decoder's decoder_pred.weight). D runs with
+      detached parameters, so the generator loss never gives D a gradient.
+    discriminator_loss: fake = x_hat detached, clamped and 8-bit quantised; real and fake get
+      independent DiffAug draws; hinge 0.5 * (mean relu(1 - D(real)) + mean relu(1 + D(fake))).
+      Both go through D in ONE call (D's TokenNorm is per sample, so batching them changes
+      nothing but the cost).
+    The two epoch thresholds are read through `use_gan(epoch)` / `update_discriminator(epoch)`.
+
+    Args:
+        discriminator: a module, or a `build_dino_discriminator` config dict (None = the released
+            DINO ViT-S/8 from the hub; `{"pretrained": "random", ...}` offline).
+        perceptual: a distance module `(x, y) -> [B, 1, 1, 1]` on [-1, 1] images replacing LPIPS;
+            with perceptual_weight 0 no VGG is built.
+        vgg_weights: LPIPS trunk ("imagenet", a local torchvision VGG16 file, or "random").
+    Inputs are [B, 3, H, W] in [-1, 1]. Log values are detached 0-d tensors. `state_dict()`
+    holds the discriminator heads only (`discriminator.heads.*`; LPIPS and the frozen DINO
+    backbone are constants kept out of it).
+    """
+
+    def __init__(self, discriminator: Union[None, Mapping, nn.Module] = None, perceptual_weight: float = 1.0,
+                 gan_weight: float = 0.75, disc_start_epoch: int = 8, disc_update_start_epoch: int = 6,
+                 adaptive_eps: float = 1e-6, adaptive_max: float = 1e4, diffaug_policy: str = "color,translation",
+                 vgg_weights: str = "imagenet", disc_loss: str = "hinge", perceptual: Optional[nn.Module] = None):
+        super().__init__()
+        from models.discriminators import build_dino_discriminator
+
+        self.perceptual_weight = float(perceptual_weight)
+        self.gan_weight = float(gan_weight)
+        self.disc_start_epoch = int(disc_start_epoch)
+        self.disc_update_start_epoch = int(disc_update_start_epoch)
+        self.adaptive_eps, self.adaptive_max = float(adaptive_eps), float(adaptive_max)
+        parse_policy(diffaug_policy)  # fail at construction on a typo, not at epoch 6
+        self.diffaug_policy = diffaug_policy
+        self.d_loss_fn = get_d_loss(disc_loss, "RAELoss disc_loss")
+        if perceptual is None and self.perceptual_weight > 0:
+            perceptual = LPIPS(vgg_weights=vgg_weights, input_range="[-1,1]")
+        self.perceptual_loss = perceptual
+        self.discriminator = (discriminator if isinstance(discriminator, nn.Module)
+                              else build_dino_discriminator(discriminator))
+
+    @classmethod
+    def from_config(cls, cfg: Optional[Mapping] = None, source: str = "RAE loss config", **modules) -> "RAELoss":
+        """From a dict with RAE_LOSS_DEFAULTS keys plus `discriminator` (a DINO disc config);
+        unknown keys raise naming `source`."""
+        cfg = dict(cfg or {})
+        unknown = sorted(set(cfg) - set(RAE_LOSS_DEFAULTS) - {"discriminator"})
+        if unknown:
+            raise ValueError(f"{source}: unknown keys {unknown} (known: {sorted(RAE_LOSS_DEFAULTS) + ['discriminator']})")
+        return cls(**{**RAE_LOSS_DEFAULTS, **cfg, **modules})
+
+    # ---- schedule ------------------------------------------------------------------------------
+    def use_gan(self, epoch: int) -> bool:
+        """Whether the generator loss includes the adversarial term at `epoch` (0-based)."""
+        return epoch >= self.disc_start_epoch
+
+    def update_discriminator(self, epoch: int) -> bool:
+        """Whether the discriminator is trained at `epoch` (0-based)."""
+        return epoch >= self.disc_update_start_epoch
+
+    # ---- pieces --------------------------------------------------------------------------------
+    def augment(self, x: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        return diff_augment(x, self.diffaug_policy, generator)
+
+    def reconstruction_terms(self, x: torch.Tensor, recon: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(l1 on [0, 1] pixels, mean LPIPS), both 0-d."""
+        l1 = 0.5 * (x - recon).abs().mean()  # |x/2 + 1/2 - (r/2 + 1/2)| = |x - r| / 2
+        if self.perceptual_loss is None or self.perceptual_weight == 0:
+            return l1, torch.zeros((), device=x.device)
+        return l1, self.perceptual_loss(x, recon).mean()
+
+    def adaptive_weight(self, rec: torch.Tensor, gan: torch.Tensor, last_layer: torch.Tensor) -> torch.Tensor:
+        """clamp(||grad_W rec|| / (||grad_W gan|| + eps), 0, max), detached, in fp32."""
+        with torch.autocast(device_type=rec.device.type, enabled=False):
+            return adaptive_weight(rec.float(), gan.float(), last_layer, self.adaptive_max, self.adaptive_eps)
+
+    # ---- the two losses ------------------------------------------------------------------------
+    def generator_loss(self, x: torch.Tensor, recon: torch.Tensor, last_layer: Optional[torch.Tensor], epoch: int,
+                       generator: Optional[torch.Generator] = None) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+        x, recon = x.float(), recon.float()
+        l1, lp = self.reconstruction_terms(x, recon)
+        rec = l1 + self.perceptual_weight * lp
+        zero = torch.zeros((), device=x.device)
+        gan, weight, loss = zero, zero, rec
+        if self.use_gan(epoch):
+            logits = run_discriminator(self.discriminator, self.augment(recon, generator), freeze_params=True)
+            gan = generator_loss(logits)
+            if can_backprop(rec, gan):
+                if last_layer is None:
+                    raise ValueError("RAELoss.generator_loss: the adaptive GAN weight needs last_layer "
+                                     "(the decoder's decoder_pred.weight)")
+                weight = self.adaptive_weight(rec, gan, last_layer)
+            loss = rec + self.gan_weight * weight * gan
+        logs = {"rec": rec.detach(), "l1": l1.detach(), "lpips": lp.detach(), "gan": gan.detach(),
+                "adaptive_weight": weight.detach(), "total": loss.detach()}
+        return loss, logs
+
+    def discriminator_loss(self, x: torch.Tensor, recon: torch.Tensor, generator: Optional[torch.Generator] = None
+                           ) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+        real = self.augment(x.detach().float(), generator)
+        fake = self.augment(quantize_8bit(recon.detach().float()), generator)  # an independent draw
+        B = real.shape[0]
+        logits = run_discriminator(self.discriminator, torch.cat([real, fake], dim=0))  # [2B, L]
+        logits_real, logits_fake = logits[:B], logits[B:]
+        loss = self.d_loss_fn(logits_real, logits_fake)
+        logs = {"disc_loss": loss.detach(), "logits_real": logits_real.detach().mean(),
+                "logits_fake": logits_fake.detach().mean(),
+                "disc_acc": 0.5 * ((logits_real > 0).float().mean() + (logits_fake < 0).float().mean()).detach()}
+        return loss, logs
+
+
+__all__ += ["RAELoss", "RAE_LOSS_DEFAULTS", "quantize_8bit"]
+
+
+# --------------------------------------------------------------------------------------------
+# VQGAN (appended section: taming's VQLPIPSWithDiscriminator)
+# --------------------------------------------------------------------------------------------
+class VQLPIPSLoss(nn.Module):
+    """taming-transformers' `VQLPIPSWithDiscriminator` for `VQModel` training.
+
+    optimizer_idx 0 (autoencoder):
+      nll = mean(|x - x_hat| + perceptual_weight * LPIPS(x, x_hat)) (LPIPS broadcast per pixel),
+      g = -mean D(x_hat) (D frozen, fp32),
+      d_w = clamp(||grad_W nll|| / (||grad_W g|| + 1e-4), 0, 1e4) * disc_weight at `last_layer`
+            (the decoder's conv_out.weight; 0 without a graph, e.g. validation),
+      loss = nll + d_w * disc_factor * g + codebook_weight * mean(qloss),
+      disc_factor = 0 before global_step disc_start. Unlike taming, D is not run at all while
+      disc_factor is 0 (the term is multiplied by 0 there anyway; this saves a D forward and an
+      adaptive-weight backward per step).
+    optimizer_idx 1 (discriminator): disc_factor * disc_loss(D(x), D(x_hat)) with real and fake in
+      two separate D calls (hinge or vanilla).
+
+    Constructor arguments are taming's (`lossconfig.params` of its YAMLs); `pixelloss_weight` is
+    accepted and unused, as in taming. Extras: `disc_ndf`, `perceptual` (a distance module
+    replacing LPIPS, e.g. one that repeats 1-channel images to RGB), `perceptual_vgg_weights`.
+    State dict: `discriminator.main.*` only.
+    """
+
+    def __init__(self, disc_start: int, codebook_weight: float = 1.0, pixelloss_weight: float = 1.0,
+                 disc_num_layers: int = 3, disc_in_channels: int = 3, disc_factor: float = 1.0,
+                 disc_weight: float = 1.0, perceptual_weight: float = 1.0, use_actnorm: bool = False,
+                 disc_conditional: bool = False, disc_ndf: int = 64, disc_loss: str = "hinge",
+                 perceptual: Optional[nn.Module] = None, perceptual_vgg_weights: str = "imagenet"):
+        super().__init__()
+        if disc_conditional:
+            raise ValueError("VQLPIPSLoss: disc_conditional=True is not supported")
+        self.discriminator_iter_start = int(disc_start)
+        self.codebook_weight = float(codebook_weight)
+        self.pixel_weight = float(pixelloss_weight)
+        self.disc_factor = float(disc_factor)
+        self.discriminator_weight = float(disc_weight)
+        self.perceptual_weight = float(perceptual_weight)
+        self.disc_loss = get_d_loss(disc_loss, "VQLPIPSLoss disc_loss")
+        if perceptual is None and self.perceptual_weight > 0:
+            perceptual = LPIPS(vgg_weights=perceptual_vgg_weights, input_range="[-1,1]")
+        self.perceptual_loss = perceptual
+        self.discriminator = NLayerDiscriminator(input_nc=disc_in_channels, ndf=disc_ndf, n_layers=disc_num_layers,
+                                                 use_actnorm=use_actnorm)
+
+    def factor(self, global_step: int) -> float:
+        return adopt_weight(self.disc_factor, global_step, threshold=self.discriminator_iter_start)
+
+    def forward(self, codebook_loss: torch.Tensor, inputs: torch.Tensor, reconstructions: torch.Tensor,
+                optimizer_idx: int, global_step: int, last_layer: Optional[torch.Tensor] = None, cond=None,
+                split: str = "train") -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+        if cond is not None:
+            raise ValueError("VQLPIPSLoss: cond is not supported (disc_conditional)")
+        inputs, reconstructions = inputs.float().contiguous(), reconstructions.float().contiguous()
+        disc_factor = self.factor(global_step)
+        if optimizer_idx == 1:
+            d_loss, logits_real, logits_fake = discriminator_step(self.discriminator, inputs, reconstructions,
+                                                                  self.disc_loss)
+            d_loss = disc_factor * d_loss
+            return d_loss, {f"{split}/disc_loss": d_loss.detach(),
+                            f"{split}/logits_real": logits_real.detach().mean(),
+                            f"{split}/logits_fake": logits_fake.detach().mean()}
+        if optimizer_idx != 0:
+            raise ValueError(f"VQLPIPSLoss: optimizer_idx must be 0 (autoencoder) or 1 (discriminator), got {optimizer_idx}")
+        rec = pixel_loss(inputs, reconstructions, "l1")  # [B, C, H, W]
+        p_loss = inputs.new_zeros(())
+        if self.perceptual_weight > 0:
+            p_loss = self.perceptual_loss(inputs, reconstructions)  # [B, 1, 1, 1]
+            rec = rec + self.perceptual_weight * p_loss
+        nll_loss = rec.mean()
+        g_loss = inputs.new_zeros(())
+        d_weight = inputs.new_zeros(())
+        if disc_factor > 0:
+            g_loss = adversarial_generator_loss(self.discriminator, reconstructions)
+            if can_backprop(nll_loss, g_loss):
+                if last_layer is None:
+                    raise ValueError("VQLPIPSLoss: the adaptive GAN weight needs last_layer (the decoder's conv_out.weight)")
+                d_weight = adaptive_weight(nll_loss, g_loss, last_layer) * self.discriminator_weight
+        codebook_loss = codebook_loss.float().mean()
+        loss = nll_loss + d_weight * disc_factor * g_loss + self.codebook_weight * codebook_loss
+        return loss, {f"{split}/total_loss": loss.detach(), f"{split}/quant_loss": codebook_loss.detach(),
+                      f"{split}/nll_loss": nll_loss.detach(), f"{split}/rec_loss": (inputs - reconstructions).abs().mean().detach(),
+                      f"{split}/p_loss": p_loss.detach().mean(), f"{split}/d_weight": d_weight.detach(),
+                      f"{split}/disc_factor": _scalar(disc_factor), f"{split}/g_loss": g_loss.detach()}
+
+
+__all__ += ["VQLPIPSLoss"]

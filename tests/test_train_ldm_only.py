@@ -165,3 +165,19 @@ def test_direction_loss_and_time_reversal():
     norm = LatentNormalizer(torch.ones(4), torch.full((4,), 4.0))
     torch.testing.assert_close(norm.denormalize(norm(x)), x)
     torch.testing.assert_close(norm(torch.ones(1, 4, 2, 2)), torch.zeros(1, 4, 2, 2))
+
+
+def test_unconditional_training_on_a_flat_folder(data, tmp_path):
+    images, _ = data
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    for i, p in enumerate(sorted(images.rglob("*.png"))[:8]):
+        (flat / f"{i:03d}.png").write_bytes(p.read_bytes())
+    latents = tmp_path / "latents"
+    cache_latents.main(cache_latents.build_args([
+        "--data-dir", str(flat), "--output-dir", str(latents), "--tokenizer", "kl", "--vae", "tiny-f4d4",
+        "--random-init", "--seed", "3", "--resolution", "32", "--batch-size", "8", "--num-workers", "0"]))
+    summary = run(flags(latents, tmp_path, "uncond", 2, model="LightningDiT-N/1", num_classes=1))
+    assert summary["end_step"] == 2 and (tmp_path / "uncond/samples/0000002.png").is_file()
+    ckpt = load(tmp_path / "uncond/checkpoints/0000002.pt")
+    assert ckpt["model"]["y_embedder.embedding_table.weight"].shape[0] == 2  # one class + the null label

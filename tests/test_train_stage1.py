@@ -1,0 +1,228 @@
+"""End-to-end tests of train_stage1.py (and its export through save_vae_weights.py) on tiny
+recipes and a generated 32px dataset: every tokenizer kind trains and writes checkpoints, grids
+and evaluation metrics; exact resume (VQGAN with the EMA codebook and --disc-every 2, and RAE
+with EMA, noise, DiffAug and cosine schedules); a 2-process gloo run; 1-channel data end to end;
+clear errors; export + strict reload."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import save_vae_weights
+import train_stage1
+import utils
+from dataset import make_procedural_dataset
+
+ROOT = Path(__file__).resolve().parents[1]
+CKPT_KEYS = ("model", "loss", "opt", "opt_disc", "sched", "sched_disc", "args", "steps", "rng", "data")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # Tiny convolutions on a shared 2-core machine: one thread avoids oversubscription (10x faster).
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    return make_procedural_dataset(tmp_path_factory.mktemp("stage1") / "data", num_classes=3, per_class=4,
+                                   resolution=40, seed=0)
+
+
+@pytest.fixture(scope="module")
+def gray_dir(data_dir, tmp_path_factory):
+    """The same images as single-channel PNGs in class folders of arbitrary names."""
+    out = tmp_path_factory.mktemp("gray") / "spectrograms"
+    for i, f in enumerate(sorted(data_dir.rglob("*.png"))):
+        d = out / f"user_{i % 2:02d}"
+        d.mkdir(parents=True, exist_ok=True)
+        Image.open(f).convert("L").save(d / f"{i:03d}.png")
+    return out
+
+
+NO_LPIPS = {"perceptual_weight": 0, "eval_metrics": "rfid,psnr,ssim"}
+
+
+def flags(kind, data_dir, out, name, steps, **extra):
+    opts = {"config": ROOT / f"configs/stage1/tiny_{kind}.yaml", "data-dir": data_dir, "output-dir": out,
+            "exp-name": name, "max-train-steps": steps, "checkpointing-steps": 2, "sampling-steps": 1,
+            "eval-samples": 0, "seed": 3}
+    opts.update({k.replace("_", "-"): v for k, v in extra.items()})
+    argv = []
+    for k, v in opts.items():
+        if v is True:
+            argv.append(f"--{k}")
+        elif v is not None and v is not False:
+            argv += [f"--{k}", str(v)]
+    return argv
+
+
+def run(argv):
+    return train_stage1.main(train_stage1.parse_args(argv))
+
+
+def load(path):
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def assert_same_state(a, b, what):
+    if isinstance(a, dict):
+        assert set(a) == set(b), what
+        for k in a:
+            assert_same_state(a[k], b[k], f"{what}.{k}")
+    elif torch.is_tensor(a):
+        assert torch.equal(a, b), f"{what} differs"
+    else:
+        assert a == b, f"{what} differs: {a} vs {b}"
+
+
+@pytest.fixture(scope="module")
+def runs(data_dir, tmp_path_factory):
+    """Short runs shared by the artefact and export tests: {kind: experiment folder}."""
+    out = tmp_path_factory.mktemp("runs")
+    # LPIPS (a random VGG16: ~2 s to build) in the kl / vavae runs; vqgan / rae go without it.
+    for kind in ("kl", "vavae"):
+        run(flags(kind, data_dir, out, kind, 2, eval_samples=3))
+    for kind in ("vqgan", "rae"):
+        run(flags(kind, data_dir, out, kind, 2, eval_samples=3, **NO_LPIPS))
+    return {kind: out / kind for kind in ("kl", "vavae", "vqgan", "rae")}
+
+
+@pytest.mark.parametrize("kind", ["kl", "vavae", "vqgan", "rae"])
+def test_each_kind_trains_and_writes_everything(runs, kind):
+    exp = runs[kind]
+    assert utils.list_checkpoints(exp / "checkpoints") == [2]
+    ckpt = load(exp / "checkpoints/0000002.pt")
+    for key in CKPT_KEYS:
+        assert key in ckpt, key
+    assert ("ema" in ckpt) == (kind == "rae") and ckpt["tokenizer"] == kind
+    assert ckpt["steps"] == 2 and ckpt["data"] == {"epoch": 0, "batch": 2}
+    assert any(k.startswith("discriminator.") for k in ckpt["loss"])
+    assert (exp / "samples/recon_0000001.png").is_file() and (exp / "samples/recon_0000002.png").is_file()
+    assert json.loads((exp / "class_to_idx.json").read_text()) == {"class_00": 0, "class_01": 1, "class_02": 2}
+    summary = json.loads((exp / "summary.json").read_text())
+    final = summary["final_eval"]
+    for m in ("psnr", "ssim", "rfid") + (("lpips",) if kind in ("kl", "vavae") else ()):
+        assert np.isfinite(final[m]), m
+    assert final["num_samples"] == 3 and summary["end_step"] == 2
+    assert set(summary["losses"]) >= {"g_loss", "d_loss"}
+    if kind == "vqgan":
+        assert 0 < final["codebook_usage"] <= 1 and final["perplexity"] >= 1
+        assert "codebook_usage" in summary["losses"] and "perplexity" in summary["losses"]
+        # EMA codebook: excluded from the optimizer (only parameters with gradients are optimised)
+        n_opt = sum(len(g["params"]) for g in ckpt["opt"]["param_groups"])
+        n_model = sum(1 for k in ckpt["model"] if not k.startswith("quantize.") and "running" not in k)
+        assert n_opt == n_model
+    log = (exp / "log.txt").read_text()
+    assert "final eval at step 2" in log and ("(EMA)" in log) == (kind == "rae")
+
+
+@pytest.mark.parametrize("kind", ["vqgan", "rae"])
+def test_resume_is_bit_identical(data_dir, tmp_path, kind):
+    extra = {"lr_total_steps": 4, **NO_LPIPS}  # the schedules' horizon is the full run's in both halves
+    full = run(flags(kind, data_dir, tmp_path, "full", 4, **extra))
+    run(flags(kind, data_dir, tmp_path, "split", 2, **extra))
+    resumed = run(flags(kind, data_dir, tmp_path, "split", 4, resume="latest", **extra))
+    assert resumed["start_step"] == 2 and resumed["end_step"] == 4
+    a, b = load(tmp_path / "full/checkpoints/0000004.pt"), load(tmp_path / "split/checkpoints/0000004.pt")
+    for part in ("model", "ema", "loss", "opt", "opt_disc", "sched", "sched_disc", "data"):
+        if part in a:
+            assert_same_state(a[part], b[part], part)
+    assert a["sched"]["last_epoch"] == 4
+    if kind == "vqgan":  # --disc-every 2 from step 1: the discriminator stepped at steps 2 only -> 1 step
+        assert a["sched_disc"]["last_epoch"] == 1
+    for k in ("g_loss", "d_loss"):
+        assert full["losses"][k]["last"] == resumed["losses"][k]["last"]
+
+
+def test_two_processes_gloo(data_dir, tmp_path):
+    env = dict(os.environ, ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT))
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29533",
+           str(ROOT / "train_stage1.py")] + flags("vqgan", data_dir, tmp_path, "ddp", 2, eval_samples=3, disc_every=1,
+                                                               **NO_LPIPS)
+    res = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    log = (tmp_path / "ddp/log.txt").read_text()
+    assert "2 process(es)" in log and "batch 4 = 2 x 1 x 2" in log and "final eval at step 2" in log
+    ckpt = load(tmp_path / "ddp/checkpoints/0000002.pt")
+    assert len(ckpt["rng"]) == 2 and ckpt["sched_disc"]["last_epoch"] == 1
+
+
+def test_one_channel_end_to_end_and_export(gray_dir, tmp_path):
+    run(flags("kl", gray_dir, tmp_path, "gray", 2, in_channels=1, eval_samples=3, no_augment=True))
+    exp = tmp_path / "gray"
+    assert json.loads((exp / "class_to_idx.json").read_text()) == {"user_00": 0, "user_01": 1}
+    assert np.isfinite(json.loads((exp / "summary.json").read_text())["final_eval"]["lpips"])
+    save_vae_weights.main(["--exp-dir", str(exp), "--output-dir", str(tmp_path / "pre"), "--name", "spec"])
+    from models.autoencoder import load_vae
+
+    vae, _ = load_vae("tiny-f4d4", tmp_path / "pre/spec.pt", in_channels=1, out_ch=1)
+    assert vae.encoder.conv_in.weight.shape[1] == 1
+    disc = load(tmp_path / "pre/spec-discriminator-ckpt.pt")
+    assert disc["discriminator.main.0.weight"].shape[1] == 1
+    # fine-tuning from the export: a new run starts from it
+    run(flags("kl", gray_dir, tmp_path, "ft", 1, in_channels=1, no_augment=True, init_from=tmp_path / "pre/spec.pt",
+              checkpointing_steps=1, sampling_steps=0))
+
+
+def test_channel_mismatch_is_a_clear_error(gray_dir, tmp_path):
+    with pytest.raises(SystemExit, match="1-channel images .* --in-channels 3"):
+        run(flags("kl", gray_dir, tmp_path, "mismatch", 1))
+
+
+def test_codebook_of_another_size_is_a_clear_error(data_dir, tmp_path):
+    from models.vqgan import build_vqgan
+
+    ckpt = tmp_path / "taming.ckpt"
+    torch.save({"state_dict": build_vqgan("tiny-f4", n_embed=32).state_dict()}, ckpt)
+    with pytest.raises(SystemExit, match=r"--init-from .*taming.ckpt.*32 codes.*64 codes.*--n-embed 32"):
+        run(flags("vqgan", data_dir, tmp_path, "badcb", 1, init_from=ckpt))
+
+
+def test_export_reloads_strictly(runs, tmp_path):
+    from models.rae import RAEDecoder
+    from models.tokenizers import load_vq_checkpoint
+    from models.vqgan import build_vqgan
+
+    for kind in ("vavae", "vqgan", "rae"):
+        save_vae_weights.main(["--exp-dir", str(runs[kind]), "--output-dir", str(tmp_path), "--name", kind])
+        assert (tmp_path / f"{kind}-discriminator-ckpt.pt").is_file()
+    ckpt = load(runs["vqgan"] / "checkpoints/0000002.pt")
+    vq = build_vqgan("tiny-f4", quantizer="ema")
+    load_vq_checkpoint(vq, tmp_path / "vqgan.pt")  # taming layout: state_dict with loss.* entries dropped
+    assert_same_state(vq.state_dict(), ckpt["model"], "vqgan export")
+    assert any(k.startswith("loss.discriminator.") for k in load(tmp_path / "vqgan.pt")["state_dict"])
+    rae_ckpt = load(runs["rae"] / "checkpoints/0000002.pt")
+    dec = load(tmp_path / "rae.pt")  # the released decoder layout, from the EMA
+    assert_same_state(dec, {k[len("decoder."):]: v for k, v in rae_ckpt["ema"].items() if k.startswith("decoder.")},
+                      "rae export")
+    utils.load_state_dict_strict(RAEDecoder(num_tokens=16, in_dim=32, patch_size=8, hidden_size=32, depth=1,
+                                            num_heads=2, mlp_dim=64), dec, "rae export")
+    from models.autoencoder import load_vae
+
+    vae, _ = load_vae("tiny-f4d4", tmp_path / "vavae.pt", vf_dim=32, reverse_proj=True)  # VF projection kept
+    assert vae.linear_proj.weight.shape == (32, 4, 1, 1)
+
+
+def test_video_clips_are_flattened_to_frames(tmp_path):
+    rng = np.random.default_rng(0)
+    for c in ("walk", "run"):
+        (tmp_path / "clips" / c).mkdir(parents=True)
+        for i in range(3):
+            np.save(tmp_path / "clips" / c / f"{i}.npy", rng.integers(0, 255, (5, 36, 36, 3), dtype=np.uint8))
+    summary = run(flags("kl", tmp_path / "clips", tmp_path, "video", 2, video_frames=2, batch_size=2, eval_samples=4,
+                        **NO_LPIPS))
+    log = (tmp_path / "video/log.txt").read_text()
+    assert "3 clips of 2 frames for training" in log and "batch 2 = 1 x 1 x 2" in log
+    assert summary["final_eval"]["num_samples"] == 4  # evaluated frame by frame
+    assert json.loads((tmp_path / "video/class_to_idx.json").read_text()) == {"run": 0, "walk": 1}
