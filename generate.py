@@ -2,12 +2,44 @@
 
   torchrun --nproc_per_node 8 generate.py --exp-dir exps/NAME --ckpt-step 400000 --recipe repae-sde-250 --eval --ref-batch VIRTUAL_imagenet256_labeled.npz
   accelerate launch --multi_gpu generate.py ...      |      python generate.py ...   (one process)
-  python generate.py --ckpt sit-repae.pt --model SiT-XL/2 --vae f8d4 --vae-ckpt e2e-vae.pt ...
 
-Sources: an experiment folder (`args.json` + `checkpoints/NNNNNNN.pt`: EMA weights, and for
-REPA-E runs the tuned VAE and latent statistics from the checkpoint), or an explicit checkpoint:
-a plain SiT state_dict or a dict with 'ema' / 'model' (the originals' releases), with the
-tokenizer from `--vae` / `--vae-ckpt` and its statistics file.
+Model sources
+* `--exp-dir` of `train_repae.py` (SiT + its tuned VAE and latent statistics) or of
+  `train_ldm_only.py` (SiT / LightningDiT / DiT^DH: the checkpoint's `model_config` rebuilds the
+  network, its `latent_stats` {mean, std} denormalise, its `tokenizer` record names the tokenizer,
+  rebuilt from the run's flags or from --tokenizer/--vae/--vae-ckpt/--rae-config, and refused when
+  its weight fingerprint differs from the recorded one). EMA weights unless --no-ema.
+* `--ckpt FILE --model NAME`, the released checkpoints:
+  - REPA-E SiT (`--vae f8d4 --vae-ckpt e2e-vae.pt`, statistics from the checkpoint, --vae-stats or
+    the SiT's BatchNorm);
+  - the ORIGINAL SiT / DiT-style releases (final layer with 2C outputs, `learn_sigma`: the first C
+    are used; no projectors, no BatchNorm: give --vae-stats or --latent-scale 0.18215 for SD-VAE);
+  - hustvl LightningDiT (`--model LightningDiT-XL/1 --tokenizer vavae --vae vavae-f16d32
+    --vae-ckpt vavae.pt --vae-stats latents_stats.pt` with {mean, std} [1, 32, 1, 1];
+    `--recipe lightningdit-euler-250`, `--cfg-legacy-channels` for the original's CFG on the
+    first 3 channels only);
+  - RAE DiT^DH / LightningDiT (`--model DiTDH-XL --tokenizer rae --rae-config cfg.yaml`,
+    per-position {mean, var} statistics (std = sqrt(var + 1e-5)) from the config or --vae-stats;
+    `--recipe rae-ddt-ode-50`).
+  Network options (qk-norm, SwiGLU, RMSNorm, RoPE, Gaussian-Fourier time, learn_sigma, projector
+  widths, label table size) are read off the state_dict, which is then loaded strictly.
+
+Time convention. The samplers work in the toolkit's convention (t = 1 noise, v = eps - x);
+networks trained with t = 1 as DATA (target x - eps) are evaluated as -net(x, 1 - t, y)
+(`models.diffusion.VelocityModel(data_at_one=True)`), chosen by --time-convention (auto: data-at-1
+for hustvl LightningDiT and for learn_sigma SiT releases, noise-at-1 otherwise).
+Verified here: the adapter itself (an analytic field integrated both ways gives the same
+endpoint, tests/test_generate.py) and hustvl LightningDiT's convention (its spec: x_t = t x1 +
+(1 - t) eps). ASSUMED, not checked against released weights (no network here): that the original
+SiT release was trained with SiT's default linear ICPlan, x_t = t x1 + (1 - t) x0 (t = 1 data),
+target x1 - x0 — if samples of such a checkpoint are noise, try --time-convention noise-at-1.
+
+Guidance: classifier-free (`--cfg-scale` inside [--guidance-low, --guidance-high] of noise time,
+the batch doubled only there) or autoguidance (`--guidance autoguidance --guide-ckpt FILE
+--guide-model NAME` or `--guide-exp-dir DIR`): v = g + s (m - g) with the main and the guide
+model each run once per step on the conditional rows only (RAE's sampler runs both on a doubled
+batch and discards half). `--time-grid rae` integrates on RAE's grid shift(1 - linspace(0, 0.999,
+K)) (K = --num-steps points) with `--shift auto` = sqrt(C h w / 4096).
 
 Randomness is keyed by sample index, never by rank: sample i's initial noise, label and SDE noise
 come from a counter-based generator (splitmix64 + Box-Muller) of (seed, i, stream, element),
@@ -15,10 +47,12 @@ drawn for the whole batch at once. The images are therefore identical for any nu
 processes, any batch size and on CPU or GPU (up to the model's floating point).
 
 Output: `<sample-dir>/<folder>/{index:06d}.png` (written atomically), the folder's
-`sampling_config.json` (a folder holding samples of another configuration is refused) and
-`<sample-dir>/<folder>.npz` with `arr_0` uint8 [N, H, W, 3] for the ADM evaluator. A restarted run
-only generates the missing indices. `--eval` computes FID/sFID/IS/KID/precision/recall in-process
-(evaluation.metrics, the same code the trainers call).
+`sampling_config.json` (a folder holding samples of another configuration — sampler, model
+family, time convention, guide, tokenizer fingerprint... — is refused) and `<sample-dir>/<folder>.npz`
+with `arr_0` uint8 [N, H, W, 3] for the ADM evaluator. A restarted run only generates the missing
+indices. `--eval` computes FID/sFID/IS/KID/precision/recall in-process (evaluation.metrics, the
+same code the trainers call). Trainers sample for periodic FID through `sample_for_eval`, the
+function this script's loop runs.
 """
 from __future__ import annotations
 
@@ -29,17 +63,21 @@ import os
 import re
 import time
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 import torch.distributed as dist
+import torch.nn as nn
 
 import utils
 from evaluation.metrics import ALL_METRICS, barrier, broadcast_object, dist_info, evaluate_samples
 from models.autoencoder import VAE_PRESETS, build_vae, denormalize_latents, load_latents_stats, load_vae, \
     vae_state_dict_from_checkpoint
-from models.sit import SIT_SIZES, SiT_models, bn_latent_stats, build_sit
+from models.diffusion import DIFFUSION_MODELS, VelocityModel, build_diffusion_model, default_time_convention, \
+    model_family
+from models.lightningdit import LEGACY_CFG_CHANNELS
+from models.sit import SIT_SIZES, SiT_models, bn_latent_stats
 from samplers import sample
 
 RECIPE_DIR = Path(__file__).resolve().parent / "configs" / "sampling"
@@ -129,90 +167,295 @@ class IndexedSDENoise:
 
 
 # ------------------------------------------------------------------------------------------------
-# Sampling one batch (also the entry point for periodic evaluation in the trainers)
+# Guidance and the sampler call (one code path for every family, used by generate.py and trainers)
 # ------------------------------------------------------------------------------------------------
-def sampler_kwargs_from_args(args) -> dict:
-    kw = dict(mode=args.mode, solver=args.solver, num_steps=args.num_steps, cfg_scale=args.cfg_scale,
-              guidance_low=args.guidance_low, guidance_high=args.guidance_high, path_type=args.path_type,
-              shift=args.shift)
-    if args.mode == "sde":
-        kw["t_last"] = args.t_last
-    if args.mode == "ode" and args.solver == "dopri5":
-        kw.update(rtol=args.rtol, atol=args.atol)
-    return kw
+class GuidedVelocity:
+    """The sampled field: `model` (anything with `.inference(x, t, y)` and `.num_classes` in the
+    toolkit's convention) with classifier-free guidance or autoguidance on [low, high] of noise time.
+
+    CFG: u + s (c - u) from ONE call on the doubled [cond; null] batch, only inside the interval
+    (outside, one call on the n conditional rows). `cfg_channels=k` guides channels 0..k-1 only and
+    keeps the conditional velocity elsewhere (hustvl LightningDiT's legacy CFG, k = 3).
+    Autoguidance (`guide` given): g + s (m - g) with ONE call of the main and ONE of the guide
+    model, both on the n conditional rows (no doubled batch). Guided velocities are float64."""
+
+    def __init__(self, model, scale: float = 1.0, low: float = 0.0, high: float = 1.0, guide=None,
+                 cfg_channels: Optional[int] = None):
+        if guide is not None and int(guide.num_classes) != int(model.num_classes):
+            raise ValueError(f"the guide model has {guide.num_classes} classes, the main model {model.num_classes}")
+        if guide is not None and cfg_channels is not None:
+            raise ValueError("--cfg-legacy-channels applies to classifier-free guidance, not to autoguidance")
+        self.model, self.guide = model, guide
+        self.scale, self.low, self.high = float(scale), float(low), float(high)
+        self.cfg_channels = cfg_channels
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.model.num_classes)
+
+    def is_guided(self, t: float) -> bool:
+        return self.scale > 1.0 and self.low <= t <= self.high
+
+    def inference(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        # every sampler passes one time for the whole batch: t[0] decides (as the originals)
+        if not self.is_guided(float(t[0])):
+            return self.model.inference(x, t, y)
+        if self.guide is not None:
+            m = self.model.inference(x, t, y).double()  # [n, C, h, w]
+            g = self.guide.inference(x, t, y).double()
+            return g + self.scale * (m - g)
+        n = x.shape[0]
+        y_null = torch.full_like(y, self.num_classes)
+        out = self.model.inference(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, y_null])).double()  # [2n, ...]
+        cond, uncond = out[:n], out[n:]
+        guided = uncond + self.scale * (cond - uncond)
+        if self.cfg_channels is not None:
+            k = int(self.cfg_channels)
+            guided = torch.cat([guided[:, :k], cond[:, k:]], dim=1)
+        return guided
+
+
+GUIDANCE_KEYS = ("cfg_scale", "guidance_low", "guidance_high", "guide", "cfg_channels", "time_grid")
+
+
+def run_sampler(model, z: torch.Tensor, y: torch.Tensor, sampler_kwargs: dict,
+                randn_like: Optional[Callable[[torch.Tensor], torch.Tensor]] = None) -> torch.Tensor:
+    """Integrate from noise z [B, C, h, w] (float32) to normalised latents (float64).
+
+    sampler_kwargs: those of `samplers.sample` (mode, solver, num_steps, shift, path_type, t_last,
+    rtol, atol) plus cfg_scale, guidance_low, guidance_high, cfg_channels (int or None), guide (a
+    VelocityModel or None) and time_grid ("uniform": samplers.py's linspace(1, 0, steps + 1);
+    "rae": transport.py's RAE grid of num_steps points, ODE only)."""
+    kw = dict(sampler_kwargs)
+    field = GuidedVelocity(model, kw.pop("cfg_scale", 1.0), kw.pop("guidance_low", 0.0), kw.pop("guidance_high", 1.0),
+                           kw.pop("guide", None), kw.pop("cfg_channels", None))
+    grid = kw.pop("time_grid", "uniform")
+    if grid == "rae":
+        import transport
+
+        if kw.get("mode", "ode") != "ode":
+            raise ValueError("--time-grid rae is RAE's ODE grid: use --mode ode")
+        sampler = transport.Sampler(transport.Transport(time_dist_shift=float(kw.get("shift", 1.0))))
+        sample_fn = sampler.sample_ode(kw.get("solver", "euler"), int(kw.get("num_steps", 50)),
+                                       atol=kw.get("atol", 1e-6), rtol=kw.get("rtol", 1e-3))
+
+        def velocity(x, t, y):  # the model runs in z's dtype, the state stays float64
+            return field.inference(x.to(z.dtype), t.to(z.dtype), y).to(x.dtype)
+
+        return sample_fn(z.double(), velocity, y=y)[-1]
+    if grid != "uniform":
+        raise ValueError(f"--time-grid must be 'uniform' or 'rae', got {grid!r}")
+    if kw.get("mode") == "sde" and randn_like is not None:
+        kw["randn_like"] = randn_like
+    return sample(field, z, y, cfg_scale=1.0, **kw)  # the field guides itself
+
+
+class LatentDecoder(nn.Module):
+    """Normalised latents [B, C, h, w] -> images [B, 3, H, W] in about [-1, 1]: z * std + mean
+    (statistics [C, 1, 1], [1, C, 1, 1] or [C, h, w]), then the tokenizer's / VAE's `decode`."""
+
+    def __init__(self, tokenizer: nn.Module, mean: torch.Tensor, std: torch.Tensor):
+        super().__init__()
+        self.tokenizer = tokenizer
+        self.register_buffer("mean", torch.as_tensor(mean).float().clone())
+        self.register_buffer("std", torch.as_tensor(std).float().clone())
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.tokenizer.decode(z * self.std + self.mean)
+
+
+@torch.no_grad()
+def sample_batch(model, decode_fn: Callable[[torch.Tensor], torch.Tensor], latent_shape: Sequence[int],
+                 num_classes: int, indices: torch.Tensor, seed: int, sampler_kwargs: dict, device,
+                 label_sampling: str = "random", autocast_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """uint8 images [B, 3, H, W] for sample indices [B]; depends only on (seed, indices, config)."""
+    device = torch.device(device)
+    indices = indices.to(device=device, dtype=torch.int64)
+    z = index_normal(seed, indices, STREAM_NOISE, tuple(int(v) for v in latent_shape)).to(device)
+    y = index_labels(seed, indices, num_classes, label_sampling).to(device)
+    noise = IndexedSDENoise(seed, indices) if sampler_kwargs.get("mode") == "sde" else None
+    use_amp = autocast_dtype is not None
+    with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=use_amp):
+        latents = run_sampler(model, z, y, sampler_kwargs, noise)  # float64 [B, C, h, w], normalised
+    images = decode_fn(latents.float()).float()  # [B, 3, H, W] in [-1, 1]
+    return ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+
+
+@torch.no_grad()
+def sample_for_eval(model, decode_fn: Callable[[torch.Tensor], torch.Tensor], latent_shape: Sequence[int],
+                    num_classes: int, n: int, seed: int, batch_size: int, sampler_kwargs: dict, device,
+                    label_sampling: str = "random", autocast_dtype: Optional[torch.dtype] = None,
+                    indices: Optional[Sequence[int]] = None,
+                    on_batch: Optional[Callable[[List[int], np.ndarray], None]] = None,
+                    gather: bool = True, progress: bool = False) -> Optional[np.ndarray]:
+    """Samples 0..n-1 (or `indices`) as uint8 [n, H, W, 3] in index order, on every rank.
+
+    `model`: a VelocityModel-like object (`.inference(x, t, y)`, `.num_classes`) in the toolkit's
+    convention; `decode_fn`: normalised latents -> images in [-1, 1] (e.g. `LatentDecoder`);
+    `sampler_kwargs`: see `run_sampler`. Distributed-aware (collective when gather=True): rank r
+    makes indices[r::world] in full batches of `batch_size` (short batches padded with repeats
+    and the padding discarded: kernels pick algorithms by batch size), then every rank gathers
+    all of them. Noise, labels and SDE noise are keyed by sample index (see index_normal), so the
+    result does not depend on the number of processes. `on_batch(chunk, images [b, H, W, 3])` is
+    called after each local batch (generate.py writes its PNGs there, with gather=False)."""
+    rank, world = dist_info()
+    todo = list(range(n)) if indices is None else [int(i) for i in indices]
+    mine = todo[rank::world]
+    parts = []
+    bar = None
+    if progress and rank == 0:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(todo), desc="sampling", unit="img", dynamic_ncols=True)
+    for start in range(0, len(mine), batch_size):
+        chunk = mine[start:start + batch_size]
+        idx = torch.tensor(chunk + [chunk[-1]] * (batch_size - len(chunk)), dtype=torch.int64)
+        images = sample_batch(model, decode_fn, latent_shape, num_classes, idx, seed, sampler_kwargs, device,
+                              label_sampling, autocast_dtype)
+        arr = images[:len(chunk)].permute(0, 2, 3, 1).contiguous().cpu()  # [b, H, W, 3]
+        if on_batch is not None:
+            on_batch(chunk, arr.numpy())
+        if gather:
+            parts.append(arr)
+        if bar is not None:
+            bar.update(min(len(chunk) * world, len(todo) - bar.n))
+    if bar is not None:
+        bar.close()
+    if not gather:
+        return None
+    if not todo:
+        return np.zeros((0, 0, 0, 3), np.uint8)
+    if world == 1:
+        return torch.cat(parts).numpy()
+    from evaluation.metrics import _comm_device
+
+    # rank 0 always holds the first index, hence the image shape
+    shape = broadcast_object(tuple(parts[0].shape[1:]) if rank == 0 and parts else None)
+    per_rank = -(-len(todo) // world)
+    local = torch.cat(parts) if parts else torch.zeros((0, *shape), dtype=torch.uint8)
+    padded = torch.zeros((per_rank, *shape), dtype=torch.uint8)
+    padded[:len(local)] = local
+    padded = padded.to(_comm_device(padded))
+    gathered = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(gathered, padded)
+    out = np.empty((len(todo), *shape), dtype=np.uint8)
+    for r in range(world):  # a loop over ranks: rank r made positions r, r + world, ...
+        count = len(todo[r::world])
+        out[r::world] = gathered[r][:count].cpu().numpy()
+    return out
 
 
 @torch.no_grad()
 def generate_images(model, vae, latent_stats: Dict[str, torch.Tensor], indices: torch.Tensor, seed: int,
                     sampler_kwargs: dict, num_classes: int, label_sampling: str = "random",
                     autocast_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
-    """uint8 images [B, 3, H, W] for sample indices [B]; depends only on (seed, indices, config)."""
+    """REPA-E SiT + VAE shortcut of `sample_batch` (latents denormalised with latents_scale/bias)."""
     device = next(model.parameters()).device
-    indices = indices.to(device=device, dtype=torch.int64)
-    n = model.x_embedder.num_patches
-    side = int(round(math.sqrt(n))) * model.patch_size
-    z = index_normal(seed, indices, STREAM_NOISE, (model.in_channels, side, side)).to(device)
-    y = index_labels(seed, indices, num_classes, label_sampling).to(device)
-    kw = dict(sampler_kwargs)
-    if kw.get("mode") == "sde":
-        kw["randn_like"] = IndexedSDENoise(seed, indices)
-    use_amp = autocast_dtype is not None
-    with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=use_amp):
-        latents = sample(model, z, y, **kw)  # float64 [B, C, h, w], normalised space
-    latents = denormalize_latents(latents.float(), latent_stats)
-    images = vae.decode(latents).float()  # [B, 3, H, W] in [-1, 1]
-    return ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    side = int(round(math.sqrt(model.x_embedder.num_patches))) * model.patch_size
+    decode = lambda z: vae.decode(denormalize_latents(z, latent_stats))
+    return sample_batch(model, decode, (model.in_channels, side, side), num_classes, indices, seed, sampler_kwargs,
+                        device, label_sampling, autocast_dtype)
 
 
 # ------------------------------------------------------------------------------------------------
 # Loading models: experiment folders and released checkpoints
 # ------------------------------------------------------------------------------------------------
-def _sit_state_dict(obj, path, use_ema: bool) -> dict:
+class SamplingSetup:
+    """What sampling needs: the velocity field (main model, and the guide if any), the decoder of
+    normalised latents, the latent shape, the label count, a default sampling shift and `info`
+    (sources and identities recorded in sampling_config.json)."""
+
+    def __init__(self, model: VelocityModel, decoder: LatentDecoder, latent_shape: Sequence[int], num_classes: int,
+                 info: dict, default_shift: Optional[float] = None):
+        self.model, self.decoder, self.guide = model, decoder, None
+        self.latent_shape = tuple(int(v) for v in latent_shape)
+        self.num_classes, self.info, self.default_shift = int(num_classes), info, default_shift
+
+
+def _checkpoint_weights(obj, path, use_ema: bool) -> dict:
+    """The network's state_dict from a released / trained checkpoint: obj['ema'] (or 'model'),
+    or obj itself; a DDP 'module.' prefix is removed."""
     if not isinstance(obj, dict):
         raise ValueError(f"{path}: expected a state_dict or a dict with 'ema'/'model', got {type(obj).__name__}")
+    sd = None
     for key in (("ema", "model") if use_ema else ("model", "ema")):
         if key in obj and isinstance(obj[key], dict):
-            return obj[key]
-    if any(k.startswith("x_embedder.") for k in obj):
-        return obj
-    raise KeyError(f"{path}: no SiT weights (no 'ema'/'model' entry and no x_embedder.* keys; has {sorted(obj)[:10]})")
+            sd = obj[key]
+            break
+    if sd is None:
+        sd = obj
+    if sd and all(k.startswith("module.") for k in sd):
+        sd = {k[len("module."):]: v for k, v in sd.items()}
+    if not any(k.startswith(("x_embedder.", "s_embedder.")) for k in sd):
+        raise KeyError(f"{path}: no diffusion-transformer weights (no 'ema'/'model' entry and no x_embedder.* keys; "
+                       f"has {sorted(obj)[:10]})")
+    return sd
 
 
-def build_sit_from_state_dict(sd: dict, model_name: str, resolution: int, vae, num_classes: Optional[int],
-                              path_type: str, qk_norm: bool, encoder_depth: int, source: str):
-    """A SiT whose optional parts (projector widths, null class row, BN) follow the state_dict."""
-    if model_name not in SiT_models:
-        raise KeyError(f"--model {model_name!r} unknown; choose one of {', '.join(SiT_models)}")
+def default_data_at_one(name: str, options: dict) -> bool:
+    """t = 1 is data for hustvl LightningDiT (sinusoidal time) and for learn_sigma SiT releases
+    (the original SiT); noise for REPA-E SiT, RAE LightningDiT (Gaussian-Fourier) and DiT^DH."""
+    if model_family(name) == "sit":
+        return bool(options.get("learn_sigma", False))
+    return default_time_convention(name, options)
+
+
+def resolve_time_convention(flag: Optional[str], default: bool) -> bool:
+    if flag in (None, "auto"):
+        return default
+    if flag not in ("data-at-1", "noise-at-1"):
+        raise ValueError(f"--time-convention must be auto, data-at-1 or noise-at-1, got {flag!r}")
+    return flag == "data-at-1"
+
+
+def build_net_from_state_dict(name: str, sd: dict, latent_shape: Sequence[int], num_classes: Optional[int],
+                              source: str, encoder_depth: int = 8, path_type: str = "linear"):
+    """(net, options, num_classes) for a released / trained state_dict. Options the weights decide
+    (SiT projector widths, qk-norm and learn_sigma; LightningDiT / DiT^DH qk-norm, SwiGLU, RMSNorm,
+    RoPE, shift-free adaLN, Gaussian-Fourier time, pos_embed) are read off the keys and shapes;
+    the state_dict is then loaded strictly by the caller."""
+    family = model_family(name)
+    c, h, w = (int(v) for v in latent_shape)
     rows = sd["y_embedder.embedding_table.weight"].shape[0]
     if num_classes is None:
         num_classes = rows - 1  # released class-conditional models carry the null row
     if rows not in (num_classes, num_classes + 1):
         raise ValueError(f"{source}: label table has {rows} rows, not --num-classes {num_classes} (+1 null row)")
-    z_dims, j = [], 0
-    while f"projectors.{j}.4.weight" in sd:
-        z_dims.append(sd[f"projectors.{j}.4.weight"].shape[0])
-        j += 1
-    projector_dim = sd["projectors.0.0.weight"].shape[0] if z_dims else 2048
-    in_ch = sd["x_embedder.proj.weight"].shape[1]
-    if in_ch != vae.latent_channels:
-        raise ValueError(f"{source}: SiT takes {in_ch} latent channels but the VAE gives {vae.latent_channels}")
+    dropout = 0.1 if rows == num_classes + 1 else 0.0
+    embed = "s_embedder.proj.weight" if family == "ddt" else "x_embedder.proj.weight"
+    in_ch, patch = sd[embed].shape[1], sd[embed].shape[-1]
+    if in_ch != c:
+        raise ValueError(f"{source}: {name} takes {in_ch} latent channels but the tokenizer gives {c}")
     out = sd["final_layer.linear.weight"].shape[0]
-    patch = sd["x_embedder.proj.weight"].shape[-1]
-    if out == 2 * patch * patch * in_ch:
-        raise ValueError(f"{source}: the final layer predicts 2x{in_ch} channels (learn_sigma=True, original SiT/DiT "
-                         f"releases); models/sit.py predicts velocity only")
-    depth = SIT_SIZES[model_name.split("-")[1].split("/")[0]]["depth"]
-    model = build_sit(model_name, input_size=resolution // vae.downsample_factor, in_channels=in_ch,
-                      num_classes=num_classes, class_dropout_prob=0.1 if rows == num_classes + 1 else 0.0,
-                      z_dims=z_dims, projector_dim=projector_dim, encoder_depth=min(encoder_depth, depth),
-                      path_type=path_type, qk_norm=qk_norm)
-    return model
+    learn_sigma = out == 2 * patch * patch * c
+    qk_norm = "blocks.0.attn.q_norm.weight" in sd
+    if family == "sit":
+        z_dims, j = [], 0
+        while f"projectors.{j}.4.weight" in sd:
+            z_dims.append(sd[f"projectors.{j}.4.weight"].shape[0])
+            j += 1
+        depth = SIT_SIZES[name.split("-")[1].split("/")[0]]["depth"]
+        options = dict(z_dims=z_dims, projector_dim=sd["projectors.0.0.weight"].shape[0] if z_dims else 2048,
+                       encoder_depth=min(int(encoder_depth), depth), path_type=path_type, qk_norm=qk_norm,
+                       learn_sigma=learn_sigma)
+    else:
+        hidden = sd["blocks.0.adaLN_modulation.1.weight"].shape[1]
+        options = dict(use_qknorm=qk_norm, use_swiglu="blocks.0.mlp.w12.weight" in sd,
+                       use_rmsnorm="blocks.0.norm1.weight" in sd,
+                       wo_shift=sd["blocks.0.adaLN_modulation.1.weight"].shape[0] == 4 * hidden)
+        if family == "lightningdit":
+            options.update(use_rope="feat_rope.freqs_cos" in sd, use_gembed="t_embedder.W" in sd,
+                           learn_sigma=learn_sigma)
+        else:
+            options.update(use_rope="enc_feat_rope.freqs_cos" in sd, use_pos_embed="pos_embed" in sd)
+    net = build_diffusion_model(name, (c, h, w), num_classes, dropout, **options)
+    return net, options, num_classes
 
 
-def _fill_bn(sd: dict, model, stats) -> dict:
-    """SiT / REPA checkpoints have no input BatchNorm: fill it from the latent statistics (it is
+def fill_sit_bn(sd: dict, model, stats: Optional[dict]) -> dict:
+    """SiT / REPA checkpoints may have no input BatchNorm: fill it from the latent statistics (it is
     not used at sampling time, only loaded strictly)."""
-    if "bn.running_mean" in sd:
+    if "bn.running_mean" in sd or not hasattr(model, "bn"):
         return sd
     sd = dict(sd)
     c = model.in_channels
@@ -224,43 +467,32 @@ def _fill_bn(sd: dict, model, stats) -> dict:
     return sd
 
 
-def load_models(args, logger):
-    """(sit, vae, latent_stats, description) from --exp-dir/--ckpt-step or --ckpt."""
-    info = {}
-    if args.exp_dir:
-        exp = Path(args.exp_dir)
-        args_file = exp / "args.json"
-        if not args_file.is_file():
-            raise FileNotFoundError(f"--exp-dir {exp}: no args.json")
-        exp_args = json.loads(args_file.read_text())
-        ckpt_path = utils.resolve_resume(exp / "checkpoints", args.ckpt_step or "latest", "--ckpt-step")
-        if ckpt_path is None:
-            raise FileNotFoundError(f"--exp-dir {exp}: no checkpoints in {exp / 'checkpoints'}")
-        step = int(ckpt_path.stem)
-        for k in ("model", "resolution", "num_classes", "path_type", "qk_norm", "encoder_depth", "vae"):
-            if getattr(args, k) is None and k in exp_args:
-                setattr(args, k, exp_args[k])
-        if args.vae_ckpt is None:
-            args.vae_ckpt = exp_args.get("vae_ckpt")
-        if args.vae_stats is None:
-            args.vae_stats = exp_args.get("vae_stats")
-        info["step"] = step
-    else:
-        if not args.ckpt:
-            raise SystemExit("give --exp-dir (with --ckpt-step) or --ckpt")
-        ckpt_path = Path(args.ckpt)
-    args.model = args.model or "SiT-XL/2"
-    args.resolution = args.resolution or 256
-    args.path_type = args.path_type or "linear"
-    args.vae = args.vae or "f8d4"
-    args.encoder_depth = args.encoder_depth or 8
-    obj = utils.load_checkpoint_file(ckpt_path)
-    sd = _sit_state_dict(obj, ckpt_path, not args.no_ema)
-    info["checkpoint"] = str(Path(ckpt_path).resolve())
+def stats_mean_std(stats: dict, eps: float, source: str) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(mean, std) from {latents_scale, latents_bias} (REPA-E), {mean, std} (hustvl) or {mean, var}
+    (RAE: std = sqrt(var + eps))."""
+    if "latents_scale" in stats and "latents_bias" in stats:
+        return stats["latents_bias"].float(), 1.0 / stats["latents_scale"].float()
+    if "mean" in stats and "std" in stats:
+        return torch.as_tensor(stats["mean"]).float(), torch.as_tensor(stats["std"]).float()
+    if "mean" in stats and "var" in stats:
+        return torch.as_tensor(stats["mean"]).float(), (torch.as_tensor(stats["var"]).float() + eps).sqrt()
+    raise KeyError(f"{source}: latent statistics need latents_scale/latents_bias, mean/std or mean/var (has {sorted(stats)})")
 
-    # Tokenizer: the checkpoint's own (REPA-E end-to-end) or --vae-ckpt.
+
+def _build_tokenizer(kind, name, ckpt, stats, config, random_init, seed, what):
+    from models.tokenizers import build_tokenizer
+
+    if ckpt is None and config is None and not random_init:
+        raise SystemExit(f"{what}: give the tokenizer weights (--vae-ckpt, or --rae-config for RAE)")
+    return build_tokenizer(kind, name=name, ckpt=ckpt, stats=stats, config=config, random_init=bool(random_init),
+                           seed=int(seed))
+
+
+def _load_sit(args, obj, sd, ckpt_path, info, logger) -> SamplingSetup:
+    """REPA-E SiT (experiment or release) and the original learn_sigma SiT releases, with a VAE."""
     if args.vae not in VAE_PRESETS:
         raise KeyError(f"--vae {args.vae!r} unknown; choose one of {sorted(VAE_PRESETS)}")
+    # Tokenizer: the checkpoint's own (REPA-E end-to-end) or --vae-ckpt.
     if isinstance(obj, dict) and isinstance(obj.get("vae"), dict) and not args.vae_ckpt_override:
         vae = build_vae(args.vae)
         utils.load_state_dict_strict(vae, vae_state_dict_from_checkpoint(obj["vae"], vae), f"{ckpt_path}['vae']")
@@ -269,13 +501,23 @@ def load_models(args, logger):
     elif args.vae_ckpt:
         vae, stats = load_vae(args.vae, ckpt_path=args.vae_ckpt, stats_path=args.vae_stats)
         info["vae"] = str(args.vae_ckpt)
+    elif args.random_init_vae:
+        seed = int(args.tokenizer_seed or 0)
+        with torch.random.fork_rng(devices=[]):  # seeded weights, the global RNG untouched
+            torch.manual_seed(seed)
+            vae = build_vae(args.vae)
+        stats, info["vae"] = None, f"random-init seed {seed}"
     else:
         raise SystemExit(f"{ckpt_path} holds no VAE: pass --vae-ckpt (and --vae-stats)")
 
-    # Latent statistics: explicit file > the checkpoint's > the VAE's file > the SiT's BatchNorm.
+    # Latent statistics: explicit file > --latent-scale > the checkpoint's > the VAE's file > the SiT's BatchNorm.
     if args.vae_stats:
         stats = load_latents_stats(args.vae_stats, channels=vae.latent_channels)
         info["latent_stats"] = str(args.vae_stats)
+    elif args.latent_scale is not None:
+        c = vae.latent_channels
+        stats = {"latents_scale": torch.full((1, c, 1, 1), float(args.latent_scale)), "latents_bias": torch.zeros(1, c, 1, 1)}
+        info["latent_stats"] = f"scale {args.latent_scale:g}"
     elif isinstance(obj, dict) and isinstance(obj.get("latent_stats"), dict):
         stats = {k: torch.as_tensor(v).float() for k, v in obj["latent_stats"].items()}
         info["latent_stats"] = f"{ckpt_path}['latent_stats']"
@@ -285,24 +527,194 @@ def load_models(args, logger):
         stats = bn_latent_stats(sd["bn.running_mean"], sd["bn.running_var"])
         info["latent_stats"] = "SiT BatchNorm"
     else:
-        raise SystemExit("no latent statistics: pass --vae-stats (a -latents-stats.pt file)")
+        raise SystemExit("no latent statistics: pass --vae-stats (a -latents-stats.pt file) or --latent-scale")
 
-    sit = build_sit_from_state_dict(sd, args.model, args.resolution, vae, args.num_classes, args.path_type,
-                                    bool(args.qk_norm), int(args.encoder_depth), str(ckpt_path))
-    utils.load_state_dict_strict(sit, _fill_bn(sd, sit, stats), f"{ckpt_path} (SiT weights)")
-    args.num_classes = sit.num_classes
-    logger(f"SiT {args.model} from {ckpt_path} ({'EMA' if not args.no_ema else 'raw'} weights), "
-           f"VAE {args.vae} from {info['vae']}, latent statistics from {info['latent_stats']}")
-    return sit.eval(), vae.eval(), {k: v for k, v in stats.items() if k in ("latents_scale", "latents_bias")}, info
+    if args.model not in SiT_models:
+        raise KeyError(f"--model {args.model!r} unknown; choose one of {', '.join(DIFFUSION_MODELS)}")
+    f = vae.downsample_factor
+    latent_shape = (vae.latent_channels, args.resolution // f, args.resolution // f)
+    sit, options, num_classes = build_net_from_state_dict(args.model, sd, latent_shape, args.num_classes, str(ckpt_path),
+                                                          int(args.encoder_depth), args.path_type)
+    utils.load_state_dict_strict(sit, fill_sit_bn(sd, sit, stats), f"{ckpt_path} (SiT weights)")
+    data_at_one = resolve_time_convention(args.time_convention, default_data_at_one(args.model, options))
+    info.update(family="sit", data_at_one=data_at_one, learn_sigma=options["learn_sigma"])
+    args.num_classes = num_classes
+    logger(f"SiT {args.model} from {ckpt_path} ({'EMA' if not args.no_ema else 'raw'} weights"
+           f"{', learn_sigma: first C channels' if options['learn_sigma'] else ''}, t = 1 is "
+           f"{'data' if data_at_one else 'noise'}), VAE {args.vae} from {info['vae']}, latent statistics from "
+           f"{info['latent_stats']}")
+    decoder = LatentDecoder(vae.eval(), stats["latents_bias"].float(), 1.0 / stats["latents_scale"].float())
+    return SamplingSetup(VelocityModel(sit.eval(), data_at_one), decoder, latent_shape, num_classes, info)
+
+
+def _load_release(args, sd, ckpt_path, info, logger) -> SamplingSetup:
+    """A released LightningDiT (hustvl, RAE) or DiT^DH checkpoint with its tokenizer."""
+    family = model_family(args.model)
+    kind = args.tokenizer or ("rae" if family == "ddt" or "t_embedder.W" in sd else "vavae")
+    name = args.vae or ("vavae-f16d32" if kind == "vavae" else None)
+    seed = int(args.tokenizer_seed or 0)
+    tok = _build_tokenizer(kind, name, args.vae_ckpt, args.vae_stats, args.rae_config, args.random_init_vae,
+                           seed, f"--model {args.model}")
+    if tok.stats is None:
+        raise SystemExit(f"tokenizer {kind}/{tok.name}: no latent statistics; pass --vae-stats "
+                         f"({'{mean, var} per position' if kind == 'rae' else '{mean, std} [1, C, 1, 1]'})")
+    mean, std = stats_mean_std(tok.stats, float(getattr(tok.model, "eps", 1e-5)), "--vae-stats")
+    latent_shape = tok.latent_shape(args.resolution)
+    net, options, num_classes = build_net_from_state_dict(args.model, sd, latent_shape, args.num_classes, str(ckpt_path))
+    utils.load_state_dict_strict(net, sd, f"{ckpt_path} ({args.model} weights)")
+    data_at_one = resolve_time_convention(args.time_convention, default_data_at_one(args.model, options))
+    info.update(family=family, data_at_one=data_at_one, vae=f"{kind}:{tok.name}",
+                tokenizer_fingerprint=tok.fingerprint(),
+                latent_stats=str(args.vae_stats) if args.vae_stats else "tokenizer's statistics")
+    info["vae_weights"] = str(args.vae_ckpt or args.rae_config or f"random-init seed {seed}")
+    args.num_classes = num_classes
+    logger(f"{args.model} from {ckpt_path} (options {options}, t = 1 is {'data' if data_at_one else 'noise'}), "
+           f"tokenizer {kind}/{tok.name} ({tok.fingerprint()}), latents {list(latent_shape)}")
+    return SamplingSetup(VelocityModel(net.eval(), data_at_one), LatentDecoder(tok.eval(), mean, std), latent_shape,
+                         num_classes, info)
+
+
+def _ldm_network(obj, ckpt_path, use_ema: bool):
+    """(net, model_config) of a train_ldm_only.py checkpoint, loaded strictly."""
+    mc = obj["model_config"]
+    net = build_diffusion_model(mc["name"], mc["latent_shape"], mc["num_classes"], mc.get("class_dropout_prob", 0.1),
+                                **mc.get("options", {}))
+    key = "ema" if use_ema else "model"
+    if key not in obj:
+        raise KeyError(f"{ckpt_path}: no '{key}' weights")
+    utils.load_state_dict_strict(net, obj[key], f"{ckpt_path}['{key}']")
+    return net.eval(), mc
+
+
+def _load_ldm_experiment(args, obj, ckpt_path, info, logger) -> SamplingSetup:
+    """A train_ldm_only.py checkpoint: model_config, latent_stats, tokenizer record and run args."""
+    mc = obj["model_config"]
+    if args.model and args.model != mc["name"]:
+        raise SystemExit(f"--model {args.model}: {ckpt_path} holds a {mc['name']}")
+    net, mc = _ldm_network(obj, ckpt_path, not args.no_ema)
+    record = dict(obj.get("tokenizer") or {})
+    run = dict(obj.get("args") or {})
+    kind = args.tokenizer or record.get("kind")
+    ckpt = args.vae_ckpt or (None if args.random_init_vae else run.get("vae_ckpt"))
+    config = args.rae_config or run.get("rae_config")
+    random_init = args.random_init_vae or (ckpt is None and bool(run.get("random_init_vae")))
+    seed = args.tokenizer_seed if args.tokenizer_seed is not None else run.get("seed", 0)
+    tok = _build_tokenizer(kind, args.vae or record.get("name"), ckpt, args.vae_stats if kind == "rae" else None,
+                           config if kind == "rae" else None, random_init, seed, f"--exp-dir {args.exp_dir}")
+    want, have = record.get("fingerprint"), tok.fingerprint()
+    if want and want != have:
+        raise SystemExit(f"tokenizer fingerprint mismatch: {ckpt_path} was trained on latents of tokenizer "
+                         f"{record.get('kind')}/{record.get('name')} with fingerprint {want}, but the tokenizer given "
+                         f"(--tokenizer/--vae/--vae-ckpt/--rae-config/--random-init-vae: {kind}/{tok.name} from "
+                         f"{ckpt or config or f'random init seed {seed}'}) has fingerprint {have}; its samples "
+                         f"would decode to garbage")
+    ls = obj.get("latent_stats")
+    if not isinstance(ls, dict) or "mean" not in ls or "std" not in ls:
+        raise KeyError(f"{ckpt_path}: no latent_stats {{mean, std}} (not a train_ldm_only.py checkpoint?)")
+    data_at_one = resolve_time_convention(args.time_convention, bool(mc.get("data_at_one", False)))
+    args.model, args.num_classes = mc["name"], int(mc["num_classes"])
+    args.resolution = args.resolution or int(record.get("resolution", 0)) or None
+    info.update(family=mc.get("family", model_family(mc["name"])), data_at_one=data_at_one, vae=f"{kind}:{tok.name}",
+                vae_weights=str(ckpt or config or f"random-init seed {seed}"), tokenizer_fingerprint=have,
+                latent_stats=f"{ckpt_path}['latent_stats'] ({ls.get('mode', 'channel')})")
+    logger(f"{mc['name']} from {ckpt_path} ({'EMA' if not args.no_ema else 'raw'} weights, t = 1 is "
+           f"{'data' if data_at_one else 'noise'}), tokenizer {kind}/{tok.name} ({have}), latents {mc['latent_shape']}")
+    decoder = LatentDecoder(tok.eval(), ls["mean"], ls["std"])
+    return SamplingSetup(VelocityModel(net, data_at_one), decoder, mc["latent_shape"], mc["num_classes"], info,
+                         default_shift=mc.get("sample_shift"))
+
+
+def _experiment_checkpoint(exp_dir, step, flag: str):
+    exp = Path(exp_dir)
+    args_file = exp / "args.json"
+    if not args_file.is_file():
+        raise FileNotFoundError(f"{flag} {exp}: no args.json")
+    ckpt_path = utils.resolve_resume(exp / "checkpoints", step or "latest", f"{flag.replace('exp-dir', 'ckpt-step')}")
+    if ckpt_path is None:
+        raise FileNotFoundError(f"{flag} {exp}: no checkpoints in {exp / 'checkpoints'}")
+    return json.loads(args_file.read_text()), ckpt_path
+
+
+def load_models(args, logger) -> SamplingSetup:
+    """The sampling setup from --exp-dir/--ckpt-step or --ckpt/--model (see the module docstring)."""
+    info = {}
+    if args.exp_dir:
+        exp_args, ckpt_path = _experiment_checkpoint(args.exp_dir, args.ckpt_step, "--exp-dir")
+        info["step"] = int(ckpt_path.stem)
+        info["checkpoint"] = str(Path(ckpt_path).resolve())
+        obj = utils.load_checkpoint_file(ckpt_path)
+        if isinstance(obj, dict) and "model_config" in obj:
+            return _load_ldm_experiment(args, obj, ckpt_path, info, logger)
+        for k in ("model", "resolution", "num_classes", "path_type", "qk_norm", "encoder_depth", "vae"):
+            if getattr(args, k) is None and k in exp_args:
+                setattr(args, k, exp_args[k])
+        if args.vae_ckpt is None:
+            args.vae_ckpt = exp_args.get("vae_ckpt")
+        if args.vae_stats is None:
+            args.vae_stats = exp_args.get("vae_stats")
+    else:
+        if not args.ckpt:
+            raise SystemExit("give --exp-dir (with --ckpt-step) or --ckpt")
+        ckpt_path = Path(args.ckpt)
+        info["checkpoint"] = str(ckpt_path.resolve())
+        obj = utils.load_checkpoint_file(ckpt_path)
+        if isinstance(obj, dict) and "model_config" in obj:  # a train_ldm_only.py checkpoint given as a file
+            return _load_ldm_experiment(args, obj, ckpt_path, info, logger)
+    args.model = args.model or "SiT-XL/2"
+    args.resolution = args.resolution or 256
+    args.path_type = args.path_type or "linear"
+    args.encoder_depth = args.encoder_depth or 8
+    if args.model not in DIFFUSION_MODELS:
+        raise KeyError(f"--model {args.model!r} unknown; choose one of: {', '.join(DIFFUSION_MODELS)}")
+    sd = _checkpoint_weights(obj, ckpt_path, not args.no_ema)
+    if model_family(args.model) != "sit":
+        return _load_release(args, sd, ckpt_path, info, logger)
+    args.vae = args.vae or "f8d4"
+    return _load_sit(args, obj, sd, ckpt_path, info, logger)
+
+
+def load_guide(args, setup: SamplingSetup, logger) -> Tuple[VelocityModel, dict]:
+    """The autoguidance guide from --guide-exp-dir [--guide-ckpt-step] or --guide-ckpt --guide-model,
+    in the toolkit's convention; it must share the main model's latents and labels."""
+    if args.guide_exp_dir:
+        _, path = _experiment_checkpoint(args.guide_exp_dir, args.guide_ckpt_step, "--guide-exp-dir")
+    else:
+        path = Path(args.guide_ckpt)
+    obj = utils.load_checkpoint_file(path)
+    if isinstance(obj, dict) and "model_config" in obj:
+        net, mc = _ldm_network(obj, path, not args.no_ema)
+        name, default = mc["name"], bool(mc.get("data_at_one", False))
+        if tuple(mc["latent_shape"]) != setup.latent_shape:
+            raise SystemExit(f"guide {path}: latents {mc['latent_shape']} differ from the main model's {list(setup.latent_shape)}")
+    else:
+        name = args.guide_model
+        if not name:
+            raise SystemExit(f"--guide-ckpt {path}: pass --guide-model (e.g. DiTDH-S)")
+        sd = _checkpoint_weights(obj, path, not args.no_ema)
+        net, options, _ = build_net_from_state_dict(name, sd, setup.latent_shape, setup.num_classes, f"guide {path}")
+        utils.load_state_dict_strict(net, fill_sit_bn(sd, net, None), f"guide {path}")
+        net, default = net.eval(), default_data_at_one(name, options)
+    if int(net.num_classes) != setup.num_classes:
+        raise SystemExit(f"guide {path}: {net.num_classes} classes, the main model {setup.num_classes}")
+    data_at_one = resolve_time_convention(args.guide_time_convention, default)
+    ident = {"checkpoint": str(Path(path).resolve()), "model": name, "use_ema": not args.no_ema,
+             "time_convention": "data-at-1" if data_at_one else "noise-at-1"}
+    logger(f"autoguidance guide {name} from {path} (t = 1 is {'data' if data_at_one else 'noise'})")
+    return VelocityModel(net, data_at_one), ident
 
 
 # ------------------------------------------------------------------------------------------------
 # Output folder: identity check, resume scan, npz
 # ------------------------------------------------------------------------------------------------
 def sampling_identity(args, info) -> dict:
+    """Everything that changes the images. Keys introduced after the first release (family, time
+    convention, tokenizer fingerprint, time grid, legacy CFG channels, guidance) are written only
+    when they differ from the REPA-E SiT defaults, so older folders still resume; a folder made
+    with any of them set is refused by a run without it and vice versa."""
     cfg = {
         "checkpoint": info["checkpoint"], "use_ema": not args.no_ema, "model": args.model, "resolution": args.resolution,
-        "num_classes": args.num_classes, "vae": args.vae, "vae_weights": info["vae"], "latent_stats": info["latent_stats"],
+        "num_classes": args.num_classes,
+        "vae": info["vae"] if info.get("tokenizer_fingerprint") else args.vae, "vae_weights": info.get("vae_weights", info.get("vae")), "latent_stats": info["latent_stats"],
         "mode": args.mode, "solver": args.solver if args.mode == "ode" else "euler-maruyama", "num_steps": args.num_steps,
         "cfg_scale": args.cfg_scale, "guidance_low": args.guidance_low, "guidance_high": args.guidance_high,
         "shift": args.shift, "path_type": args.path_type, "label_sampling": args.label_sampling, "seed": args.global_seed,
@@ -312,14 +724,29 @@ def sampling_identity(args, info) -> dict:
         cfg["t_last"] = args.t_last
     if args.mode == "ode" and args.solver == "dopri5":
         cfg.update(rtol=args.rtol, atol=args.atol)
+    if info.get("family", "sit") != "sit":
+        cfg["family"] = info["family"]
+    if info.get("data_at_one"):
+        cfg["time_convention"] = "data-at-1"
+    if info.get("tokenizer_fingerprint"):
+        cfg["tokenizer_fingerprint"] = info["tokenizer_fingerprint"]
+    if args.time_grid != "uniform":
+        cfg["time_grid"] = args.time_grid
+    if args.cfg_legacy_channels:
+        cfg["cfg_channels"] = LEGACY_CFG_CHANNELS
+    if info.get("guide"):
+        cfg["guidance"] = "autoguidance"
+        cfg["guide"] = info["guide"]
     return cfg
 
 
 def default_folder_name(args, info) -> str:
     ckpt = f"{info['step']:07d}" if "step" in info else Path(info["checkpoint"]).stem
     solver = args.solver if args.mode == "ode" else "sde"
+    guide = f"-ag-{info['guide']['model']}" if info.get("guide") else ""
     name = (f"{args.model.replace('/', '-')}-{ckpt}-size-{args.resolution}-{solver}-{args.num_steps}"
-            f"-cfg-{args.cfg_scale}-{args.guidance_low}-{args.guidance_high}-shift-{args.shift:g}"
+            f"{'-raegrid' if args.time_grid == 'rae' else ''}"
+            f"-cfg-{args.cfg_scale}-{args.guidance_low}-{args.guidance_high}{guide}-shift-{args.shift:g}"
             f"-{args.label_sampling}-seed-{args.global_seed}")
     return re.sub(r"[^A-Za-z0-9._-]", "_", name)
 
@@ -383,18 +810,39 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("model source")
     g.add_argument("--exp-dir", type=str, default=None, help="experiment folder (args.json + checkpoints/)")
     g.add_argument("--ckpt-step", type=str, default=None, help="checkpoint step in --exp-dir (default: latest)")
-    g.add_argument("--ckpt", type=str, default=None, help="explicit SiT checkpoint (state_dict or dict with ema/model)")
+    g.add_argument("--ckpt", type=str, default=None, help="explicit checkpoint (state_dict or dict with ema/model) of --model")
     g.add_argument("--no-ema", action="store_true", help="use the raw 'model' weights instead of 'ema'")
-    g.add_argument("--model", type=str, default=None, help="SiT-XL/2 ... (default: from args.json or SiT-XL/2)")
+    g.add_argument("--model", type=str, default=None,
+                   help="SiT-XL/2, LightningDiT-XL/1, DiTDH-XL ... (default: from the experiment or SiT-XL/2)")
     g.add_argument("--resolution", type=int, default=None)
     g.add_argument("--num-classes", type=int, default=None, help="default: from args.json or the label table")
     g.add_argument("--path-type", type=str, default=None, choices=["linear", "cosine"])
     g.add_argument("--qk-norm", action=argparse.BooleanOptionalAction, default=None)
     g.add_argument("--encoder-depth", type=int, default=None)
-    g.add_argument("--vae", type=str, default=None, help=f"VAE preset ({', '.join(sorted(VAE_PRESETS))})")
+    g.add_argument("--time-convention", type=str, default="auto", choices=["auto", "data-at-1", "noise-at-1"],
+                   help="how the network reads t (auto: the experiment's; data-at-1 for hustvl LightningDiT and "
+                        "learn_sigma SiT releases, noise-at-1 otherwise)")
+    g.add_argument("--tokenizer", type=str, default=None, choices=["kl", "vavae", "vq", "rae"],
+                   help="tokenizer kind (default: the experiment's; vavae for LightningDiT, rae for DiT^DH releases)")
+    g.add_argument("--vae", type=str, default=None, help=f"VAE / tokenizer preset ({', '.join(sorted(VAE_PRESETS))})")
     g.add_argument("--vae-ckpt", type=str, default=None)
-    g.add_argument("--vae-stats", type=str, default=None, help="latent statistics file (-latents-stats.pt)")
+    g.add_argument("--vae-stats", type=str, default=None,
+                   help="latent statistics file: latents_scale/bias (REPA-E), mean/std (hustvl) or mean/var (RAE)")
+    g.add_argument("--latent-scale", type=float, default=None, help="constant latent scale, no bias (SD-VAE: 0.18215)")
+    g.add_argument("--rae-config", type=str, default=None, help="RAE config (tokenizer rae)")
+    g.add_argument("--random-init-vae", action="store_true", help="tokenizer with seeded random weights (tests)")
+    g.add_argument("--tokenizer-seed", type=int, default=None, help="seed of --random-init-vae (default: the run's seed)")
     g.add_argument("--vae-ckpt-override", action="store_true", help="use --vae-ckpt even if the checkpoint holds a VAE")
+    g = p.add_argument_group("guidance")
+    g.add_argument("--guidance", type=str, default="cfg", choices=["cfg", "autoguidance"],
+                   help="what --cfg-scale scales: classifier-free guidance or autoguidance by --guide-*")
+    g.add_argument("--guide-ckpt", type=str, default=None, help="autoguidance: guide checkpoint (with --guide-model)")
+    g.add_argument("--guide-model", type=str, default=None, help="autoguidance: guide architecture, e.g. DiTDH-S")
+    g.add_argument("--guide-exp-dir", type=str, default=None, help="autoguidance: guide experiment folder")
+    g.add_argument("--guide-ckpt-step", type=str, default=None, help="step in --guide-exp-dir (default: latest)")
+    g.add_argument("--guide-time-convention", type=str, default="auto", choices=["auto", "data-at-1", "noise-at-1"])
+    g.add_argument("--cfg-legacy-channels", action="store_true",
+                   help="hustvl LightningDiT's CFG on latent channels 0..2 only (reproduces its published FIDs)")
     g = p.add_argument_group("sampler")
     g.add_argument("--mode", type=str, default="ode", choices=["ode", "sde"])
     g.add_argument("--solver", type=str, default="euler", choices=["euler", "heun", "dopri5"], help="ODE solver")
@@ -403,7 +851,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--cfg-scale", type=float, default=1.0)
     g.add_argument("--guidance-low", type=float, default=0.0)
     g.add_argument("--guidance-high", type=float, default=1.0)
-    g.add_argument("--shift", type=float, default=1.0, help="noise-time shift (LightningDiT's data-time 0.3 = 1/0.3 here)")
+    g.add_argument("--shift", type=_shift_value, default=None,
+                   help="noise-time shift: a number (LightningDiT's data-time 0.3 = 1/0.3 here) or 'auto' "
+                        "(RAE: sqrt(C*h*w / 4096)); default: the experiment's sampling shift or 1")
+    g.add_argument("--time-grid", type=str, default="uniform", choices=["uniform", "rae"],
+                   help="uniform: linspace(1, 0, steps + 1); rae: RAE's shift(1 - linspace(0, 0.999, steps)) (ODE)")
     g.add_argument("--t-last", type=float, default=0.04, help="SDE: last stochastic time before the final mean step")
     g.add_argument("--rtol", type=float, default=1e-5)
     g.add_argument("--atol", type=float, default=1e-5)
@@ -428,6 +880,15 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--inception-image-size", type=int, default=299, help="299 is the protocol (smaller: tests only)")
     g.add_argument("--inception-chunk", type=int, default=50, help="fixed Inception batch (figures depend on it at ~1e-6)")
     return p
+
+
+def _shift_value(v):
+    if str(v).lower() == "auto":
+        return "auto"
+    try:
+        return float(v)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--shift must be a number or 'auto', got {v!r}") from None
 
 
 def list_recipes() -> List[str]:
@@ -481,6 +942,30 @@ def setup_distributed(device_arg: Optional[str]):
     return device
 
 
+def sampler_kwargs_from_args(args) -> dict:
+    """`run_sampler` kwargs from the flags (the guide model is added by the caller)."""
+    kw = dict(mode=args.mode, solver=args.solver, num_steps=args.num_steps, cfg_scale=args.cfg_scale,
+              guidance_low=args.guidance_low, guidance_high=args.guidance_high, path_type=args.path_type,
+              shift=args.shift, time_grid=args.time_grid,
+              cfg_channels=LEGACY_CFG_CHANNELS if args.cfg_legacy_channels else None)
+    if args.mode == "sde":
+        kw["t_last"] = args.t_last
+    if args.mode == "ode" and args.solver == "dopri5":
+        kw.update(rtol=args.rtol, atol=args.atol)
+    return kw
+
+
+class _CompiledField:
+    """torch.compile of a VelocityModel, reachable through `.inference` as the samplers call it
+    (calling `.inference` on torch.compile's wrapper would run the uncompiled method)."""
+
+    def __init__(self, model: VelocityModel):
+        self.compiled, self.num_classes = torch.compile(model), model.num_classes
+
+    def inference(self, x, t, y):
+        return self.compiled(x, t, y)
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
     device = setup_distributed(args.device)
@@ -493,19 +978,34 @@ def main(argv=None) -> dict:
         raise SystemExit("--eval needs --ref-batch (a reference .npz)")
     if args.ref_batch and not Path(args.ref_batch).exists():
         raise SystemExit(f"--ref-batch {args.ref_batch}: no such file")
+    has_guide = bool(args.guide_ckpt or args.guide_exp_dir)
+    if args.guidance == "autoguidance" and not has_guide:
+        raise SystemExit("--guidance autoguidance needs a guide: --guide-ckpt FILE --guide-model NAME or --guide-exp-dir DIR")
+    if has_guide and args.guidance != "autoguidance":
+        args.guidance = "autoguidance"  # a guide given means autoguidance (--cfg-scale is its scale)
 
-    sit, vae, stats, info = load_models(args, log)
-    sit, vae = sit.to(device), vae.to(device)
-    stats = {k: v.to(device) for k, v in stats.items()}
-    model = torch.compile(sit) if args.compile else sit
-    if args.compile:  # samplers read attributes of the model; keep them reachable
-        model.num_classes = sit.num_classes
+    setup = load_models(args, log)
+    guide = None
+    if has_guide:
+        guide, setup.info["guide"] = load_guide(args, setup, log)
+    if args.shift is None:
+        args.shift = float(setup.default_shift) if setup.default_shift is not None else 1.0
+    elif args.shift == "auto":
+        from transport import shift_from_dims
+
+        args.shift = shift_from_dims(int(np.prod(setup.latent_shape)))
+    args.path_type = args.path_type or "linear"
+    model, decoder = setup.model.to(device), setup.decoder.to(device)
+    field = _CompiledField(model) if args.compile else model
+    if guide is not None:
+        guide = guide.to(device)
+        guide = _CompiledField(guide) if args.compile else guide
     amp = {"no": None, "fp16": torch.float16, "bf16": torch.bfloat16}[args.mixed_precision]
 
     # ---- output folder (rank 0 decides; everyone scans before anyone writes)
     sample_dir = Path(args.sample_dir or (Path(args.exp_dir) / "fid_samples" if args.exp_dir else "samples"))
-    folder = sample_dir / (args.folder_name or default_folder_name(args, info))
-    identity = sampling_identity(args, info)
+    folder = sample_dir / (args.folder_name or default_folder_name(args, setup.info))
+    identity = sampling_identity(args, setup.info)
     error = None
     if rank == 0:
         try:
@@ -520,35 +1020,27 @@ def main(argv=None) -> dict:
     done = finished_indices(folder, n)
     barrier()
     todo = [i for i in range(n) if i not in done]
-    mine = todo[rank::world]
     if args.label_sampling == "equal" and n % args.num_classes:
         log(f"note: {n} samples over {args.num_classes} classes: counts differ by one between classes")
+    guidance = (f"autoguidance {args.cfg_scale}" if guide is not None else f"cfg {args.cfg_scale}") + \
+        f" in [{args.guidance_low}, {args.guidance_high}]"
     log(f"{folder}: {len(done)} of {n} samples exist, {len(todo)} to generate on {world} process(es) "
-        f"({args.mode}{'' if args.mode == 'sde' else '/' + args.solver}, {args.num_steps} steps, cfg {args.cfg_scale} "
-        f"in [{args.guidance_low}, {args.guidance_high}], shift {args.shift:g}, device {device})")
+        f"({args.mode}{'' if args.mode == 'sde' else '/' + args.solver}, {args.num_steps} steps, {args.time_grid} grid, "
+        f"{guidance}, shift {args.shift:g}, device {device})")
 
-    from tqdm.auto import tqdm
-
-    bar = tqdm(total=len(todo), disable=rank != 0, desc="sampling", unit="img", dynamic_ncols=True)
     kw = sampler_kwargs_from_args(args)
-    t0 = time.time()
-    made = 0
-    bs = args.per_proc_batch_size
-    for start in range(0, len(mine), bs):
-        chunk = mine[start:start + bs]
-        # Always a full batch (padded with repeats of the last index, discarded): kernels choose
-        # their algorithm by batch size, so a short last batch (or a resumed run's) would round
-        # differently; at a fixed batch size an image does not depend on its neighbours.
-        idx = torch.tensor(chunk + [chunk[-1]] * (bs - len(chunk)), dtype=torch.int64)
-        images = generate_images(model, vae, stats, idx, args.global_seed, kw, args.num_classes, args.label_sampling, amp)
-        arr = images[:len(chunk)].permute(0, 2, 3, 1).cpu().numpy()  # [B, H, W, 3]
+    kw["guide"] = guide
+    made = []
+
+    def write_pngs(chunk, arr):  # [b, H, W, 3] uint8
         for i, a in zip(chunk, arr):
             utils.atomic_save_png(a, folder / f"{i:06d}.png")
-        made += len(chunk)
-        step = min(len(chunk) * world, len(todo) - bar.n)
-        bar.update(step)
-        bar.set_postfix(samples_per_s=f"{bar.n / max(time.time() - t0, 1e-9):.2f}")
-    bar.close()
+        made.extend(chunk)
+
+    t0 = time.time()
+    sample_for_eval(field, decoder, setup.latent_shape, setup.num_classes, n, args.global_seed,
+                    args.per_proc_batch_size, kw, device, label_sampling=args.label_sampling, autocast_dtype=amp,
+                    indices=todo, on_batch=write_pngs, gather=False, progress=rank == 0)
     elapsed = time.time() - t0
     barrier()
     result = {"folder": str(folder), "generated": len(todo), "existing": len(done), "seconds": elapsed,

@@ -9,6 +9,11 @@ Nothing here downloads implicitly:
 * the VGG trunk comes from `vgg_weights`: "imagenet" (torchvision's file, taken from the torch hub
   cache and downloaded there only when HF_HUB_OFFLINE / TORCH_HUB_OFFLINE is not set), a local
   path to a torchvision VGG16 state dict, or "random" (offline tests; not a meaningful metric).
+  "random" is one fixed pseudo-random trunk (seed 0, drawn without touching the global RNG), so
+  every LPIPS("random") is the same network in every process and across resumes.
+
+Building lpips' VGG16 also builds (and throws away) its 120M-parameter classifier, about 2 s on a
+CPU; the network is therefore built once per process and copied for every further instance.
 
 Input convention: images in [-1, 1] (`input_range="[-1,1]"`, the correct default). REPA-E's loss
 documents [0, 1] inputs but train_repae.py passes [-1, 1] images, which its LPIPS then maps with
@@ -21,6 +26,7 @@ and a loaded state dict does not need them.
 """
 from __future__ import annotations
 
+import copy
 import os
 import warnings
 from pathlib import Path
@@ -53,6 +59,24 @@ def _imagenet_vgg16_state_dict() -> Mapping[str, torch.Tensor]:
     return torch.hub.load_state_dict_from_url(url, map_location="cpu", progress=False, check_hash=True)
 
 
+_TEMPLATE: dict = {}
+
+
+def _lpips_network() -> nn.Module:
+    """A fresh copy of lpips' VGG LPIPS with the package's v0.1 heads and the fixed random trunk."""
+    if "net" not in _TEMPLATE:
+        import lpips
+
+        with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
+            # lpips calls torchvision's deprecated `pretrained=` argument
+            warnings.simplefilter("ignore", UserWarning)
+            torch.manual_seed(0)
+            # pnet_rand=True builds the VGG trunk without torchvision's download; pretrained=True
+            # keeps the package's own v0.1 linear heads (a file inside the package).
+            _TEMPLATE["net"] = lpips.LPIPS(net="vgg", version="0.1", pretrained=True, pnet_rand=True, verbose=False)
+    return copy.deepcopy(_TEMPLATE["net"])
+
+
 class LPIPS(nn.Module):
     """d(x, y) per sample [B, 1, 1, 1]: LPIPS v0.1 with a VGG16 trunk.
 
@@ -64,16 +88,10 @@ class LPIPS(nn.Module):
 
     def __init__(self, vgg_weights: str = "imagenet", input_range: str = "[-1,1]"):
         super().__init__()
-        import lpips
-
         if input_range not in INPUT_RANGES:
             raise ValueError(f"LPIPS: input_range must be one of {INPUT_RANGES}, got {input_range!r}")
         self.input_range = input_range
-        # pnet_rand=True builds the VGG trunk without torchvision's download; pretrained=True keeps
-        # the package's own v0.1 linear heads (a file inside the package).
-        with warnings.catch_warnings():  # lpips calls torchvision's deprecated `pretrained=` argument
-            warnings.simplefilter("ignore", UserWarning)
-            self.net = lpips.LPIPS(net="vgg", version="0.1", pretrained=True, pnet_rand=True, verbose=False)
+        self.net = _lpips_network()
         if vgg_weights == "imagenet":
             self._load_vgg(_imagenet_vgg16_state_dict(), "torchvision VGG16_Weights.IMAGENET1K_V1")
         elif vgg_weights != "random":

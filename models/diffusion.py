@@ -61,11 +61,11 @@ class VelocityModel(nn.Module):
         return int(self.net.num_classes)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        if hasattr(self.net, "inference"):  # SiT: its forward computes losses; inference is the field
-            return self.net.inference(x, t, y)
+        # the SiT's forward computes its training losses; its field is `inference`
+        field = self.net.inference if hasattr(self.net, "inference") else self.net
         if self.data_at_one:
-            return -self.net(x, 1 - t, y)
-        return self.net(x, t, y)
+            return -field(x, 1 - t, y)
+        return field(x, t, y)
 
     inference = forward
 

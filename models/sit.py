@@ -12,7 +12,11 @@ Differences from the original, all deliberate:
 * every registry size works (the original S sizes crash: decoder_hidden_size now follows hidden);
 * attention always goes through SDPA; `fused_attn` is accepted for config compatibility;
 * the REPA loss is one fused reduction per encoder, no Python loop over samples;
-* optional activation checkpointing of the blocks (`grad_checkpointing`).
+* optional activation checkpointing of the blocks (`grad_checkpointing`);
+* `learn_sigma=True` loads the ORIGINAL SiT / DiT-style releases, whose final layer predicts 2C
+  channels (velocity + an unused variance head): the network returns only the first C, as the
+  original SiT's forward does. Those releases have no REPA projectors (z_dims=()) and no input
+  BatchNorm in their state_dict (generate.py fills it from the latent statistics).
 """
 from __future__ import annotations
 
@@ -137,6 +141,7 @@ class SiT(nn.Module):
         fused_attn: bool = True,
         qk_norm: bool = False,
         grad_checkpointing: bool = False,
+        learn_sigma: bool = False,
         **unused,
     ):
         super().__init__()
@@ -147,7 +152,9 @@ class SiT(nn.Module):
         if input_size % patch_size:
             raise ValueError(f"input_size {input_size} is not divisible by patch_size {patch_size}")
         self.path_type = path_type
-        self.in_channels = self.out_channels = in_channels
+        self.in_channels = in_channels
+        self.learn_sigma = bool(learn_sigma)
+        self.out_channels = 2 * in_channels if learn_sigma else in_channels  # predicted channels
         self.patch_size = patch_size
         self.num_heads = num_heads
         self.num_classes = num_classes
@@ -233,7 +240,10 @@ class SiT(nn.Module):
                 if align_only:
                     break
         x = self.final_layer(x, c)
-        return unpatchify(x, self.patch_size, self.out_channels), zs_tilde
+        out = unpatchify(x, self.patch_size, self.out_channels)  # [N, C or 2C, H, W]
+        if self.learn_sigma:  # the variance head of the original releases is never used
+            out = out[:, : self.in_channels]
+        return out, zs_tilde
 
     def inference(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Velocity on already-normalised latents x [N, C, H, W] at times t [N] for labels y [N]."""

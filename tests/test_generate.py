@@ -13,6 +13,7 @@ import torch
 
 import generate
 from models.autoencoder import build_vae
+from models.diffusion import VelocityModel
 from models.sit import build_sit
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -147,3 +148,273 @@ def test_two_processes_match_one_and_eval(exp, tmp_path):
     assert np.array_equal(one, two)
     metrics = json.loads((tmp_path / "two" / "run" / "metrics.json").read_text())
     assert np.isfinite(metrics["fid"]) and metrics["fid"] > 0 and 0 <= metrics["precision"] <= 1
+
+
+# ------------------------------------------------------------------------------------------------
+# Stage-2 families, released-checkpoint conventions, autoguidance (generate.py issues 5 and 6)
+# ------------------------------------------------------------------------------------------------
+
+
+def test_learn_sigma_sit_returns_first_channels_and_loads_without_bn_or_projectors(tmp_path):
+    """An original-SiT-style release (2C outputs, no projectors, no BatchNorm) loads strictly and
+    samples with the first C channels; its default time convention is data-at-1."""
+    from models.layers import unpatchify
+
+    torch.manual_seed(0)
+    sit = build_sit("SiT-N/2", input_size=8, in_channels=4, num_classes=4, z_dims=[], encoder_depth=2,
+                    learn_sigma=True)
+    with torch.no_grad():
+        for p in sit.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    assert sit.final_layer.linear.out_features == 2 * 2 * 2 * 4
+    x, t, y = torch.randn(3, 4, 8, 8), torch.rand(3), torch.tensor([0, 1, 4])
+    h, c = sit._embed(x, t, y)
+    for block in sit.blocks:
+        h = block(h, c)
+    full = unpatchify(sit.final_layer(h, c), 2, 8)  # [3, 8, 8, 8]: velocity + variance head
+    assert torch.allclose(sit.inference(x, t, y), full[:, :4], atol=1e-6)
+
+    sd = {k: v for k, v in sit.state_dict().items() if not k.startswith("bn.")}
+    torch.save({"ema": sd}, tmp_path / "SiT-N-2-release.pt")
+    res = generate.main(["--ckpt", str(tmp_path / "SiT-N-2-release.pt"), "--model", "SiT-N/2", "--vae", "tiny-f4d4",
+                         "--random-init-vae", "--latent-scale", "0.5", "--resolution", "32", "--num-steps", "2",
+                         "--cfg-scale", "1.5", "--sample-dir", str(tmp_path / "s"), "--folder-name", "run",
+                         "--device", "cpu", "--num-fid-samples", "3", "--per-proc-batch-size", "3", "--no-npz"])
+    assert res["generated"] == 3
+    cfg = json.loads((tmp_path / "s" / "run" / "sampling_config.json").read_text())
+    assert cfg["time_convention"] == "data-at-1" and cfg["latent_stats"] == "scale 0.5"
+
+
+class _DataAtOneField(torch.nn.Module):
+    """The exact flow-matching velocity of a point mass at `a`, in the data-at-1 convention
+    (x_s = s a + (1 - s) eps, target a - eps): u(x, s) = (a - x) / (1 - s)."""
+
+    num_classes = 2
+
+    def __init__(self, a: torch.Tensor):
+        super().__init__()
+        self.a = a
+
+    def forward(self, x, s, y):
+        return (self.a - x) / (1 - s.view(-1, 1, 1, 1))
+
+
+def test_data_at_one_adapter_matches_the_other_convention():
+    """Evaluating a data-at-1 net as -f(x, 1 - t) and integrating t: 1 -> 0 gives the same endpoint
+    as integrating the net in its own time s: 0 -> 1 (Euler steps coincide), here the point a."""
+    a = torch.randn(1, 4, 8, 8)
+    net = _DataAtOneField(a)
+    z = torch.randn(2, 4, 8, 8)
+    y = torch.zeros(2, dtype=torch.int64)
+    kw = dict(mode="ode", solver="euler", num_steps=7)
+    ours = generate.run_sampler(VelocityModel(net, data_at_one=True), z, y, kw)
+    x, s = z.double(), torch.linspace(0, 1, 8, dtype=torch.float64)  # the net's own convention
+    for k in range(7):
+        x = x + (s[k + 1] - s[k]) * net(x, s[k].expand(2), y)
+    assert torch.allclose(ours, x, atol=1e-6) and torch.allclose(ours, a.double().expand(2, -1, -1, -1), atol=1e-5)
+    wrong = generate.run_sampler(VelocityModel(net, data_at_one=False), z, y, dict(kw, num_steps=6))
+    assert not torch.allclose(wrong, ours, atol=1e-2)  # the convention matters
+    # a SiT (velocity through .inference) gets the same adapter
+    sit = build_sit("SiT-N/2", input_size=8, in_channels=4, num_classes=2, z_dims=[], encoder_depth=2)
+    with torch.no_grad():
+        for p in sit.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    t = torch.full((2,), 0.3)
+    assert torch.allclose(VelocityModel(sit, True).inference(z, t, y), -sit.inference(z, 1 - t, y))
+
+
+class _Counting(torch.nn.Module):
+    """Counts calls and rows of a velocity model."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner, self.calls, self.rows = inner, 0, 0
+
+    @property
+    def num_classes(self):
+        return self.inner.num_classes
+
+    def inference(self, x, t, y):
+        self.calls += 1
+        self.rows += x.shape[0]
+        return self.inner.inference(x, t, y)
+
+
+def _tiny_velocity(seed, data_at_one=False):
+    from models.diffusion import build_diffusion_model
+
+    torch.manual_seed(seed)
+    net = build_diffusion_model("DiTDH-N", (4, 4, 4), 3, 0.1)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return VelocityModel(net.eval(), data_at_one)
+
+
+def test_autoguidance_runs_main_and_guide_once_per_step_on_n_rows():
+    main, guide = _Counting(_tiny_velocity(0)), _Counting(_tiny_velocity(1))
+    z, y = torch.randn(5, 4, 4, 4), torch.tensor([0, 1, 2, 0, 1])
+    kw = dict(mode="ode", solver="euler", num_steps=6, cfg_scale=1.42, guide=guide)
+    out = generate.run_sampler(main, z, y, kw)
+    assert (main.calls, main.rows, guide.calls, guide.rows) == (6, 30, 6, 30)
+    # the formula, on one step
+    x, t = torch.randn(5, 4, 4, 4), torch.full((5,), 0.5)
+    m, g = main.inner.inference(x, t, y).double(), guide.inner.inference(x, t, y).double()
+    field = generate.GuidedVelocity(main.inner, 1.42, guide=guide.inner)
+    assert torch.allclose(field.inference(x, t, y), g + 1.42 * (m - g))
+    # interval: outside it only the main model runs; RAE's grid: K points, K - 1 evaluations
+    main.calls = guide.calls = 0
+    generate.run_sampler(main, z, y, dict(kw, guidance_low=0.0, guidance_high=0.5))
+    assert main.calls == 6 and guide.calls == 3  # t = 1, 5/6, 4/6 are outside [0, 0.5]
+    main.calls = guide.calls = 0
+    generate.run_sampler(main, z, y, dict(kw, time_grid="rae", num_steps=5, shift=2.0))
+    assert main.calls == 4 and guide.calls == 4
+    # a guide identical to the main model changes nothing
+    same = generate.run_sampler(main.inner, z, y, dict(kw, guide=main.inner))
+    assert torch.allclose(same, generate.run_sampler(main.inner, z, y, dict(kw, cfg_scale=1.0)), atol=1e-6)
+    assert torch.isfinite(out).all()
+
+
+def test_cfg_doubles_only_inside_the_interval_and_legacy_channels():
+    main = _Counting(_tiny_velocity(0))
+    z, y = torch.randn(2, 4, 4, 4), torch.tensor([0, 2])
+    generate.run_sampler(main, z, y, dict(mode="ode", solver="euler", num_steps=4, cfg_scale=3.0, guidance_high=0.5))
+    assert main.calls == 4 and main.rows == 2 * 2 + 2 * 4  # t = 1, .75 plain; t = .5, .25 doubled
+    x, t = torch.randn(2, 4, 4, 4), torch.full((2,), 0.3)
+    c = main.inner.inference(x, t, y).double()
+    u = main.inner.inference(x, t, torch.full_like(y, 3)).double()
+    legacy = generate.GuidedVelocity(main.inner, 3.0, cfg_channels=3).inference(x, t, y)
+    assert torch.allclose(legacy[:, :3], u[:, :3] + 3.0 * (c[:, :3] - u[:, :3]), atol=1e-5)
+    assert torch.allclose(legacy[:, 3:], c[:, 3:], atol=1e-5)  # channel 3 stays conditional
+
+
+# ---- end to end: cache latents -> train_ldm_only.py -> generate.py ----------------------------------
+WORKER = r'''
+import sys, numpy as np, torch
+sys.path.insert(0, {root!r})
+import generate
+for argv in {runs!r}:
+    generate.main(argv)
+# sample_for_eval (what trainers call): gathered in index order on every rank
+setup = generate.load_models(generate.parse_args({eval_args!r}), lambda m: None)
+kw = dict(mode="ode", solver="euler", num_steps=2, cfg_scale=2.0)
+arr = generate.sample_for_eval(setup.model, setup.decoder, setup.latent_shape, setup.num_classes, 5, 0, 2, kw, "cpu")
+if torch.distributed.get_rank() == 0:
+    np.save({out!r}, arr)
+torch.distributed.destroy_process_group()
+'''
+
+
+@pytest.fixture(scope="module")
+def ldm_exps(tmp_path_factory):
+    """Latents of a 12-image procedural dataset (random tiny-f4d4 KL tokenizer) and two tiny
+    train_ldm_only.py experiments (LightningDiT-N/1, DiTDH-N), 2 steps each."""
+    import cache_latents
+    import train_ldm_only
+    from dataset import make_procedural_dataset
+
+    root = tmp_path_factory.mktemp("ldm")
+    data = make_procedural_dataset(root / "data", num_classes=3, per_class=4, resolution=32, seed=0)
+    cache_latents.main(cache_latents.build_args(
+        ["--data-dir", str(data), "--output-dir", str(root / "lat"), "--tokenizer", "kl", "--vae", "tiny-f4d4",
+         "--random-init", "--resolution", "32", "--batch-size", "6", "--num-workers", "0", "--seed", "0"]))
+    exps = {}
+    for model in ("LightningDiT-N/1", "DiTDH-N"):
+        name = model.split("-")[0]
+        train_ldm_only.main(train_ldm_only.parse_args(
+            ["--latents-dir", str(root / "lat"), "--model", model, "--num-classes", "3", "--output-dir", str(root / "exps"),
+             "--exp-name", name, "--max-train-steps", "2", "--checkpointing-steps", "2", "--batch-size", "4",
+             "--num-workers", "0", "--random-init-vae", "--sampling-steps", "0", "--learning-rate", "1e-2",
+             "--report-to", "none"]))
+        exps[name] = root / "exps" / name
+    return exps
+
+
+def _ldm_args(exp, out, *extra):
+    return ["--exp-dir", str(exp), "--sample-dir", str(out), "--folder-name", "run", "--device", "cpu",
+            "--num-fid-samples", "5", "--per-proc-batch-size", "2", "--num-steps", "3", "--no-npz", *extra]
+
+
+def test_ldm_experiments_one_vs_two_processes(ldm_exps, tmp_path):
+    """LightningDiT (data-at-1, CFG on an interval) and DiT^DH (RAE grid, dimension shift) from
+    train_ldm_only.py experiments: 2 gloo processes give the images of 1 process, bit for bit, and
+    sample_for_eval gathers in index order."""
+    lit = ["--cfg-scale", "2.0", "--guidance-high", "0.7", "--label-sampling", "equal"]
+    ddt = ["--time-grid", "rae", "--shift", "auto", "--cfg-scale", "1.5"]
+    eval_args = ["--exp-dir", str(ldm_exps["DiTDH"]), "--device", "cpu"]
+    runs = {"lit": _ldm_args(ldm_exps["LightningDiT"], tmp_path / "lit1", *lit),
+            "ddt": _ldm_args(ldm_exps["DiTDH"], tmp_path / "ddt1", *ddt)}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the workers (OMP_NUM_THREADS=1): CPU kernels split reductions by thread count
+    try:
+        for argv in runs.values():
+            generate.main(argv)
+        setup = generate.load_models(generate.parse_args(eval_args), lambda m: None)
+        kw = dict(mode="ode", solver="euler", num_steps=2, cfg_scale=2.0)
+        one_eval = generate.sample_for_eval(setup.model, setup.decoder, setup.latent_shape, setup.num_classes, 5, 0, 2,
+                                            kw, "cpu")
+    finally:
+        torch.set_num_threads(threads)
+    two = [_ldm_args(ldm_exps["LightningDiT"], tmp_path / "lit2", *lit), _ldm_args(ldm_exps["DiTDH"], tmp_path / "ddt2", *ddt)]
+    script = tmp_path / "worker.py"
+    script.write_text(WORKER.format(root=str(ROOT), runs=two, eval_args=eval_args, out=str(tmp_path / "eval2.npy")))
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29531",
+                           str(script)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    for name in ("lit", "ddt"):
+        one, two_ = load_pngs(tmp_path / f"{name}1" / "run", 5), load_pngs(tmp_path / f"{name}2" / "run", 5)
+        assert one.shape == (5, 32, 32, 3) and one.std() > 0
+        assert np.array_equal(one, two_), name
+    cfg = json.loads((tmp_path / "lit1" / "run" / "sampling_config.json").read_text())
+    assert cfg["family"] == "lightningdit" and cfg["time_convention"] == "data-at-1" and cfg["tokenizer_fingerprint"]
+    cfg = json.loads((tmp_path / "ddt1" / "run" / "sampling_config.json").read_text())
+    assert cfg["family"] == "ddt" and "time_convention" not in cfg and cfg["time_grid"] == "rae"
+    assert abs(cfg["shift"] - (4 * 8 * 8 / 4096) ** 0.5) < 1e-12
+
+    assert one_eval.shape == (5, 32, 32, 3) and np.array_equal(one_eval, np.load(tmp_path / "eval2.npy"))
+
+    # new identity fields are part of the refusal: another time convention, another guide
+    with pytest.raises(SystemExit, match="time_convention"):
+        generate.main(_ldm_args(ldm_exps["LightningDiT"], tmp_path / "lit1", *lit, "--time-convention", "noise-at-1"))
+    with pytest.raises(SystemExit, match="guide"):
+        generate.main(_ldm_args(ldm_exps["DiTDH"], tmp_path / "ddt1", *ddt, "--guide-exp-dir", str(ldm_exps["DiTDH"])))
+
+
+def test_ldm_autoguidance_and_tokenizer_fingerprint(ldm_exps, tmp_path):
+    exp = ldm_exps["DiTDH"]
+    small = lambda *a: _ldm_args(*a) + ["--num-fid-samples", "2"]  # noqa: E731
+    base = generate.main(small(exp, tmp_path / "plain"))
+    # the experiment guiding itself: g + s (m - g) = m, the unguided images
+    generate.main(small(exp, tmp_path / "ag", "--guidance", "autoguidance", "--guide-exp-dir", str(exp),
+                            "--cfg-scale", "1.42"))
+    assert np.array_equal(load_pngs(tmp_path / "plain" / "run", 2), load_pngs(tmp_path / "ag" / "run", 2))
+    cfg = json.loads((tmp_path / "ag" / "run" / "sampling_config.json").read_text())
+    assert cfg["guidance"] == "autoguidance" and cfg["guide"]["model"] == "DiTDH-N"
+    assert base["generated"] == 2
+    with pytest.raises(SystemExit, match="needs a guide"):
+        generate.main(_ldm_args(exp, tmp_path / "x", "--recipe", "rae-ddt-autoguidance"))
+    # a tokenizer with other weights than the latents' is refused, naming both fingerprints
+    with pytest.raises(SystemExit, match="fingerprint mismatch"):
+        generate.main(_ldm_args(exp, tmp_path / "y", "--tokenizer-seed", "1"))
+    # the same weights as a hustvl-style release: --ckpt --model, statistics file {mean, std}
+    obj = torch.load(ldm_exps["LightningDiT"] / "checkpoints" / "0000002.pt", map_location="cpu", weights_only=False)
+    torch.save({"ema": obj["ema"]}, tmp_path / "lightningdit.pt")
+    torch.save({"mean": obj["latent_stats"]["mean"].view(1, -1, 1, 1), "std": obj["latent_stats"]["std"].view(1, -1, 1, 1)},
+               tmp_path / "latents_stats.pt")
+    rel = ["--ckpt", str(tmp_path / "lightningdit.pt"), "--model", "LightningDiT-N/1", "--tokenizer", "kl", "--vae",
+           "tiny-f4d4", "--random-init-vae", "--vae-stats", str(tmp_path / "latents_stats.pt"), "--resolution", "32",
+           "--sample-dir", str(tmp_path / "rel"), "--folder-name", "run", "--device", "cpu", "--num-fid-samples", "2",
+           "--per-proc-batch-size", "2", "--num-steps", "3", "--no-npz"]
+    generate.main(rel)
+    generate.main(small(ldm_exps["LightningDiT"], tmp_path / "exp"))
+    assert np.abs(load_pngs(tmp_path / "rel" / "run", 2).astype(int) - load_pngs(tmp_path / "exp" / "run", 2)).max() <= 1
+    cfg = json.loads((tmp_path / "rel" / "run" / "sampling_config.json").read_text())
+    assert cfg["time_convention"] == "data-at-1" and cfg["family"] == "lightningdit"  # hustvl default
+
+
+def test_rae_recipes_parse():
+    a = generate.parse_args(["--recipe", "rae-ddt-ode-50"])
+    assert (a.time_grid, a.num_steps, a.shift, a.label_sampling) == ("rae", 50, "auto", "equal")
+    a = generate.parse_args(["--recipe", "rae-ddt-autoguidance", "--shift", "2"])
+    assert (a.guidance, a.cfg_scale, a.shift) == ("autoguidance", 1.42, 2.0)
