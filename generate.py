@@ -250,6 +250,44 @@ def run_sampler(model, z: torch.Tensor, y: torch.Tensor, sampler_kwargs: dict,
     return sample(field, z, y, cfg_scale=1.0, **kw)  # the field guides itself
 
 
+def add_training_eval_flags(p) -> None:
+    """The trainers' periodic FID flags (train_ldm_only.py, train_repae.py)."""
+    g = p.add_argument_group("evaluation (FID of EMA samples, the code path of generate.py --eval)")
+    g.add_argument("--eval-every", type=int, default=0, help="evaluate every N steps and at the end (0: off)")
+    g.add_argument("--eval-samples", type=int, default=10000, help="samples per evaluation (index-keyed: the same noise and labels every time)")
+    g.add_argument("--eval-reference", type=str, default=None, help="reference .npz: images (arr_0) and/or ADM statistics (mu, sigma)")
+    g.add_argument("--eval-metrics", type=str, default="fid,is", help="comma list of fid, sfid, is, kid, prc")
+    g.add_argument("--eval-batch-size", type=int, default=64, help="sampling batch per process")
+    g.add_argument("--eval-num-steps", type=int, default=50, help="Euler steps of the evaluation sampler")
+    g.add_argument("--eval-cfg-scale", type=float, default=1.0, help="guidance scale of the evaluation samples")
+    g.add_argument("--eval-label-sampling", type=str, default="equal", choices=["random", "equal"], help="labels of the evaluation samples")
+    g.add_argument("--inception-weights", type=str, default=None, help="local torch-fidelity Inception weights (offline)")
+    g.add_argument("--random-init-inception", action="store_true", help="random Inception (offline tests; not a real FID)")
+    g.add_argument("--inception-size", type=int, default=299, help="Inception input size (299 = protocol)")
+
+
+@torch.no_grad()
+def evaluate_generation(field, decode_fn, latent_shape, num_classes: int, args, device, step: int, accelerator,
+                        logger, shift: float = 1.0) -> Dict[str, float]:
+    """Collective: FID etc. of `args.eval_samples` Euler samples of `field` (index-keyed, so every
+    evaluation of a run sees the same noise and labels) against `args.eval_reference`, through the
+    same `sample_for_eval` + `evaluate_samples` path as generate.py --eval. Logged to the trackers."""
+    from evaluation.metrics import get_extractor
+
+    extractor = get_extractor(weights_path=args.inception_weights, device=device, image_size=args.inception_size,
+                              random_init=args.random_init_inception)
+    kw = dict(mode="ode", solver="euler", num_steps=args.eval_num_steps, cfg_scale=args.eval_cfg_scale, shift=shift)
+    images = sample_for_eval(field, decode_fn, latent_shape, num_classes, args.eval_samples, args.seed,
+                             args.eval_batch_size, kw, device, label_sampling=args.eval_label_sampling,
+                             progress=accelerator.is_main_process)
+    metrics = [m.strip() for m in args.eval_metrics.split(",") if m.strip()]
+    scores = evaluate_samples(images, args.eval_reference, inception=extractor, metrics=metrics, device=device)
+    scores = {k: v for k, v in scores.items() if isinstance(v, (int, float))}
+    accelerator.log({f"eval/{k}": v for k, v in scores.items()}, step=step)
+    logger.info(f"eval at step {step}: " + ", ".join(f"{k}={v:.4f}" for k, v in scores.items()))
+    return scores
+
+
 class LatentDecoder(nn.Module):
     """Normalised latents [B, C, h, w] -> images [B, 3, H, W] in about [-1, 1]: z * std + mean
     (statistics [C, 1, 1], [1, C, 1, 1] or [C, h, w]), then the tokenizer's / VAE's `decode`."""

@@ -33,7 +33,7 @@ import utils
 from dataset import LatentShardDataset, ResumableDistributedSampler, build_image_dataset, collate_latents
 from models.diffusion import (DIFFUSION_MODELS, LatentNormalizer, VelocityModel, build_diffusion_model,
                               default_time_convention, flow_matching_loss, model_family, sit_bn_from_stats)
-from samplers import euler_sampler
+from generate import LatentDecoder, add_training_eval_flags, evaluate_generation, sample_batch
 from transport import Transport, shift_from_dims
 
 
@@ -92,9 +92,12 @@ def parse_args(argv=None):
     g.add_argument("--sample-cfg-scale", type=float, default=1.0, help="guidance scale for the sample grids")
     g.add_argument("--sample-shift", type=str, default="1", help="time shift of the sampling grid (number or 'auto')")
     g.add_argument("--num-sample-images", type=int, default=16, help="images per sample grid")
+    add_training_eval_flags(p)
     args = utils.finish_args(utils.parse_args_with_config(p, argv), "ldm")
     if not args.latents_dir:
         p.error("--latents-dir is required (a folder written by cache_latents.py)")
+    if args.eval_every > 0 and not args.eval_reference:
+        p.error("--eval-every needs --eval-reference (a reference .npz)")
     return args
 
 
@@ -131,12 +134,14 @@ def build_model(args, latent_shape, num_encoder_dims):
 
 def build_tokenizer_for_grids(args, dataset, logger):
     """The tokenizer that decodes sample grids; it must be the one that wrote the latents."""
-    if args.no_sample_grids or args.sampling_steps <= 0:
+    if args.no_sample_grids or (args.sampling_steps <= 0 and args.eval_every <= 0):
         return None
     from models.tokenizers import build_tokenizer
 
     info = dataset.tokenizer_info
     if args.vae_ckpt is None and args.rae_config is None and not args.random_init_vae:
+        if args.eval_every > 0:
+            raise SystemExit("--eval-every decodes samples: pass the tokenizer (--vae-ckpt / --rae-config)")
         logger.info("no --vae-ckpt / --rae-config / --random-init-vae: sample grids are off")
         return None
     tok = build_tokenizer(args.tokenizer or info["kind"], name=args.vae or info.get("name"), ckpt=args.vae_ckpt,
@@ -256,17 +261,26 @@ def main(args):
             "latent_stats": {"mean": normalizer.mean.cpu(), "std": normalizer.std.cpu(), "mode": norm_mode}},
             keep=args.keep_checkpoints)
 
-    g = torch.Generator().manual_seed(args.seed)
-    sample_labels = torch.randint(0, max(dataset.num_classes, 1), (args.num_sample_images,), generator=g).to(device)
+    def sampler_kwargs(num_steps, cfg_scale):
+        return dict(mode="ode", solver="euler", num_steps=num_steps, cfg_scale=cfg_scale, shift=sample_shift)
+
+    # Grids and evaluation share generate.py's index-keyed sampling: the same noise and labels at
+    # every step, whatever the world size.
+    decoder = None if tokenizer is None else LatentDecoder(tokenizer, normalizer.mean, normalizer.std).to(device)
+    ema_field = VelocityModel(ema, data_at_one)
 
     @torch.no_grad()
     def sample_grid():
-        gen = torch.Generator().manual_seed(args.seed)
-        z = torch.randn((len(sample_labels), *latent_shape), generator=gen).to(device)
-        x = euler_sampler(VelocityModel(ema, data_at_one), z, sample_labels, num_steps=args.sample_num_steps,
-                          cfg_scale=args.sample_cfg_scale, shift=sample_shift).float()
-        return ((tokenizer.decode(normalizer.denormalize(x)).float().clamp(-1, 1) + 1) / 2).cpu()
+        idx = torch.arange(args.num_sample_images)
+        images = sample_batch(ema_field, decoder, latent_shape, args.num_classes, idx, args.seed,
+                              sampler_kwargs(args.sample_num_steps, args.sample_cfg_scale), device)
+        return images.float().cpu() / 255
 
+    def evaluate(at_step: int) -> dict:
+        return evaluate_generation(ema_field, decoder, latent_shape, args.num_classes, args, device, at_step,
+                                   accelerator, logger, shift=sample_shift)
+
+    evaluations = {}
     model.train()
     if family == "sit":
         net_m.bn.eval()  # normalise with the fixed latent statistics, never with batch statistics
@@ -325,6 +339,8 @@ def main(args):
                 progress.set_postfix({k: f"{v:.4f}" for k, v in vals.items() if k not in ("images_per_sec", "lr")})
                 logger.info(f"step {step:07d} " + " ".join(f"{k}={v:.4g}" for k, v in vals.items()))
             progress.update(1)
+            if utils.should_run(step, args.eval_every, args.max_train_steps):
+                evaluations[step] = evaluate(step)
             if tokenizer is not None and utils.should_run(step, args.sampling_steps, args.max_train_steps, first=True):
                 if accelerator.is_main_process:
                     images = sample_grid()
@@ -340,7 +356,7 @@ def main(args):
         stop.restore()
         progress.close()
 
-    summary = dict(start_step=start_step, end_step=step, losses=monitor.summary(),
+    summary = dict(start_step=start_step, end_step=step, losses=monitor.summary(), evaluations=evaluations,
                    checkpoints=[str(utils.checkpoint_path(ckpt_dir, s)) for s in utils.list_checkpoints(ckpt_dir)],
                    samples=sorted(str(p) for p in Path(exp_dir / "samples").glob("*.png")), **speed.summary())
     if accelerator.is_main_process:

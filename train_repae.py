@@ -31,6 +31,8 @@ from loss.reconstruction import ReconstructionLoss
 from models.autoencoder import VAE_PRESETS, load_vae
 from models.discriminators import discriminator_state_dict_from_checkpoint
 from models.sit import SiT_models, build_sit
+from generate import LatentDecoder, add_training_eval_flags, evaluate_generation
+from models.diffusion import VelocityModel
 from samplers import euler_sampler
 
 
@@ -80,7 +82,11 @@ def parse_args(argv=None):
     g.add_argument("--sample-num-steps", type=int, default=50, help="Euler steps for the sample grids")
     g.add_argument("--sample-cfg-scale", type=float, default=1.0, help="guidance scale for the sample grids")
     g.add_argument("--num-sample-images", type=int, default=16, help="images per sample grid")
-    return utils.finish_args(utils.parse_args_with_config(p, argv), "repae")
+    add_training_eval_flags(p)
+    args = utils.finish_args(utils.parse_args_with_config(p, argv), "repae")
+    if args.eval_every > 0 and not args.eval_reference:
+        p.error("--eval-every needs --eval-reference (a reference .npz)")
+    return args
 
 
 # ------------------------------------------------------------------------------------------------
@@ -233,7 +239,18 @@ def main(args):
         vae_m.train()
         return psnr(x, r)
 
-    summary = {"start_step": step, "psnr_start": eval_recon_psnr(), "losses": {}}
+    @torch.no_grad()
+    def evaluate(at_step: int) -> dict:
+        # the latent statistics move with the SiT's BatchNorm: read them from the EMA now
+        stats = ema.latent_stats(include_eps=True)
+        vae_m.eval()
+        decoder = LatentDecoder(vae_m, stats["latents_bias"], 1 / stats["latents_scale"]).to(device)
+        scores = evaluate_generation(VelocityModel(ema), decoder, latent_shape, args.num_classes, args, device,
+                                     at_step, accelerator, logger)
+        vae_m.train()
+        return scores
+
+    summary = {"start_step": step, "psnr_start": eval_recon_psnr(), "losses": {}, "evaluations": {}}
     logger.info(f"VAE reconstruction PSNR on {len(eval_images)} fixed images at step {step}: {summary['psnr_start']:.2f} dB")
 
     loss_kwargs = dict(weighting=args.weighting, path_type=args.path_type, prediction=args.prediction)
@@ -318,6 +335,8 @@ def main(args):
                     utils.save_image_grid(images, exp_dir / "samples" / f"{step:07d}.png")
                     utils.log_images(accelerator, images, step)
                 accelerator.wait_for_everyone()
+            if utils.should_run(step, args.eval_every, args.max_train_steps):
+                summary["evaluations"][step] = evaluate(step)
             if utils.should_run(step, args.checkpointing_steps, args.max_train_steps) or stop_requested:
                 save_checkpoint()
             if stop_requested:

@@ -181,3 +181,20 @@ def test_unconditional_training_on_a_flat_folder(data, tmp_path):
     assert summary["end_step"] == 2 and (tmp_path / "uncond/samples/0000002.png").is_file()
     ckpt = load(tmp_path / "uncond/checkpoints/0000002.pt")
     assert ckpt["model"]["y_embedder.embedding_table.weight"].shape[0] == 2  # one class + the null label
+
+
+def test_periodic_fid_uses_the_shared_evaluation_path(data, tmp_path):
+    import numpy as np
+
+    from dataset import build_image_dataset
+
+    images, latents = data
+    ds = build_image_dataset(images, 32)
+    ref = tmp_path / "ref.npz"
+    np.savez(ref, arr_0=np.stack([ds[i][0].permute(1, 2, 0).numpy() for i in range(len(ds))]))
+    summary = run(flags(latents, tmp_path, "eval", 2, model="LightningDiT-N/1", sampling_steps=0, eval_every=2,
+                        eval_samples=8, eval_batch_size=4, eval_num_steps=2, eval_reference=ref,
+                        random_init_inception=True, inception_size=75, eval_metrics="fid"))
+    fid = summary["evaluations"][2]["fid"]
+    assert fid > 0 and np.isfinite(fid) and summary["evaluations"][2]["num_samples"] == 8
+    assert "eval at step 2: " in (tmp_path / "eval/log.txt").read_text()

@@ -167,3 +167,17 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(data_dir, tmp_path):
     assert len(steps) == 1 and steps[0] >= 2 and "stop requested" in log.read_text()
     resumed = run(tiny_flags(data_dir, tmp_path, "sig", steps[0] + 1, resume="latest", sampling_steps=0))
     assert resumed["start_step"] == steps[0] and resumed["end_step"] == steps[0] + 1
+
+
+def test_periodic_fid(data_dir, tmp_path):
+    import numpy as np
+
+    from dataset import build_image_dataset
+
+    ds = build_image_dataset(data_dir, 32)
+    ref = tmp_path / "ref.npz"
+    np.savez(ref, arr_0=np.stack([ds[i][0].permute(1, 2, 0).numpy() for i in range(len(ds))]))
+    summary = run(tiny_flags(data_dir, tmp_path, "fid", 2, sampling_steps=0, eval_every=2, eval_samples=8,
+                             eval_batch_size=4, eval_num_steps=2, eval_reference=ref, random_init_inception=True,
+                             inception_size=75, eval_metrics="fid"))
+    assert np.isfinite(summary["evaluations"][2]["fid"]) and summary["evaluations"][2]["num_samples"] == 8
