@@ -299,3 +299,23 @@ def test_linear_probe_separates_classes_and_shuffled_labels_are_chance(tmp_path)
     assert rae["feature_dim"] == 32
     with pytest.raises(ValueError, match="--tokenizer-ckpt"):
         linear_probe.main(["--data-dir", str(data), "--encoder", "tiny-f4d4", "--resolution", "32"])
+
+
+def test_rae_bad_input_is_named():
+    """Statistics of the wrong shape, decoder weights of another width, an encoder input size the
+    patch does not divide: clear errors."""
+    import utils
+    from models.rae import RAEDecoder, build_rae
+    from models.tokenizers import RAE_PRESETS, build_tokenizer
+
+    spec = RAE_PRESETS["tiny-dinov2"]
+    rae = build_tokenizer("rae", name="tiny-dinov2", random_init=True).model
+    c, h, w = rae.latent_shape
+    with pytest.raises(ValueError, match=r"expected \(%d, %d, %d\)" % (c, h, w)):
+        rae.set_latent_stats(torch.zeros(c + 1, h, w), torch.ones(c + 1, h, w))
+    wide = RAEDecoder.from_config(dict(spec["decoder_config"]), c + 16, 8, h * w)
+    with pytest.raises(utils.StateDictMismatch, match="decoder_embed.weight"):
+        utils.load_state_dict_strict(rae.decoder, wide.state_dict(), "decoder.pt")
+    with pytest.raises(ValueError, match="not a multiple of the encoder patch"):
+        build_rae(dict(spec["params"], encoder_input_size=50), encoder_config=spec["encoder_config"],
+                  decoder_config=spec["decoder_config"], random_init=True)
