@@ -59,12 +59,25 @@ def _to_chw(arr: np.ndarray, channels: int) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1)))
 
 
-def load_image(path: str | os.PathLike, resolution: int, channels: int = 3) -> torch.Tensor:
-    """Read an image file, convert to RGB (or L for 1 channel), ADM-crop, return uint8 [C, H, W]."""
+def resize_short_side(pil_image: Image.Image, size: int) -> np.ndarray:
+    """BICUBIC resize so the short side is `size`, aspect ratio kept (torchvision Resize(size) /
+    albumentations SmallestMaxSize, the stage-1 recipes' load step before a random crop)."""
+    scale = size / min(*pil_image.size)
+    new = tuple(max(size, round(x * scale)) for x in pil_image.size)
+    return np.array(pil_image.resize(new, resample=Image.BICUBIC))
+
+
+CROP_MODES = {"adm": center_crop_arr, "short-side": resize_short_side}
+
+
+def load_image(path: str | os.PathLike, resolution: int, channels: int = 3, crop: str = "adm") -> torch.Tensor:
+    """Read an image file, convert to RGB (or L for 1 channel), then `crop`: "adm" (ADM center
+    crop to resolution x resolution) or "short-side" (short side resized to resolution, aspect
+    kept: [C, resolution, W'] or [C, H', resolution]); returns uint8 [C, H, W]."""
     try:
         with Image.open(path) as img:
             img = img.convert("RGB" if channels == 3 else "L")
-            arr = center_crop_arr(img, resolution)
+            arr = CROP_MODES[crop](img, resolution)
     except Exception as e:  # noqa: BLE001 - re-raised with the file name
         raise OSError(f"cannot read image {path}: {e}") from e
     return _to_chw(arr, channels)
@@ -91,7 +104,10 @@ class ImageFolderDataset(Dataset):
     """
 
     def __init__(self, root: str | os.PathLike, resolution: int, channels: int = 3, skip_bad_images: bool = False,
-                 class_to_idx: Optional[dict] = None, num_verify_workers: int = 8):
+                 class_to_idx: Optional[dict] = None, num_verify_workers: int = 8, crop: str = "adm"):
+        if crop not in CROP_MODES:
+            raise ValueError(f"crop mode '{crop}' unknown ({', '.join(CROP_MODES)})")
+        self.crop = crop
         self.root = Path(root)
         if not self.root.is_dir():
             raise FileNotFoundError(f"data folder not found: {self.root} (check --data-dir)")
@@ -132,7 +148,7 @@ class ImageFolderDataset(Dataset):
         return len(self.files)
 
     def __getitem__(self, idx: int):
-        return load_image(self.files[idx], self.resolution, self.channels), int(self.labels[idx])
+        return load_image(self.files[idx], self.resolution, self.channels, self.crop), int(self.labels[idx])
 
 
 class H5ArchiveDataset(Dataset):
@@ -446,13 +462,22 @@ def save_class_to_idx(class_to_idx: dict, path: str | os.PathLike) -> None:
 
 
 def build_image_dataset(data_dir: str | os.PathLike, resolution: int, channels: int = 3,
-                        skip_bad_images: bool = False, class_to_idx: Optional[dict] = None) -> Dataset:
+                        skip_bad_images: bool = False, class_to_idx: Optional[dict] = None,
+                        crop: str = "adm") -> Dataset:
     """The image dataset at `data_dir`, recognised by what it holds: a preprocessing.py archive
     (`index.json`), a REPA-E archive (`images.h5`), an EDM/REPA folder-or-zip (`dataset.json`),
-    or an image folder (class subfolders, or images directly inside = one class)."""
+    or an image folder (class subfolders, or images directly inside = one class). `crop`
+    "short-side" (aspect-preserving resize, for a random crop afterwards) needs an image folder:
+    the archives hold images already cropped square."""
     data_dir = Path(data_dir)
     if not data_dir.exists():
         raise FileNotFoundError(f"data folder not found: {data_dir} (check --data-dir)")
+    if crop != "adm":
+        if data_dir.is_file() or is_archive(data_dir) or (data_dir / "images.h5").is_file() \
+                or (data_dir / "dataset.json").is_file():
+            raise ValueError(f"crop mode '{crop}' needs a folder of original images; {data_dir} holds "
+                             f"square-cropped images (use crop 'adm')")
+        return ImageFolderDataset(data_dir, resolution, channels, skip_bad_images, class_to_idx, crop=crop)
     if data_dir.is_file():
         if data_dir.suffix.lower() == ".zip":
             return EDMImageDataset(data_dir, resolution, channels)

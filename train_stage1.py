@@ -129,6 +129,9 @@ def parse_args(argv=None):
     g.add_argument("--data-dir", type=str, default="data", help="image folder (any class naming), archive, images.h5, or clips")
     g.add_argument("--resolution", type=int, default=256, help="training crop size")
     g.add_argument("--load-size", type=int, default=None, help="images are loaded (ADM crop) at this size, then randomly cropped to --resolution")
+    g.add_argument("--load-mode", type=str, default="adm", choices=["adm", "short-side"],
+                   help="how images are loaded at --load-size before the random crop: ADM center crop, or the "
+                        "originals' aspect-preserving short-side resize (image folders only)")
     g.add_argument("--hflip", action="store_true", help="random horizontal flips")
     g.add_argument("--no-augment", action="store_true", help="no crop or flip (spectrograms)")
     g.add_argument("--convert-channels", action="store_true", help="convert images to --in-channels instead of refusing a mismatch")
@@ -273,7 +276,8 @@ def build_data(args, data_dir: str, channels: int, load_size: int, what: str):
                          f"{'' if is_archive(data_dir) else ' or --convert-channels'}")
     if args.video_frames > 0:
         return VideoClipDataset(data_dir, args.video_frames, load_size, channels, args.video_stride, args.seed)
-    return build_image_dataset(data_dir, load_size, channels, skip_bad_images=args.skip_bad_images)
+    crop = args.load_mode if what == "--data-dir" else "adm"  # evaluation images: the ADM protocol
+    return build_image_dataset(data_dir, load_size, channels, skip_bad_images=args.skip_bad_images, crop=crop)
 
 
 # ------------------------------------------------------------------------------------------------

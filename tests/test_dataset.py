@@ -89,3 +89,27 @@ def test_sampler_resume_and_rank_split():
     assert list(s) != full  # a new permutation per epoch
     with pytest.raises(ValueError, match="batch"):
         ResumableDistributedSampler(3, 4)
+
+
+def test_short_side_load_keeps_the_aspect_and_feeds_random_crops(tmp_path):
+    from PIL import Image
+
+    from dataset import ImageFolderDataset, build_image_dataset
+    from train_stage1 import CropFlip
+
+    (tmp_path / "a").mkdir()
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 255, (40, 60, 3), dtype=np.uint8)).save(tmp_path / "a" / "wide.png")
+    ds = build_image_dataset(tmp_path, 32, crop="short-side")
+    assert isinstance(ds, ImageFolderDataset) and tuple(ds[0][0].shape) == (3, 32, 48)
+    crops = CropFlip(ds, 32, random=True, seed=0)
+    lefts = set()
+    for epoch in range(12):
+        crops.set_epoch(epoch)
+        img = crops[0][0]
+        assert tuple(img.shape) == (3, 32, 32)
+        full = ds[0][0]
+        lefts |= {x for x in range(17) if torch.equal(full[:, :, x:x + 32], img)}
+    assert len(lefts) > 3  # the crop moves along the long side
+    with pytest.raises(ValueError, match="short-side"):
+        build_image_dataset(tmp_path, 32, crop="short-side-x")
