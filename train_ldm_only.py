@@ -22,8 +22,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
-from pathlib import Path
 
 import torch
 from torch.utils.data import DataLoader
@@ -153,7 +151,7 @@ def build_tokenizer_for_grids(args, dataset, logger):
 def main(args):
     run = utils.start_run(args, "train_ldm_only")
     accelerator, logger, device, world = run.accelerator, run.logger, run.device, run.world
-    exp_dir, ckpt_dir, local_bs = run.exp_dir, run.ckpt_dir, run.local_batch_size
+    exp_dir, local_bs = run.exp_dir, run.local_batch_size
     family = model_family(args.model)
 
     # ---------------- data
@@ -347,23 +345,13 @@ def main(args):
                     utils.save_image_grid(images, exp_dir / "samples" / f"{step:07d}.png")
                     utils.log_images(accelerator, images, step)
                 accelerator.wait_for_everyone()
-            if utils.should_run(step, args.checkpointing_steps, args.max_train_steps) or stop_requested:
-                save_checkpoint()
-            if stop_requested:
-                logger.info(f"stop requested (signal): saved step {step}, exiting")
+            if utils.checkpoint_or_stop(run, step, stop_requested, save_checkpoint):
                 break
     finally:
         stop.restore()
         progress.close()
 
-    summary = dict(start_step=start_step, end_step=step, losses=monitor.summary(), evaluations=evaluations,
-                   checkpoints=[str(utils.checkpoint_path(ckpt_dir, s)) for s in utils.list_checkpoints(ckpt_dir)],
-                   samples=sorted(str(p) for p in Path(exp_dir / "samples").glob("*.png")), **speed.summary())
-    if accelerator.is_main_process:
-        utils.atomic_write_text(json.dumps(summary, indent=2) + "\n", exp_dir / "summary.json")
-        logger.info(f"done at step {step}; summary in {exp_dir / 'summary.json'}")
-    accelerator.end_training()
-    return summary
+    return utils.finish_run(run, dict(start_step=start_step, evaluations=evaluations), step, monitor, speed)
 
 
 if __name__ == "__main__":

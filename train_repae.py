@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 
 import torch
 from torch.utils.data import DataLoader
@@ -136,7 +135,7 @@ def sample_grid(ema, vae, latent_shape, labels, args, generator_seed: int):
 def main(args):
     run = utils.start_run(args, "train_repae")
     accelerator, logger, device, world, rank = run.accelerator, run.logger, run.device, run.world, run.rank
-    exp_dir, ckpt_dir, local_bs = run.exp_dir, run.ckpt_dir, run.local_batch_size
+    exp_dir, local_bs = run.exp_dir, run.local_batch_size
 
     # ---------------- models
     vae, stats = build_vae(args, logger)
@@ -337,24 +336,15 @@ def main(args):
                 accelerator.wait_for_everyone()
             if utils.should_run(step, args.eval_every, args.max_train_steps):
                 summary["evaluations"][step] = evaluate(step)
-            if utils.should_run(step, args.checkpointing_steps, args.max_train_steps) or stop_requested:
-                save_checkpoint()
-            if stop_requested:
-                logger.info(f"stop requested (signal): saved step {step}, exiting")
+            if utils.checkpoint_or_stop(run, step, stop_requested, save_checkpoint):
                 break
     finally:
         stop.restore()
         progress.close()
 
-    summary.update(end_step=step, psnr_end=eval_recon_psnr(), losses=monitor.summary(),
-                   checkpoints=[str(utils.checkpoint_path(ckpt_dir, s)) for s in utils.list_checkpoints(ckpt_dir)],
-                   samples=sorted(str(p) for p in (exp_dir / "samples").glob("*.png")), **speed.summary())
-    if accelerator.is_main_process:
-        utils.atomic_write_text(json.dumps(summary, indent=2) + "\n", exp_dir / "summary.json")
-        logger.info(f"done at step {step}: VAE PSNR {summary['psnr_start']:.2f} -> {summary['psnr_end']:.2f} dB; "
-                    f"summary in {exp_dir / 'summary.json'}")
-    accelerator.end_training()
-    return summary
+    summary["psnr_end"] = eval_recon_psnr()
+    return utils.finish_run(run, summary, step, monitor, speed,
+                            f": VAE PSNR {summary['psnr_start']:.2f} -> {summary['psnr_end']:.2f} dB")
 
 
 if __name__ == "__main__":

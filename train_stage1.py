@@ -495,7 +495,7 @@ def main(args):
     kind = args.tokenizer
     run = utils.start_run(args, f"train_stage1_{kind}")
     accelerator, logger, device, world, rank = run.accelerator, run.logger, run.device, run.world, run.rank
-    exp_dir, ckpt_dir, local_bs = run.exp_dir, run.ckpt_dir, run.local_batch_size
+    exp_dir, local_bs = run.exp_dir, run.local_batch_size
 
     # ---------------- models
     foundation = None
@@ -831,10 +831,7 @@ def main(args):
                 if accelerator.is_main_process:
                     recon_grid(step)
                 accelerator.wait_for_everyone()
-            if utils.should_run(step, args.checkpointing_steps, args.max_train_steps) or stop_requested:
-                save_checkpoint()
-            if stop_requested:
-                logger.info(f"stop requested (signal): saved step {step}, exiting")
+            if utils.checkpoint_or_stop(run, step, stop_requested, save_checkpoint):
                 break
     finally:
         stop.restore()
@@ -847,14 +844,8 @@ def main(args):
         accelerator.log({f"eval/{k}": v for k, v in final.items()}, step=step)
         logger.info(f"final eval at step {step} ({'EMA' if ema is not None else 'model'}): "
                     + " ".join(f"{k}={v:.4f}" for k, v in final.items()))
-    summary.update(end_step=step, final_eval=final, losses=monitor.summary(),
-                   checkpoints=[str(utils.checkpoint_path(ckpt_dir, s)) for s in utils.list_checkpoints(ckpt_dir)],
-                   samples=sorted(str(p) for p in (exp_dir / "samples").glob("*.png")), **speed.summary())
-    if accelerator.is_main_process:
-        utils.atomic_write_text(json.dumps(summary, indent=2) + "\n", exp_dir / "summary.json")
-        logger.info(f"done at step {step}; summary in {exp_dir / 'summary.json'}")
-    accelerator.end_training()
-    return summary
+    summary["final_eval"] = final
+    return utils.finish_run(run, summary, step, monitor, speed)
 
 
 class _GrayTokenizer(nn.Module):

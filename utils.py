@@ -586,3 +586,27 @@ def finish_args(args, default_exp_name: str):
     if args.exp_name is None:
         args.exp_name = default_exp_name
     return args
+
+
+def checkpoint_or_stop(run: TrainRun, step: int, stop_requested: bool, save: Callable[[], None]) -> bool:
+    """End of an optimisation step: checkpoint at multiples of --checkpointing-steps, at the last
+    step, and when a stop was requested; returns True when the loop must end (the signal case)."""
+    if should_run(step, run.args.checkpointing_steps, run.args.max_train_steps) or stop_requested:
+        save()
+    if stop_requested:
+        run.logger.info(f"stop requested (signal): saved step {step}, exiting")
+    return stop_requested
+
+
+def finish_run(run: TrainRun, summary: dict, step: int, monitor: StepMonitor, speed: Throughput,
+               message: str = "") -> dict:
+    """Complete the run summary (losses, checkpoints, sample files, throughput), write
+    summary.json atomically and close the trackers."""
+    summary.update(end_step=step, losses=monitor.summary(),
+                   checkpoints=[str(checkpoint_path(run.ckpt_dir, s)) for s in list_checkpoints(run.ckpt_dir)],
+                   samples=sorted(str(p) for p in (run.exp_dir / "samples").glob("*.png")), **speed.summary())
+    if run.is_main:
+        atomic_write_text(json.dumps(summary, indent=2) + "\n", run.exp_dir / "summary.json")
+        run.logger.info(f"done at step {step}{message}; summary in {run.exp_dir / 'summary.json'}")
+    run.accelerator.end_training()
+    return summary
