@@ -14,6 +14,7 @@ import train_ldm_only
 import utils
 from dataset import make_procedural_dataset
 from models.diffusion import LatentNormalizer, VelocityModel, flow_matching_loss
+from tests.cli import to_argv
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -35,14 +36,7 @@ def flags(latents, out, name, steps, **extra):
          "batch-size": 4, "max-train-steps": steps, "checkpointing-steps": 2, "sampling-steps": 2,
          "sample-num-steps": 2, "num-sample-images": 4, "num-workers": 0, "report-to": "none", "seed": 3,
          "vae": "tiny-f4d4"}
-    f.update({k.replace("_", "-"): v for k, v in extra.items()})
-    argv = ["--no-compile", "--random-init-vae"]
-    for k, v in f.items():
-        if v is True:
-            argv.append(f"--{k}")
-        elif v is not None and v is not False:
-            argv += [f"--{k}", str(v)]
-    return argv
+    return to_argv(f, extra, ["--no-compile", "--random-init-vae"])
 
 
 def run(argv):

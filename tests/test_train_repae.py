@@ -13,6 +13,7 @@ import save_vae_weights
 import train_repae
 import utils
 from dataset import make_procedural_dataset
+from tests.cli import to_argv
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -31,14 +32,7 @@ def tiny_flags(data_dir, out, name, steps, **extra):
         "sampling-steps": 3, "sample-num-steps": 2, "num-sample-images": 4, "num-workers": 0,
         "report-to": "none", "loss-cfg-path": str(ROOT / "configs/repae/demo_loss.yaml"), "seed": 1,
     }
-    flags.update({k.replace("_", "-"): v for k, v in extra.items()})
-    argv = ["--random-init-vae", "--random-init-encoders", "--no-compile"]
-    for k, v in flags.items():
-        if v is True:
-            argv.append(f"--{k}")
-        elif v is not None and v is not False:
-            argv += [f"--{k}", str(v)]
-    return argv
+    return to_argv(flags, extra, ["--random-init-vae", "--random-init-encoders", "--no-compile"])
 
 
 def run(argv):

@@ -18,6 +18,7 @@ import save_vae_weights
 import train_stage1
 import utils
 from dataset import make_procedural_dataset
+from tests.cli import to_argv
 
 ROOT = Path(__file__).resolve().parents[1]
 CKPT_KEYS = ("model", "loss", "opt", "opt_disc", "sched", "sched_disc", "args", "steps", "rng", "data")
@@ -56,14 +57,7 @@ def flags(kind, data_dir, out, name, steps, **extra):
     opts = {"config": ROOT / f"configs/stage1/tiny_{kind}.yaml", "data-dir": data_dir, "output-dir": out,
             "exp-name": name, "max-train-steps": steps, "checkpointing-steps": 2, "sampling-steps": 1,
             "eval-samples": 0, "seed": 3}
-    opts.update({k.replace("_", "-"): v for k, v in extra.items()})
-    argv = []
-    for k, v in opts.items():
-        if v is True:
-            argv.append(f"--{k}")
-        elif v is not None and v is not False:
-            argv += [f"--{k}", str(v)]
-    return argv
+    return to_argv(opts, extra)
 
 
 def run(argv):
