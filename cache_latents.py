@@ -36,8 +36,17 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 
 import utils
-from dataset import (LATENT_INFO_FILE, LATENT_STATS_FILE, build_image_dataset, latent_shard_path, latent_shard_range,
-                     map_shard_arrays, num_latent_shards, read_shard_header)
+from dataset import (
+    LATENT_INFO_FILE,
+    LATENT_STATS_FILE,
+    build_image_dataset,
+    latent_shard_path,
+    latent_shard_range,
+    load_class_to_idx,
+    map_shard_arrays,
+    num_latent_shards,
+    read_shard_header,
+)
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 STAT_KEYS = ("stats_count", "stats_sum", "stats_m2")
@@ -247,6 +256,7 @@ def build_args(argv=None):
     p.add_argument("--num-workers", type=int, default=4)
     p.add_argument("--mixed-precision", type=str, default="no", choices=["no", "bf16", "fp16"])
     p.add_argument("--allow-tf32", action="store_true")
+    p.add_argument("--class-to-idx", type=str, default=None, help="JSON {class folder: id} remapping the labels (custom data)")
     p.add_argument("--stats-only", action="store_true", help="only recompute latents_stats.pt from the shards")
     args = utils.parse_args_with_config(p, argv)
     if not args.output_dir:
@@ -292,7 +302,8 @@ def main(args) -> dict:
     tokenizer = build_tokenizer(args.tokenizer, name=args.vae, ckpt=args.vae_ckpt, stats=args.vae_stats,
                                 config=args.rae_config if args.tokenizer == "rae" else args.vae_config,
                                 random_init=args.random_init, seed=args.seed).to(device)
-    dataset = build_image_dataset(args.data_dir, args.resolution, channels=tokenizer.in_channels)
+    dataset = build_image_dataset(args.data_dir, args.resolution, channels=tokenizer.in_channels,
+                                  class_to_idx=load_class_to_idx(args.class_to_idx))
     N, S = len(dataset), args.shard_size
     info = dict(tokenizer.identity(args.resolution), stats_mode=tokenizer.stats_mode, has_std=not tokenizer.deterministic,
                 resolution=args.resolution, flip=bool(args.flip), dtype=args.dtype, num_images=N,

@@ -461,6 +461,20 @@ def save_class_to_idx(class_to_idx: dict, path: str | os.PathLike) -> None:
     atomic_write_text(json.dumps(ordered, indent=1) + "\n", path)
 
 
+def load_class_to_idx(path: Optional[str | os.PathLike], flag: str = "--class-to-idx") -> Optional[dict]:
+    """A class mapping file `{"folder name": id}` (custom datasets: reorder, merge or subset
+    classes); None passes through. Errors name the flag and the file."""
+    if path is None:
+        return None
+    try:
+        mapping = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{flag} {path}: cannot read a JSON class mapping ({e})") from e
+    if not isinstance(mapping, dict) or not all(isinstance(v, int) and v >= 0 for v in mapping.values()):
+        raise ValueError(f"{flag} {path}: expected {{\"class folder\": non-negative int id, ...}}")
+    return {str(k): int(v) for k, v in mapping.items()}
+
+
 def build_image_dataset(data_dir: str | os.PathLike, resolution: int, channels: int = 3,
                         skip_bad_images: bool = False, class_to_idx: Optional[dict] = None,
                         crop: str = "adm") -> Dataset:

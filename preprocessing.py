@@ -51,14 +51,23 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from dataset import (ARCHIVE_FORMAT, ARCHIVE_VERSION, EDMImageDataset, H5ArchiveDataset, ImageFolderDataset,
-                     check_archive_shard, is_archive, save_class_to_idx)
+from dataset import (
+    ARCHIVE_FORMAT,
+    ARCHIVE_VERSION,
+    EDMImageDataset,
+    H5ArchiveDataset,
+    ImageFolderDataset,
+    check_archive_shard,
+    is_archive,
+    load_class_to_idx,
+    save_class_to_idx,
+)
 from utils import _atomic_write, atomic_write_text
 
 MANIFEST = "preprocessing_args.json"
 
 
-def open_source(source: str | os.PathLike, resolution: int, channels: int):
+def open_source(source: str | os.PathLike, resolution: int, channels: int, class_to_idx: Optional[dict] = None):
     """The reader for SRC and its kind ("folder", "h5", "edm"). Readers return (uint8 [C, H, W],
     label), expose `files` (global order) and `class_to_idx`, and raise OSError naming the file
     for an unreadable image."""
@@ -76,7 +85,7 @@ def open_source(source: str | os.PathLike, resolution: int, channels: int):
         return H5ArchiveDataset(source, resolution, channels), "h5"
     if (source / "dataset.json").is_file():
         return EDMImageDataset(source, resolution, channels), "edm"
-    return ImageFolderDataset(source, resolution, channels), "folder"
+    return ImageFolderDataset(source, resolution, channels, class_to_idx=class_to_idx), "folder"
 
 
 # --------------------------------------------------------------------------------------------
@@ -178,7 +187,7 @@ def _check_manifest(dest: Path, manifest: dict) -> None:
 
 def preprocess(source: str | os.PathLike, dest: str | os.PathLike, resolution: int = 256, workers: int = 1,
                shard_size: int = 1000, channels: int = 3, encoding: str = "raw", skip_bad_images: bool = False,
-               max_images: Optional[int] = None, progress: bool = True) -> dict:
+               max_images: Optional[int] = None, progress: bool = True, class_to_idx: Optional[dict] = None) -> dict:
     """Write the archive of `source` into `dest` (see the module docstring); returns index.json's
     content. Shards already complete from an earlier run with the same arguments are kept."""
     if resolution < 1 or shard_size < 1:
@@ -190,11 +199,11 @@ def preprocess(source: str | os.PathLike, dest: str | os.PathLike, resolution: i
     if max_images is not None and max_images < 1:
         raise ValueError(f"--max-images must be >= 1, got {max_images}")
     source, dest = Path(source).resolve(), Path(dest)
-    reader, kind = open_source(source, resolution, channels)
+    reader, kind = open_source(source, resolution, channels, class_to_idx)
     num_source = len(reader) if max_images is None else min(len(reader), max_images)
     settings = dict(format=ARCHIVE_FORMAT, version=ARCHIVE_VERSION, source=str(source), resolution=resolution,
                     channels=channels, encoding=encoding, shard_size=shard_size, skip_bad_images=skip_bad_images,
-                    max_images=max_images)
+                    max_images=max_images, class_to_idx=class_to_idx)
     _check_manifest(dest, settings)
     for tmp in dest.glob(".*.tmp"):  # leftovers of an interrupted run; never under a final name
         tmp.unlink()
@@ -267,10 +276,12 @@ def main(argv=None) -> None:
     p.add_argument("--skip-bad-images", action="store_true",
                    help="skip unreadable images (counted and listed in index.json) instead of stopping")
     p.add_argument("--max-images", type=int, default=None, help="only the first N images of the sorted source")
+    p.add_argument("--class-to-idx", type=str, default=None, help="JSON {class folder: id} remapping the labels (image folders)")
     args = p.parse_args(argv)
     try:
         index = preprocess(args.source, args.dest, args.resolution, args.workers, args.shard_size, args.channels,
-                           args.encoding, args.skip_bad_images, args.max_images)
+                           args.encoding, args.skip_bad_images, args.max_images,
+                           class_to_idx=load_class_to_idx(args.class_to_idx))
     except (OSError, ValueError, KeyError) as e:
         sys.exit(f"preprocessing.py: error: {e}")
     print(f"wrote {index['num_images']} images ({index['num_classes']} classes, {len(index['shards'])} shards, "

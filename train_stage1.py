@@ -37,8 +37,15 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm.auto import tqdm
 
 import utils
-from dataset import (ResumableDistributedSampler, VideoClipDataset, build_image_dataset, flatten_video_batch,
-                     is_archive, save_class_to_idx)
+from dataset import (
+    ResumableDistributedSampler,
+    VideoClipDataset,
+    build_image_dataset,
+    flatten_video_batch,
+    is_archive,
+    load_class_to_idx,
+    save_class_to_idx,
+)
 
 TOKENIZERS = ("kl", "vavae", "vqgan", "rae")
 # Per-kind defaults of flags left unset (None): the published recipes' values.
@@ -137,6 +144,7 @@ def parse_args(argv=None):
     g.add_argument("--convert-channels", action="store_true", help="convert images to --in-channels instead of refusing a mismatch")
     g.add_argument("--video-frames", type=int, default=0, help="read clips of T frames and flatten (batch, frames) to frames")
     g.add_argument("--video-stride", type=int, default=1, help="frame stride inside a clip window")
+    g.add_argument("--class-to-idx", type=str, default=None, help="JSON {class folder: id} remapping the labels (custom data)")
     g.add_argument("--skip-bad-images", action="store_true", help="skip unreadable images instead of stopping")
     g = p.add_argument_group("evaluation")
     g.add_argument("--eval-every", type=int, default=0, help="evaluate every N steps (0: only at the end)")
@@ -277,7 +285,8 @@ def build_data(args, data_dir: str, channels: int, load_size: int, what: str):
     if args.video_frames > 0:
         return VideoClipDataset(data_dir, args.video_frames, load_size, channels, args.video_stride, args.seed)
     crop = args.load_mode if what == "--data-dir" else "adm"  # evaluation images: the ADM protocol
-    return build_image_dataset(data_dir, load_size, channels, skip_bad_images=args.skip_bad_images, crop=crop)
+    return build_image_dataset(data_dir, load_size, channels, skip_bad_images=args.skip_bad_images, crop=crop,
+                               class_to_idx=load_class_to_idx(args.class_to_idx))
 
 
 # ------------------------------------------------------------------------------------------------

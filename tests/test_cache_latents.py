@@ -298,3 +298,19 @@ def test_build_tokenizer_checkpoints_and_errors(tmp_path):
         build_tokenizer("sdxl", "x", random_init=True)
     with pytest.raises(TypeError, match="uint8"):
         kl.encode_moments(torch.zeros(1, 3, 64, 64))
+
+
+def test_class_remapping(data_dir, tmp_path):
+    """--class-to-idx merges / reorders class folders; the mapping travels in tokenizer.json."""
+    names = sorted(p.name for p in Path(data_dir).iterdir() if p.is_dir())
+    mapping = {n: (len(names) - 1 - i) // 2 for i, n in enumerate(names)}  # reversed and merged in pairs
+    (tmp_path / "map.json").write_text(json.dumps(mapping))
+    run(flags(data_dir, tmp_path / "lat", flip=False, class_to_idx=tmp_path / "map.json"))
+    ds = LatentShardDataset(tmp_path / "lat", flip=False)
+    assert ds.class_to_idx == mapping and ds.num_classes == max(mapping.values()) + 1
+    files = sorted(f for f in Path(data_dir).rglob("*.png"))
+    want = [mapping[f.parent.name] for f in files]
+    assert [int(ds[i]["label"]) for i in range(len(ds))] == want
+    (tmp_path / "bad.json").write_text(json.dumps({names[0]: -1}))
+    with pytest.raises(ValueError, match="--class-to-idx"):
+        run(flags(data_dir, tmp_path / "lat2", flip=False, class_to_idx=tmp_path / "bad.json"))
