@@ -882,9 +882,13 @@ class LatentShardDataset(Dataset):
     Shard headers are checked up front (every shard present, complete, with `labels`, sizes as
     tokenizer.json says); rows are read lazily in each worker process with one positional read
     each (faster than a memory map for the 400 KB rows of RAE latents, as fast for small ones).
+    `keep_dtype`: batches carry mean / std in the stored dtype (e.g. float16) instead of float32,
+    so worker -> trainer transfers and pinning move half the bytes; the trainer casts on the GPU.
     """
 
-    def __init__(self, root: str | os.PathLike, flip: bool = True, seed: int = 0, image_dataset: Optional[Dataset] = None):
+    def __init__(self, root: str | os.PathLike, flip: bool = True, seed: int = 0, image_dataset: Optional[Dataset] = None,
+                 keep_dtype: bool = False):
+        self.keep_dtype = bool(keep_dtype)
         self.root = Path(root)
         info_path = self.root / LATENT_INFO_FILE
         if not info_path.is_file():
@@ -1061,10 +1065,11 @@ class LatentShardDataset(Dataset):
                     labels.append(int(shard["labels"][j]))
                     index.append(int(shard["indices"][j]))
             dtype = _SAFETENSORS_DTYPES[first["dtype"]][1]
-            out[key] = torch.from_numpy(buf).view(dtype).reshape([B] + shape).float()
+            rows = torch.from_numpy(buf).view(dtype).reshape([B] + shape)
+            out[key] = rows if self.keep_dtype else rows.float()
         if not self.has_std:
             # stride-0 zeros: no memory, and nothing to copy between worker and trainer processes
-            out["std"] = torch.zeros(()).expand([B] + shape)
+            out["std"] = torch.zeros((), dtype=out["mean"].dtype).expand([B] + shape)
         out.update(label=torch.tensor(labels, dtype=torch.int64), index=torch.tensor(index, dtype=torch.int64),
                    flipped=torch.tensor(flipped))
         if self.image_dataset is not None:

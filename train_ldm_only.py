@@ -160,7 +160,7 @@ def main(args):
     if use_repa:
         if not args.data_dir:
             raise SystemExit("--enc-type needs --data-dir (the images the latents were cached from)")
-    dataset = LatentShardDataset(args.latents_dir, flip=not args.no_flip, seed=args.seed)
+    dataset = LatentShardDataset(args.latents_dir, flip=not args.no_flip, seed=args.seed, keep_dtype=True)
     info, latent_shape = dataset.tokenizer_info, tuple(dataset.latent_shape)
     resolution = args.resolution or int(info.get("resolution", 256))
     if use_repa:
@@ -168,7 +168,8 @@ def main(args):
         if len(image_dataset) != len(dataset):
             raise SystemExit(f"--data-dir {args.data_dir} holds {len(image_dataset)} images but --latents-dir "
                              f"{args.latents_dir} was cached from {len(dataset)}")
-        dataset = LatentShardDataset(args.latents_dir, flip=not args.no_flip, seed=args.seed, image_dataset=image_dataset)
+        dataset = LatentShardDataset(args.latents_dir, flip=not args.no_flip, seed=args.seed, image_dataset=image_dataset,
+                                     keep_dtype=True)
     if dataset.num_classes > args.num_classes:
         raise SystemExit(f"{args.latents_dir} has {dataset.num_classes} classes but --num-classes is {args.num_classes}")
     norm_mode = info.get("stats_mode", "channel") if args.latent_norm == "auto" else args.latent_norm
@@ -293,8 +294,9 @@ def main(args):
         while step < args.max_train_steps and epoch < args.epochs:
             epoch, batch_pos, batch = next(data_iter)
             batch_pos += 1  # position of the NEXT micro-batch, what a checkpoint must record
-            mean = batch["mean"].to(device, non_blocking=True)
-            std = batch["std"].to(device, non_blocking=True)
+            # stored dtype (e.g. float16) over the wire, float32 on the device
+            mean = batch["mean"].to(device, non_blocking=True).float()
+            std = batch["std"].to(device, non_blocking=True).float()
             labels = batch["label"].to(device, non_blocking=True)
             z = mean + std * torch.randn_like(mean)  # posterior sample; std = 0 for deterministic tokenizers
             with torch.no_grad(), accelerator.autocast():

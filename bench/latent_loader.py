@@ -56,13 +56,14 @@ def write_synthetic_folder(root: Path, num: int, shape, has_std: bool, flip: boo
     cl.compute_folder_stats(root, info)
 
 
-def measure(root: Path, batch_size: int, num_workers: int, seconds: float, batched: bool = True) -> float:
+def measure(root: Path, batch_size: int, num_workers: int, seconds: float, batched: bool = True,
+            keep_dtype: bool = False) -> float:
     """Samples/s over whole shuffled epochs (first batch excluded: worker start-up)."""
     import torch
 
     from dataset import LatentShardDataset, collate_latents
 
-    ds = LatentShardDataset(root, flip=True, seed=0)
+    ds = LatentShardDataset(root, flip=True, seed=0, keep_dtype=keep_dtype)
     # Persistent workers: the figure is the steady state, not the worker start-up of each epoch.
     loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, shuffle=True, num_workers=num_workers,
                                          pin_memory=torch.cuda.is_available(), drop_last=True,
@@ -110,10 +111,11 @@ def main():
             write_synthetic_folder(root, num, shape, has_std, flip=True, shard_size=1024)
             size = sum(f.stat().st_size for f in (root / "shards").iterdir()) / 2**20
             print(f"{title}: wrote {num} samples ({size:.0f} MiB) in {time.perf_counter() - t:.1f}s")
-            for batched in (True, False):
-                rate = measure(root, args.batch_size, args.num_workers, args.seconds, batched)
+            for batched, keep in ((True, True), (True, False), (False, False)):
+                rate = measure(root, args.batch_size, args.num_workers, args.seconds, batched, keep)
                 verdict = "enough" if rate >= NEEDED_SAMPLES_PER_S else "NOT enough"
-                how = "collate_latents" if batched else "default collate"
+                how = ("collate_latents, stored dtype (train_ldm_only)" if keep else
+                       "collate_latents, float32" if batched else "default collate, float32")
                 print(f"  {how}: {rate:,.0f} samples/s with {args.num_workers} workers, batch {args.batch_size} "
                       f"(needed ~{NEEDED_SAMPLES_PER_S}: {verdict}, x{rate / NEEDED_SAMPLES_PER_S:.1f})")
 
