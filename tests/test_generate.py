@@ -215,8 +215,8 @@ def test_data_at_one_adapter_matches_the_other_convention():
     wrong = generate.run_sampler(VelocityModel(net, data_at_one=False), z, y, dict(kw, num_steps=6))
     assert not torch.allclose(wrong, ours, atol=1e-2)  # the convention matters
     # a SiT (velocity through .inference) gets the same adapter
-    sit = build_sit("SiT-N/2", input_size=8, in_channels=4, num_classes=2, z_dims=[], encoder_depth=2)
-    with torch.no_grad():
+    sit = build_sit("SiT-N/2", input_size=8, in_channels=4, num_classes=2, z_dims=[], encoder_depth=2).eval()
+    with torch.no_grad():  # eval: no random label dropout between the two evaluations
         for p in sit.parameters():
             p.add_(0.05 * torch.randn_like(p))
     t = torch.full((2,), 0.3)
