@@ -62,7 +62,7 @@ from dataset import (
     load_class_to_idx,
     save_class_to_idx,
 )
-from utils import _atomic_write, atomic_write_text
+from utils import atomic_write, atomic_write_text
 
 MANIFEST = "preprocessing_args.json"
 
@@ -107,7 +107,7 @@ def _shard_names(k: int) -> dict:
 
 
 def _save_npy(array: np.ndarray, path: Path) -> None:
-    _atomic_write(path, lambda f: np.save(f, array), "wb")
+    atomic_write(path, lambda f: np.save(f, array), "wb")
 
 
 def _encode_png(arr: np.ndarray) -> bytes:

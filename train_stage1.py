@@ -416,11 +416,11 @@ def build_model(args, vf_dim=None):
                 cfg["legacy"] = args.vq_legacy
             return VQModel.from_config(cfg, source="--model-config")
         from models.rae import build_rae
-        from models.tokenizers import _rae_spec
+        from models.tokenizers import rae_spec
 
         if args.in_channels not in (None, 3):
             raise SystemExit(f"--tokenizer rae takes RGB images (its encoders are RGB); got --in-channels {args.in_channels}")
-        _, spec = _rae_spec(None if cfg is not None else args.model, cfg)
+        _, spec = rae_spec(None if cfg is not None else args.model, cfg)
         params = dict(spec["params"])
         if args.noise_tau is not None:
             params["noise_tau"] = args.noise_tau

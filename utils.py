@@ -78,7 +78,7 @@ def load_checkpoint_file(path: str | os.PathLike, key: str | None = None) -> dic
     return obj
 
 
-def _atomic_write(path: str | os.PathLike, write, mode: str) -> None:
+def atomic_write(path: str | os.PathLike, write, mode: str) -> None:
     """Write through `write(file)` into a temp file in the same folder, fsync, then rename over
     `path`: readers see the old file or the new one, never a half-written one."""
     path = Path(path)
@@ -98,12 +98,12 @@ def _atomic_write(path: str | os.PathLike, write, mode: str) -> None:
 
 def atomic_save(obj: Any, path: str | os.PathLike) -> None:
     """torch.save, atomically."""
-    _atomic_write(path, lambda f: torch.save(obj, f), "wb")
+    atomic_write(path, lambda f: torch.save(obj, f), "wb")
 
 
 def atomic_write_text(text: str, path: str | os.PathLike) -> None:
     """Write a text file atomically."""
-    _atomic_write(path, lambda f: f.write(text), "w")
+    atomic_write(path, lambda f: f.write(text), "w")
 
 
 def atomic_save_png(array, path: str | os.PathLike) -> None:
@@ -111,7 +111,7 @@ def atomic_save_png(array, path: str | os.PathLike) -> None:
     from PIL import Image
 
     image = Image.fromarray(array)
-    _atomic_write(path, lambda f: image.save(f, format="PNG"), "wb")
+    atomic_write(path, lambda f: image.save(f, format="PNG"), "wb")
 
 
 def load_yaml(path: str | os.PathLike) -> dict:

@@ -223,7 +223,7 @@ def load_vq_checkpoint(model: nn.Module, path: Union[str, os.PathLike]) -> None:
     model.load_state_dict(sd, strict=True)
 
 
-def _rae_spec(name: Optional[str], config) -> Tuple[str, dict]:
+def rae_spec(name: Optional[str], config) -> Tuple[str, dict]:
     """(name, spec) with spec = {params, [encoder_config], [decoder_config], [image_processor]}
     from a preset name or a config (dict / file; a released `stage_1: {target, params}` config
     or bare params are accepted)."""
@@ -288,7 +288,7 @@ def build_tokenizer(kind: str, name: Optional[str] = None, ckpt: Optional[Union[
 
             stats_dict = load_latents_stats(stats, channels=model.latent_channels)
     else:
-        label, spec = _rae_spec(name, config)
+        label, spec = rae_spec(name, config)
         params = dict(spec["params"])
         if ckpt is not None:
             params["pretrained_decoder_path"] = str(ckpt)
