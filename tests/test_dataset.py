@@ -95,7 +95,7 @@ def test_short_side_load_keeps_the_aspect_and_feeds_random_crops(tmp_path):
     from PIL import Image
 
     from dataset import ImageFolderDataset, build_image_dataset
-    from train_stage1 import CropFlip
+    from dataset import CropFlip
 
     (tmp_path / "a").mkdir()
     rng = np.random.default_rng(0)
