@@ -192,3 +192,9 @@ def test_periodic_fid_uses_the_shared_evaluation_path(data, tmp_path):
     fid = summary["evaluations"][2]["fid"]
     assert fid > 0 and np.isfinite(fid) and summary["evaluations"][2]["num_samples"] == 8
     assert "eval at step 2: " in (tmp_path / "eval/log.txt").read_text()
+
+
+@pytest.mark.parametrize("config", sorted((ROOT / "configs/ldm").glob("*.yaml")), ids=lambda p: p.stem)
+def test_published_recipes_parse(config):
+    args = train_ldm_only.parse_args(["--config", str(config), "--latents-dir", "x", "--eval-reference", "ref.npz"])
+    assert args.model in train_ldm_only.DIFFUSION_MODELS and args.batch_size >= 256

@@ -220,3 +220,9 @@ def test_video_clips_are_flattened_to_frames(tmp_path):
     assert "3 clips of 2 frames for training" in log and "batch 2 = 1 x 1 x 2" in log
     assert summary["final_eval"]["num_samples"] == 4  # evaluated frame by frame
     assert json.loads((tmp_path / "video/class_to_idx.json").read_text()) == {"run": 0, "walk": 1}
+
+
+@pytest.mark.parametrize("config", sorted((ROOT / "configs/stage1").glob("*.yaml")), ids=lambda p: p.stem)
+def test_recipes_parse(config):
+    args = train_stage1.parse_args(["--config", str(config), "--data-dir", "x"])
+    assert args.tokenizer in train_stage1.TOKENIZERS and args.resolution > 0
