@@ -25,7 +25,7 @@ def main(argv=None):
     p.add_argument("--out", type=str, default="demo_out", help="folder for data and the experiment")
     p.add_argument("--resume", action="store_true", help="continue the previous demo experiment instead of restarting")
     p.add_argument("--with-photos", action="store_true", help="mix scikit-image's public-domain photos into the data")
-    p.add_argument("--max-train-steps", type=int, default=None)
+    p.add_argument("--max-train-steps", type=int, default=None, help="override the preset's number of training steps (e.g. 4 for a smoke run)")
     args = p.parse_args(argv)
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -267,7 +267,7 @@ def main(argv=None) -> None:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--source", required=True, help="image folder, REPA-E archive folder, or EDM folder/.zip")
     p.add_argument("--dest", required=True, help="output folder (created; resumable)")
-    p.add_argument("--resolution", type=int, default=256)
+    p.add_argument("--resolution", type=int, default=256, help="output image size (ADM center crop)")
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="worker processes (one shard per task)")
     p.add_argument("--shard-size", type=int, default=1000, help="images per shard file")
     p.add_argument("--channels", type=int, default=3, choices=[1, 3], help="1: convert to grayscale (L)")

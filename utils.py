@@ -135,7 +135,7 @@ def parse_args_with_config(parser, argv=None):
     import argparse
 
     pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument("--config", type=str, default=None)
+    pre.add_argument("--config", type=str, default=None, help='YAML file of flag values')
     known, _ = pre.parse_known_args(argv)
     if known.config:
         cfg = load_yaml(known.config)
