@@ -25,6 +25,7 @@ from models.sit import interpolant
 
 
 def shift_time(t: torch.Tensor, shift: float) -> torch.Tensor:
+    """Noise-time shift t' = s t / (1 + (s - 1) t) (s > 1 spends more steps near noise, t = 1)."""
     return t if shift == 1.0 else shift * t / (1 + (shift - 1) * t)
 
 

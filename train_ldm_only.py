@@ -111,9 +111,7 @@ def build_model(args, latent_shape, num_encoder_dims):
     family = model_family(args.model)
     options = {}
     if family == "sit":
-        # without encoders there are no projectors and the depth at which they would read is moot
-        options = dict(z_dims=num_encoder_dims, encoder_depth=args.encoder_depth if num_encoder_dims else 1,
-                       projector_dim=args.projector_dim,
+        options = dict(z_dims=num_encoder_dims, encoder_depth=args.encoder_depth, projector_dim=args.projector_dim,
                        qk_norm=args.qk_norm, path_type=args.path_type, grad_checkpointing=args.grad_checkpointing,
                        fused_attn=args.fused_attn)
     else:

@@ -23,10 +23,11 @@ from typing import Callable, Optional
 
 import torch
 
+from samplers import shift_time
 
-def time_shift(t: torch.Tensor, shift: float) -> torch.Tensor:
-    """t' = s t / (1 + (s - 1) t): with s > 1 more time is spent near the noise end (t = 1)."""
-    return shift * t / (1 + (shift - 1) * t)
+# t' = s t / (1 + (s - 1) t): with s > 1 more time is spent near the noise end (t = 1); the
+# samplers' noise-time shift, under RAE's name.
+time_shift = shift_time
 
 
 def shift_from_dims(shift_dim: int, shift_base: int = 4096) -> float:

@@ -55,7 +55,7 @@ def main():
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     family = model_family(name)
-    options = {"grad_checkpointing": args.grad_checkpointing, "encoder_depth": 1} if family == "sit" else {"use_checkpoint": args.grad_checkpointing}
+    options = {"grad_checkpointing": args.grad_checkpointing} if family == "sit" else {"use_checkpoint": args.grad_checkpointing}
     net = build_diffusion_model(name, shape, 1000, 0.1, **options).to(device)
     ema = copy.deepcopy(net).requires_grad_(False)
     model = torch.compile(net) if args.compile else net

@@ -147,7 +147,7 @@ class SiT(nn.Module):
         super().__init__()
         if decoder_hidden_size is not None and decoder_hidden_size != hidden_size:
             raise ValueError(f"decoder_hidden_size ({decoder_hidden_size}) must equal hidden_size ({hidden_size})")
-        if not 1 <= encoder_depth <= depth:
+        if z_dims and not 1 <= encoder_depth <= depth:  # only the projectors read at encoder_depth
             raise ValueError(f"encoder_depth must be in [1, depth={depth}], got {encoder_depth}")
         if input_size % patch_size:
             raise ValueError(f"input_size {input_size} is not divisible by patch_size {patch_size}")
