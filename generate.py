@@ -266,6 +266,21 @@ def add_training_eval_flags(p) -> None:
     g.add_argument("--inception-size", type=int, default=299, help="Inception input size (299 = protocol)")
 
 
+def euler_kwargs(num_steps: int, cfg_scale: float, shift: float = 1.0) -> dict:
+    """The trainers' sampler: Euler ODE with CFG over the whole time range."""
+    return dict(mode="ode", solver="euler", num_steps=num_steps, cfg_scale=cfg_scale, shift=shift)
+
+
+@torch.no_grad()
+def training_sample_grid(field, decode_fn, latent_shape, num_classes: int, n: int, seed: int, num_steps: int,
+                         cfg_scale: float, device, shift: float = 1.0) -> torch.Tensor:
+    """Samples 0..n-1 as images [n, 3, H, W] in [0, 1] for the trainers' grids: index-keyed, so
+    every grid of a run shows the same noise and labels."""
+    images = sample_batch(field, decode_fn, latent_shape, num_classes, torch.arange(n), seed,
+                          euler_kwargs(num_steps, cfg_scale, shift), device)
+    return images.float().cpu() / 255
+
+
 @torch.no_grad()
 def evaluate_generation(field, decode_fn, latent_shape, num_classes: int, args, device, step: int, accelerator,
                         logger, shift: float = 1.0) -> Dict[str, float]:
@@ -276,7 +291,7 @@ def evaluate_generation(field, decode_fn, latent_shape, num_classes: int, args, 
 
     extractor = get_extractor(weights_path=args.inception_weights, device=device, image_size=args.inception_size,
                               random_init=args.random_init_inception)
-    kw = dict(mode="ode", solver="euler", num_steps=args.eval_num_steps, cfg_scale=args.eval_cfg_scale, shift=shift)
+    kw = euler_kwargs(args.eval_num_steps, args.eval_cfg_scale, shift)
     images = sample_for_eval(field, decode_fn, latent_shape, num_classes, args.eval_samples, args.seed,
                              args.eval_batch_size, kw, device, label_sampling=args.eval_label_sampling,
                              progress=accelerator.is_main_process)

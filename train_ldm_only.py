@@ -31,7 +31,7 @@ import utils
 from dataset import LatentShardDataset, ResumableDistributedSampler, build_image_dataset, collate_latents
 from models.diffusion import (DIFFUSION_MODELS, LatentNormalizer, VelocityModel, build_diffusion_model,
                               default_time_convention, flow_matching_loss, model_family, sit_bn_from_stats)
-from generate import LatentDecoder, add_training_eval_flags, evaluate_generation, sample_batch
+from generate import LatentDecoder, add_training_eval_flags, evaluate_generation, training_sample_grid
 from transport import Transport, shift_from_dims
 
 
@@ -258,20 +258,14 @@ def main(args):
             "latent_stats": {"mean": normalizer.mean.cpu(), "std": normalizer.std.cpu(), "mode": norm_mode}},
             keep=args.keep_checkpoints)
 
-    def sampler_kwargs(num_steps, cfg_scale):
-        return dict(mode="ode", solver="euler", num_steps=num_steps, cfg_scale=cfg_scale, shift=sample_shift)
-
     # Grids and evaluation share generate.py's index-keyed sampling: the same noise and labels at
     # every step, whatever the world size.
     decoder = None if tokenizer is None else LatentDecoder(tokenizer, normalizer.mean, normalizer.std).to(device)
     ema_field = VelocityModel(ema, data_at_one)
 
-    @torch.no_grad()
     def sample_grid():
-        idx = torch.arange(args.num_sample_images)
-        images = sample_batch(ema_field, decoder, latent_shape, args.num_classes, idx, args.seed,
-                              sampler_kwargs(args.sample_num_steps, args.sample_cfg_scale), device)
-        return images.float().cpu() / 255
+        return training_sample_grid(ema_field, decoder, latent_shape, args.num_classes, args.num_sample_images,
+                                    args.seed, args.sample_num_steps, args.sample_cfg_scale, device, sample_shift)
 
     def evaluate(at_step: int) -> dict:
         return evaluate_generation(ema_field, decoder, latent_shape, args.num_classes, args, device, at_step,

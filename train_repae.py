@@ -30,9 +30,8 @@ from loss.reconstruction import ReconstructionLoss
 from models.autoencoder import VAE_PRESETS, load_vae
 from models.discriminators import discriminator_state_dict_from_checkpoint
 from models.sit import SiT_models, build_sit
-from generate import LatentDecoder, add_training_eval_flags, evaluate_generation
+from generate import LatentDecoder, add_training_eval_flags, evaluate_generation, training_sample_grid
 from models.diffusion import VelocityModel
-from samplers import euler_sampler
 
 
 def parse_args(argv=None):
@@ -114,19 +113,6 @@ def psnr(x: torch.Tensor, y: torch.Tensor) -> float:
     """PSNR in dB of images in [-1, 1], averaged over samples."""
     mse = ((x.float().clamp(-1, 1) - y.float().clamp(-1, 1)) / 2).pow(2).flatten(1).mean(1)
     return (10 * torch.log10(1.0 / mse.clamp_min(1e-10))).mean().item()
-
-
-@torch.no_grad()
-def sample_grid(ema, vae, latent_shape, labels, args, generator_seed: int):
-    """Decode EMA samples (Euler ODE) from fixed noise: images [N, 3, H, W] in [0, 1]."""
-    g = torch.Generator().manual_seed(generator_seed)
-    device = next(ema.parameters()).device
-    z = torch.randn((len(labels), *latent_shape), generator=g).to(device)
-    x = euler_sampler(ema, z, labels, num_steps=args.sample_num_steps, cfg_scale=args.sample_cfg_scale,
-                      guidance_low=0.0, guidance_high=1.0, path_type=args.path_type).float()
-    stats = ema.latent_stats(include_eps=True)
-    x = x / stats["latents_scale"].to(device) + stats["latents_bias"].to(device)
-    return ((vae.decode(x).float().clamp(-1, 1) + 1) / 2).cpu()
 
 
 # ------------------------------------------------------------------------------------------------
@@ -226,8 +212,6 @@ def main(args):
 
     # Fixed evaluation material (independent of the training RNG stream).
     eval_images = torch.stack([dataset[i][0] for i in range(min(8, len(dataset)))]).to(device)
-    g = torch.Generator().manual_seed(args.seed)
-    sample_labels = torch.randint(0, max(dataset.num_classes, 1), (args.num_sample_images,), generator=g).to(device)
     latent_shape = (vae_m.latent_channels, latent_size, latent_size)
 
     @torch.no_grad()
@@ -238,13 +222,25 @@ def main(args):
         vae_m.train()
         return psnr(x, r)
 
+    def ema_decoder() -> LatentDecoder:
+        # the latent statistics move with the SiT's BatchNorm: read them from the EMA each time
+        stats = ema.latent_stats(include_eps=True)
+        return LatentDecoder(vae_m, stats["latents_bias"], 1 / stats["latents_scale"]).to(device)
+
+    # Grids and evaluation share generate.py's index-keyed sampling (same noise and labels at every step).
+    @torch.no_grad()
+    def sample_grid():
+        vae_m.eval()
+        images = training_sample_grid(VelocityModel(ema), ema_decoder(), latent_shape, args.num_classes,
+                                      args.num_sample_images, args.seed, args.sample_num_steps,
+                                      args.sample_cfg_scale, device)
+        vae_m.train()
+        return images
+
     @torch.no_grad()
     def evaluate(at_step: int) -> dict:
-        # the latent statistics move with the SiT's BatchNorm: read them from the EMA now
-        stats = ema.latent_stats(include_eps=True)
         vae_m.eval()
-        decoder = LatentDecoder(vae_m, stats["latents_bias"], 1 / stats["latents_scale"]).to(device)
-        scores = evaluate_generation(VelocityModel(ema), decoder, latent_shape, args.num_classes, args, device,
+        scores = evaluate_generation(VelocityModel(ema), ema_decoder(), latent_shape, args.num_classes, args, device,
                                      at_step, accelerator, logger)
         vae_m.train()
         return scores
@@ -328,9 +324,7 @@ def main(args):
 
             if utils.should_run(step, args.sampling_steps, args.max_train_steps, first=True):
                 if accelerator.is_main_process:
-                    vae_m.eval()
-                    images = sample_grid(ema, vae_m, latent_shape, sample_labels, args, args.seed)
-                    vae_m.train()
+                    images = sample_grid()
                     utils.save_image_grid(images, exp_dir / "samples" / f"{step:07d}.png")
                     utils.log_images(accelerator, images, step)
                 accelerator.wait_for_everyone()
