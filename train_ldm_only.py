@@ -231,8 +231,7 @@ def main(args):
         utils.load_state_dict_strict(ema, ckpt["ema"], f"{src}['ema']")
         opt.load_state_dict(ckpt["opt"])
         sched.load_state_dict(ckpt["sched"])
-        step, epoch, batch_pos = int(ckpt["steps"]), ckpt["data"]["epoch"], ckpt["data"]["batch"]
-        logger.info(f"resumed from {src} at step {step} (epoch {epoch}, batch {batch_pos})")
+        step, epoch, batch_pos = utils.resume_position(run, ckpt)
     model = torch.compile(net) if args.compile else net
     model, opt = accelerator.prepare(model, opt)
     net_m = utils.unwrap(model)

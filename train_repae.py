@@ -188,9 +188,7 @@ def main(args):
         opt.load_state_dict(ckpt["opt"])
         opt_vae.load_state_dict(ckpt["opt_vae"])
         opt_disc.load_state_dict(ckpt["opt_disc"])
-        step = int(ckpt["steps"])
-        epoch, batch_pos = ckpt["data"]["epoch"], ckpt["data"]["batch"]
-        logger.info(f"resumed from {resume_path} at step {step} (epoch {epoch}, batch {batch_pos})")
+        step, epoch, batch_pos = utils.resume_position(run, ckpt)
     if args.compile:
         sit = torch.compile(sit)
     model, vae, loss_fn, opt, opt_vae, opt_disc = accelerator.prepare(sit, vae, loss_fn, opt, opt_vae, opt_disc)

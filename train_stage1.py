@@ -390,10 +390,10 @@ def make_optimizer(params, lr: float, args) -> torch.optim.Optimizer:
 
 
 def codebook_stats(counts: torch.Tensor) -> dict:
-    """Fraction of codes used and perplexity exp(H(p)) of the usage histogram `counts` [K]."""
+    """Fraction of codes used and perplexity exp(H(p)) of the usage histogram `counts` [K], as
+    0-d tensors on counts' device (no host sync in the training step)."""
     p = counts.double() / counts.sum().clamp_min(1)
-    return {"codebook_usage": float((counts > 0).double().mean()),
-            "perplexity": float(torch.exp(-(p * torch.log(p + 1e-10)).sum()))}
+    return {"codebook_usage": (counts > 0).double().mean(), "perplexity": torch.exp(-(p * torch.log(p + 1e-10)).sum())}
 
 
 def allreduce_grads(params, accelerator) -> None:
@@ -557,8 +557,7 @@ def main(args):
         sched.load_state_dict(ckpt["sched"])
         sched_disc.load_state_dict(ckpt["sched_disc"])
         ema_state = ckpt.get("ema")
-        step, epoch, batch_pos = int(ckpt["steps"]), ckpt["data"]["epoch"], ckpt["data"]["batch"]
-        logger.info(f"resumed from {src} at step {step} (epoch {epoch}, batch {batch_pos})")
+        step, epoch, batch_pos = utils.resume_position(run, ckpt)
     fwd = TrainForward(kind, model)
     if args.compile:
         fwd = torch.compile(fwd)
@@ -644,12 +643,16 @@ def main(args):
                 x = torch.stack([eval_ds[i][0] for i in idx[s:s + args.eval_batch_size]]).to(device)
                 ids = net.encode(x.float() / 127.5 - 1)[2][2].reshape(-1)  # info = (.., .., indices)
                 counts += torch.bincount(ids, minlength=K).double()
-            res.update(codebook_stats(accelerator.reduce(counts, reduction="sum").cpu()))
+            res.update({k: float(v) for k, v in codebook_stats(accelerator.reduce(counts, reduction="sum")).items()})
         net.train(was_training)
         model.train()
         if accelerator.is_main_process:
             recon_grid(at_step)
         accelerator.wait_for_everyone()
+        summary["evaluations"][str(at_step)] = res
+        accelerator.log({f"eval/{k}": v for k, v in res.items()}, step=at_step)
+        logger.info(f"eval at step {at_step} ({'EMA' if ema is not None else 'model'}): "
+                    + " ".join(f"{k}={v:.4f}" for k, v in res.items()))
         return res
 
     # ---------------- loop
@@ -732,8 +735,7 @@ def main(args):
             losses = {"g_loss": g_loss.detach(), "d_loss": d_loss.detach()}
             if kind == "vqgan":  # this batch's code usage (averaged over ranks with the losses)
                 K = getattr(model.quantize, "re_embed", model.n_embed)
-                st = codebook_stats(torch.bincount(out["indices"].detach(), minlength=K))
-                losses.update({k: torch.tensor(v, device=device) for k, v in st.items()})
+                losses.update(codebook_stats(torch.bincount(out["indices"].detach(), minlength=K)))
             logged = step % args.log_every == 0 or step == args.max_train_steps
             vals, stop_requested = monitor(losses, step, record=logged)
             if logged:
@@ -745,10 +747,7 @@ def main(args):
             progress.update(1)
 
             if eval_ds is not None and args.eval_every > 0 and step % args.eval_every == 0 and step != args.max_train_steps:
-                res = evaluate(step)
-                summary["evaluations"][str(step)] = res
-                accelerator.log({f"eval/{k}": v for k, v in res.items()}, step=step)
-                logger.info(f"eval at step {step}: " + " ".join(f"{k}={v:.4f}" for k, v in res.items()))
+                evaluate(step)
             elif eval_ds is not None and utils.should_run(step, args.sampling_steps, args.max_train_steps) \
                     and step != args.max_train_steps:
                 if accelerator.is_main_process:
@@ -760,14 +759,7 @@ def main(args):
         stop.restore()
         progress.close()
 
-    final = None
-    if eval_ds is not None and step > summary["start_step"]:
-        final = evaluate(step)
-        summary["evaluations"][str(step)] = final
-        accelerator.log({f"eval/{k}": v for k, v in final.items()}, step=step)
-        logger.info(f"final eval at step {step} ({'EMA' if ema is not None else 'model'}): "
-                    + " ".join(f"{k}={v:.4f}" for k, v in final.items()))
-    summary["final_eval"] = final
+    summary["final_eval"] = evaluate(step) if eval_ds is not None and step > summary["start_step"] else None
     return utils.finish_run(run, summary, step, monitor, speed)
 
 

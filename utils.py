@@ -375,6 +375,13 @@ def load_resume_checkpoint(run: TrainRun) -> Optional[dict]:
     return torch.load(run.resume_path, map_location="cpu", weights_only=False)
 
 
+def resume_position(run: TrainRun, ckpt: dict) -> tuple:
+    """(step, epoch, batch) where the checkpoint stopped: the loop continues with the next micro-batch."""
+    step, epoch, batch = int(ckpt["steps"]), int(ckpt["data"]["epoch"]), int(ckpt["data"]["batch"])
+    run.logger.info(f"resumed from {run.resume_path} at step {step} (epoch {epoch}, batch {batch})")
+    return step, epoch, batch
+
+
 def restore_rng(run: TrainRun, ckpt: dict) -> None:
     """Continue every rank's RNG stream where it stopped; a different world size restarts the
     streams from a step-dependent seed (the data order itself stays exact: it is index-keyed)."""

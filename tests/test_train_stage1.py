@@ -117,7 +117,7 @@ def test_each_kind_trains_and_writes_everything(runs, kind):
         n_model = sum(1 for k in ckpt["model"] if not k.startswith("quantize.") and "running" not in k)
         assert n_opt == n_model
     log = (exp / "log.txt").read_text()
-    assert "final eval at step 2" in log and ("(EMA)" in log) == (kind == "rae")
+    assert "eval at step 2 (" in log and ("(EMA)" in log) == (kind == "rae")
 
 
 @pytest.mark.parametrize("kind", ["vqgan", "rae"])
@@ -147,7 +147,7 @@ def test_two_processes_gloo(data_dir, tmp_path):
     res = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     log = (tmp_path / "ddp/log.txt").read_text()
-    assert "2 process(es)" in log and "batch 4 = 2 x 1 x 2" in log and "final eval at step 2" in log
+    assert "2 process(es)" in log and "batch 4 = 2 x 1 x 2" in log and "eval at step 2 (" in log
     ckpt = load(tmp_path / "ddp/checkpoints/0000002.pt")
     assert len(ckpt["rng"]) == 2 and ckpt["sched_disc"]["last_epoch"] == 1
 
