@@ -197,7 +197,8 @@ def main(args):
             if e.num_tokens(resolution) != tokens:
                 raise SystemExit(f"encoder {e.name} gives {e.num_tokens(resolution)} tokens at {resolution}px but "
                                  f"{args.model} on {latent_shape} latents has {tokens}; change the patch size")
-        normalizer = LatentNormalizer.from_stats(stats, "channel", latent_shape, net.bn.eps)
+        normalizer = LatentNormalizer.from_stats(stats, "channel", latent_shape, net.bn.eps,
+                                                 f"{args.latents_dir}/latents_stats.pt")
     else:
         normalizer = LatentNormalizer.from_stats(stats, norm_mode, latent_shape, 0.0 if norm_mode == "channel" else 1e-5,
                                                  f"{args.latents_dir}/latents_stats.pt")

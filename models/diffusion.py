@@ -14,7 +14,7 @@ the tokenizer's statistics; LightningDiT and DiT^DH receive (z - mean) / std fro
 """
 from __future__ import annotations
 
-from typing import Dict, Mapping, Optional, Sequence, Tuple
+from typing import Dict, Mapping, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -72,19 +72,15 @@ class VelocityModel(nn.Module):
 
 class LatentNormalizer(nn.Module):
     """(z - mean) / std with statistics [C, 1, 1] (per channel) or [C, h, w] (per position);
-    std = sqrt(var + eps). Identity when built without statistics (the SiT normalises itself)."""
+    std = sqrt(var + eps)."""
 
-    def __init__(self, mean: Optional[torch.Tensor] = None, var: Optional[torch.Tensor] = None, eps: float = 0.0):
+    def __init__(self, mean: torch.Tensor, var: torch.Tensor, eps: float = 0.0):
         super().__init__()
-        if (mean is None) != (var is None):
-            raise ValueError("LatentNormalizer needs both mean and var, or neither")
-        self.identity = mean is None
-        if not self.identity:
-            mean, var = mean.float(), var.float()
-            if mean.dim() == 1:
-                mean, var = mean[:, None, None], var[:, None, None]
-            self.register_buffer("mean", mean.clone())
-            self.register_buffer("std", (var + eps).sqrt())
+        mean, var = mean.float(), var.float()
+        if mean.dim() == 1:
+            mean, var = mean[:, None, None], var[:, None, None]
+        self.register_buffer("mean", mean.clone())
+        self.register_buffer("std", (var + eps).sqrt())
 
     @classmethod
     def from_stats(cls, stats: Mapping[str, torch.Tensor], mode: str, latent_shape: Sequence[int],
@@ -106,10 +102,10 @@ class LatentNormalizer(nn.Module):
         return cls(mean, var, eps)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
-        return z if self.identity else (z - self.mean) / self.std
+        return (z - self.mean) / self.std
 
     def denormalize(self, z: torch.Tensor) -> torch.Tensor:
-        return z if self.identity else z * self.std + self.mean
+        return z * self.std + self.mean
 
 
 def sit_bn_from_stats(sit: nn.Module, stats: Mapping[str, torch.Tensor], source: str) -> None:
