@@ -113,7 +113,7 @@ def build_model(args, latent_shape, num_encoder_dims):
     if family == "sit":
         options = dict(z_dims=num_encoder_dims, encoder_depth=args.encoder_depth, projector_dim=args.projector_dim,
                        qk_norm=args.qk_norm, path_type=args.path_type, grad_checkpointing=args.grad_checkpointing,
-                       fused_attn=args.fused_attn)
+                       fused_attn=args.fused_attn, freeze_bn=True)
     else:
         if num_encoder_dims:
             raise SystemExit(f"--enc-type {args.enc_type}: the REPA loss needs a SiT; {args.model} trains with --enc-type none")
@@ -273,8 +273,6 @@ def main(args):
 
     evaluations = {}
     model.train()
-    if family == "sit":
-        net_m.bn.eval()  # normalise with the fixed latent statistics, never with batch statistics
     progress = tqdm(total=args.max_train_steps, initial=step, disable=not accelerator.is_main_process,
                     desc="train_ldm_only", dynamic_ncols=True)
     data_iter = utils.infinite_epochs(loader, sampler, epoch, batch_pos)

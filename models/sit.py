@@ -142,6 +142,7 @@ class SiT(nn.Module):
         qk_norm: bool = False,
         grad_checkpointing: bool = False,
         learn_sigma: bool = False,
+        freeze_bn: bool = False,
         **unused,
     ):
         super().__init__()
@@ -161,6 +162,9 @@ class SiT(nn.Module):
         self.encoder_depth = encoder_depth
         self.z_dims = list(z_dims)
         self.grad_checkpointing = grad_checkpointing
+        # LDM-only training keeps the latent statistics fixed: the BatchNorm then always normalises
+        # with its running statistics, whatever mode the rest of the model is in.
+        self.freeze_bn = freeze_bn
 
         self.x_embedder = PatchEmbed(input_size, patch_size, in_channels, hidden_size)
         self.t_embedder = TimestepEmbedder(hidden_size)
@@ -175,6 +179,12 @@ class SiT(nn.Module):
         self.initialize_weights()
 
     # ------------------------------------------------------------------ init and latent stats
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if self.freeze_bn:
+            self.bn.eval()
+        return self
+
     def initialize_weights(self):
         def _basic_init(module):
             if isinstance(module, nn.Linear):

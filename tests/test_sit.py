@@ -125,3 +125,16 @@ def test_sampler_dispatch_and_shapes():
         assert out.shape == z.shape and out.dtype == torch.float64 and torch.isfinite(out).all()
     with pytest.raises(ValueError, match="solver"):
         sample(model, z, y, solver="rk9")
+
+
+def test_frozen_batchnorm_stays_in_eval_mode():
+    from models.sit import build_sit
+
+    sit = build_sit("SiT-N/2", input_size=8, in_channels=4, num_classes=2, z_dims=[], freeze_bn=True)
+    sit.train()
+    assert sit.training and not sit.bn.training
+    x = torch.randn(4, 4, 8, 8) * 3 + 1
+    before = sit.bn.running_mean.clone()
+    sit(x, torch.zeros(4, dtype=torch.long))
+    assert torch.equal(sit.bn.running_mean, before)  # a training forward does not move the statistics
+    assert build_sit("SiT-N/2", input_size=8, in_channels=4, num_classes=2, z_dims=[]).train().bn.training
