@@ -12,3 +12,11 @@ def to_argv(flags: dict, extra: dict, switches=()) -> list:
         elif v is not None and v is not False:
             argv += [f"--{k}", str(v)]
     return argv
+
+
+def free_port() -> str:
+    """A port no other process holds now: parallel test runs (and pytest-xdist workers) never collide."""
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return str(s.getsockname()[1])

@@ -1,7 +1,6 @@
 """Unit tests for the KL autoencoders (models/autoencoder.py) and VQGAN quantizers (models/vqgan.py):
 presets, shapes, strict checkpoint loading, latent statistics, VA-VAE checkpoints, EMA updates."""
 import os
-import socket
 
 import numpy as np
 import pytest
@@ -12,6 +11,7 @@ from models.autoencoder import (VAE_PRESETS, AutoencoderKL, DiagonalGaussianDist
                                 default_stats_path, denormalize_latents, load_latents_stats, load_vae,
                                 normalize_latents, save_latents_stats)
 from models.vqgan import EMAVectorQuantizer, VectorQuantizer2, VQ_PRESETS, build_vqgan
+from tests.cli import free_port
 from utils import StateDictMismatch
 
 
@@ -278,12 +278,6 @@ def test_ema_dead_code_restart():
     assert plain.embedding.weight[~used].abs().max() > 1e3
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _ema_rank(rank, world, port, zs, out):
     import torch.distributed as dist
 
@@ -301,7 +295,7 @@ def test_ema_all_reduce_two_ranks():
     zs = [torch.randn(2, 3, 2, 2), torch.randn(2, 3, 2, 2)]
     manager = mp.Manager()
     out = manager.dict()
-    mp.spawn(_ema_rank, args=(2, _free_port(), zs, out), nprocs=2, join=True)
+    mp.spawn(_ema_rank, args=(2, free_port(), zs, out), nprocs=2, join=True)
     torch.manual_seed(0)
     ref = EMAVectorQuantizer(8, 3, decay=0.9).train()
     ref(torch.cat(zs))  # one process on the global batch

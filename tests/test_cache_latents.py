@@ -12,6 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from tests.cli import free_port
 import cache_latents
 from dataset import (LatentShardDataset, build_image_dataset, collate_latents, latent_flip_choice, latent_shard_path,
                      make_procedural_dataset)
@@ -145,7 +146,7 @@ def test_dataset_items_flip_choice_and_workers(data_dir, kl_folder):
 def test_two_processes_write_the_same_folder(data_dir, kl_folder, tmp_path):
     env = dict(os.environ, ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT))
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29541",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", free_port(),
            str(ROOT / "cache_latents.py")] + flags(data_dir, tmp_path / "two")
     res = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]

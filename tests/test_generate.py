@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from tests.cli import free_port
 import generate
 from models.autoencoder import build_vae
 from models.diffusion import VelocityModel
@@ -138,7 +139,7 @@ def test_two_processes_match_one_and_eval(exp, tmp_path):
               "--num-fid-samples", "7", "--device", "cpu", "--exp-dir", str(exp), "--folder-name", "run"]
     generate.main(common + ["--sample-dir", str(tmp_path / "one"), "--per-proc-batch-size", "3"])
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", free_port(),
            str(ROOT / "generate.py"), *common, "--sample-dir", str(tmp_path / "two"), "--per-proc-batch-size", "3",
            "--eval", "--ref-batch", str(tmp_path / "ref.npz"), "--inception-weights", str(weights),
            "--inception-image-size", "75", "--inception-chunk", "8", "--eval-batch-size", "3"]
@@ -359,7 +360,7 @@ def test_ldm_experiments_one_vs_two_processes(ldm_exps, tmp_path):
     script = tmp_path / "worker.py"
     script.write_text(WORKER.format(root=str(ROOT), runs=two, eval_args=eval_args, out=str(tmp_path / "eval2.npy")))
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29531",
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", free_port(),
                            str(script)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     for name in ("lit", "ddt"):

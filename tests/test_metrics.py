@@ -14,6 +14,7 @@ import scipy.linalg
 import torch
 import torch.nn as nn
 
+from tests.cli import free_port
 from evaluation import metrics as M
 from evaluation.inception import InceptionFeatures, build_inception
 
@@ -155,7 +156,7 @@ def test_two_processes_match_one(extractor, tmp_path):
     script.write_text(TWO_PROC_SCRIPT.format(root=str(ROOT), weights=str(weights), samples=str(tmp_path / "samples.npz"),
                                              ref=str(tmp_path / "ref.npz"), out=str(tmp_path / "two.json")))
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", free_port(),
                            str(script)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     two = json.loads((tmp_path / "two.json").read_text())

@@ -14,7 +14,7 @@ import train_ldm_only
 import utils
 from dataset import make_procedural_dataset
 from models.diffusion import LatentNormalizer, VelocityModel, flow_matching_loss
-from tests.cli import to_argv
+from tests.cli import free_port, to_argv
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -101,7 +101,7 @@ def test_two_processes_gloo(data, tmp_path):
     _, latents = data
     env = dict(os.environ, ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT))
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29523",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", free_port(),
            str(ROOT / "train_ldm_only.py")] + flags(latents, tmp_path, "ddp", 2, model="LightningDiT-N/1")
     res = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]

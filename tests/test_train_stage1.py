@@ -18,7 +18,7 @@ import save_vae_weights
 import train_stage1
 import utils
 from dataset import make_procedural_dataset
-from tests.cli import to_argv
+from tests.cli import free_port, to_argv
 
 ROOT = Path(__file__).resolve().parents[1]
 CKPT_KEYS = ("model", "loss", "opt", "opt_disc", "sched", "sched_disc", "args", "steps", "rng", "data")
@@ -141,7 +141,7 @@ def test_resume_is_bit_identical(data_dir, tmp_path, kind):
 def test_two_processes_gloo(data_dir, tmp_path):
     env = dict(os.environ, ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT))
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29533",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", free_port(),
            str(ROOT / "train_stage1.py")] + flags("vqgan", data_dir, tmp_path, "ddp", 2, eval_samples=3, disc_every=1,
                                                                **NO_LPIPS)
     res = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
