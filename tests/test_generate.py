@@ -556,3 +556,78 @@ def test_rae_recipes_parse():
     assert (a.time_grid, a.num_steps, a.shift, a.label_sampling) == ("rae", 50, "auto", "equal")
     a = generate.parse_args(["--recipe", "rae-ddt-autoguidance", "--shift", "2"])
     assert (a.guidance, a.cfg_scale, a.shift) == ("autoguidance", 1.42, 2.0)
+
+
+# ------------------------------------------------------------------------------------------------
+# Class-labelled generation, 1-channel samples (domain data)
+# ------------------------------------------------------------------------------------------------
+def test_classes_by_name_and_labels_written(tmp_path):
+    """--classes by the data's class-folder names (or ids) with --samples-per-class: class blocks,
+    labels.npy and labels.csv (index, class id, class name, file), the .npz of exactly those."""
+    import csv
+
+    exp = make_experiment(tmp_path)
+    data = tmp_path / "data"
+    for name in ("user_00", "user_03", "user_17", "user_20"):
+        (data / name).mkdir(parents=True)
+    args = json.loads((exp / "args.json").read_text())
+    (exp / "args.json").write_text(json.dumps(dict(args, data_dir=str(data))))
+    out = tmp_path / "s"
+    res = generate.main(base_args(exp, out, "--num-steps", "1", "--classes", "user_17,0", "--samples-per-class", "2"))
+    folder = out / "run"
+    assert res["generated"] == 4
+    labels = np.load(folder / "labels.npy")
+    assert labels.tolist() == [2, 2, 0, 0]
+    rows = list(csv.DictReader(open(folder / "labels.csv")))
+    assert [(r["index"], r["class_id"], r["class_name"], r["file"]) for r in rows][:3] == [
+        ("0", "2", "user_17", "000000.png"), ("1", "2", "user_17", "000001.png"), ("2", "0", "user_00", "000002.png")]
+    with np.load(out / "run.npz") as d:
+        assert d["arr_0"].shape == (4, 32, 32, 3)
+    cfg = json.loads((folder / "sampling_config.json").read_text())
+    assert cfg["classes"] == [2, 0] and cfg["samples_per_class"] == 2
+    # the class really conditions the samples: index 0 as class 2 differs from index 0 as class 3
+    generate.main(base_args(exp, tmp_path / "t", "--num-steps", "1", "--classes", "user_20", "--samples-per-class", "1"))
+    assert not np.array_equal(load_pngs(folder, 1), load_pngs(tmp_path / "t" / "run", 1))
+    with pytest.raises(SystemExit, match="unknown class 'user_99'.*user_03"):
+        generate.main(base_args(exp, tmp_path / "u", "--num-steps", "1", "--classes", "user_99"))
+    # without --classes every sample's label is written too
+    generate.main(base_args(exp, tmp_path / "v", "--num-steps", "1", "--num-fid-samples", "6"))
+    assert np.load(tmp_path / "v" / "run" / "labels.npy").tolist() == [0, 1, 2, 3, 0, 1]  # equal labels
+
+
+class _GrayTokenizer(torch.nn.Module):
+    """Decodes 4-channel latents to 1-channel images (a 1-channel tokenizer's output)."""
+
+    def decode(self, z):
+        return torch.tanh(torch.nn.functional.interpolate(z[:, :1], scale_factor=4))
+
+
+def test_one_channel_samples_npz_and_eval(exp, tmp_path, monkeypatch, capsys):
+    """A 1-channel tokenizer: PNGs are grayscale, arr_0 is [N, H, W, 1]; --eval replicates to 3
+    channels for Inception (saying so) against a 1-channel reference."""
+    real = generate.load_models
+
+    def gray_models(args, log):
+        setup = real(args, log)
+        setup.decoder = generate.LatentDecoder(_GrayTokenizer(), setup.decoder.mean, setup.decoder.std)
+        return setup
+
+    monkeypatch.setattr(generate, "load_models", gray_models)
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "ref.npz", arr_0=rng.integers(0, 256, (6, 32, 32, 1), dtype=np.uint8))
+    res = generate.main(base_args(exp, tmp_path / "s", "--num-steps", "1", "--num-fid-samples", "5", "--eval",
+                                  "--ref-batch", str(tmp_path / "ref.npz"), "--random-init-inception", "--metrics", "fid",
+                                  "--inception-image-size", "75", "--inception-chunk", "5", "--eval-batch-size", "5"))
+    from PIL import Image
+
+    assert Image.open(tmp_path / "s" / "run" / "000000.png").mode == "L"
+    with np.load(tmp_path / "s" / "run.npz") as d:
+        assert d["arr_0"].shape == (5, 32, 32, 1)
+    assert np.isfinite(res["metrics"]["fid"])
+    assert "replicated to 3 channels for Inception" in capsys.readouterr().out
+
+
+def test_training_grid_rows_are_classes():
+    assert generate.grid_row_labels(9, 3).tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2]
+    assert generate.grid_row_labels(16, 1000).view(4, 4)[:, 0].tolist() == [0, 1, 2, 3]
+    assert generate.grid_row_labels(4, 1).tolist() == [0, 0, 0, 0]
