@@ -309,11 +309,14 @@ def evaluate_generation(field, decode_fn, latent_shape, num_classes: int, args, 
                              args.eval_batch_size, kw, device, label_sampling=args.eval_label_sampling,
                              progress=accelerator.is_main_process)
     metrics = [m.strip() for m in args.eval_metrics.split(",") if m.strip()]
+    from evaluation.metrics import format_scores
+
     scores = evaluate_samples(images, args.eval_reference, inception=extractor, metrics=metrics, device=device)
-    scores = {k: v for k, v in scores.items() if isinstance(v, (int, float))}
-    accelerator.log({f"eval/{k}": v for k, v in scores.items()}, step=step)
-    logger.info(f"eval at step {step}: " + ", ".join(f"{k}={v:.4f}" for k, v in scores.items()))
-    return scores
+    numbers = {k: v for k, v in scores.items() if isinstance(v, (int, float))}
+    accelerator.log({f"eval/{k}": v for k, v in numbers.items()}, step=step)
+    logger.info(f"eval at step {step}: " + format_scores(scores))
+    # the random-Inception label travels into the trainers' summary.json with the figures
+    return numbers | ({"inception": scores["inception"]} if "inception" in scores else {})
 
 
 class LatentDecoder(nn.Module):

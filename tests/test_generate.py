@@ -631,3 +631,22 @@ def test_training_grid_rows_are_classes():
     assert generate.grid_row_labels(9, 3).tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2]
     assert generate.grid_row_labels(16, 1000).view(4, 4)[:, 0].tolist() == [0, 1, 2, 3]
     assert generate.grid_row_labels(4, 1).tolist() == [0, 0, 0, 0]
+
+
+def test_training_evaluation_labels_random_inception(exp, tmp_path):
+    """The trainers' periodic FID (evaluate_generation): the log line and the returned scores
+    (which go into summary.json) say the Inception was random."""
+    from types import SimpleNamespace
+
+    setup = generate.load_models(generate.parse_args(["--exp-dir", str(exp), "--device", "cpu"]), lambda m: None)
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "ref.npz", arr_0=rng.integers(0, 256, (6, 32, 32, 3), dtype=np.uint8))
+    args = SimpleNamespace(inception_weights=None, inception_size=75, random_init_inception=True, eval_num_steps=1,
+                           eval_cfg_scale=1.0, eval_samples=4, seed=0, eval_batch_size=4, eval_label_sampling="equal",
+                           eval_metrics="fid", eval_reference=str(tmp_path / "ref.npz"))
+    logged, lines = [], []
+    accelerator = SimpleNamespace(log=lambda d, step: logged.append(d), is_main_process=True)
+    scores = generate.evaluate_generation(setup.model, setup.decoder, setup.latent_shape, setup.num_classes, args, "cpu",
+                                          3, accelerator, SimpleNamespace(info=lines.append))
+    assert scores["inception"].startswith("random weights") and np.isfinite(scores["fid"])
+    assert "FID (random Inception: not comparable)=" in lines[0] and set(logged[0]) == {"eval/num_samples", "eval/fid"}
