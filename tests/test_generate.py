@@ -238,7 +238,7 @@ def test_npz_holds_exactly_the_requested_samples_and_eval_reads_only_those(exp, 
 
 
 @pytest.mark.parametrize("flag,value", [("--num-fid-samples", "0"), ("--num-fid-samples", "-3"), ("--num-steps", "0"),
-                                        ("--pproc-batch-size", "0")])
+                                        ("--pproc-batch-size", "0"), ("--samples-per-class", "0")])
 def test_values_that_would_write_nothing_useful_are_refused(flag, value):
     with pytest.raises(SystemExit, match=flag):
         generate.parse_args([flag, value])
@@ -262,6 +262,8 @@ def test_help_lists_repae_names_with_one_default_each():
             a.guidance_low, a.guidance_high, a.allow_tf32, a.heun) == (1.5, 50, "ode", 128, 50000, "samples", "equal",
                                                                        0.0, 1.0, True, False)
     assert generate.parse_args(["--no-tf32"]).allow_tf32 is False
+    assert generate.parse_args(["--no-per-class-sampling"]).label_sampling == "random"
+    assert generate.parse_args(["--per-class-sampling"]).label_sampling == "equal"
     assert generate.parse_args(["--exp-path", "E", "--train-steps", "400000"]).ckpt_step == "400000"
 
 
