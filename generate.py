@@ -284,14 +284,39 @@ def grid_row_labels(n: int, num_classes: int) -> torch.Tensor:
     return (torch.arange(n) // cols) % max(1, int(num_classes))
 
 
+def caption_rows(images: torch.Tensor, labels: torch.Tensor, names: Dict[int, str]) -> torch.Tensor:
+    """Write each grid row's class name into the top-left corner of its first image (uint8
+    [n, C, H, W], white text on a black box; PIL's built-in font, so it works offline)."""
+    from PIL import Image, ImageDraw
+
+    cols = max(1, math.ceil(math.sqrt(len(images))))
+    out = images.clone()
+    for first in range(0, len(images), cols):
+        arr = out[first].permute(1, 2, 0).numpy()
+        im = Image.fromarray(arr[..., 0] if arr.shape[-1] == 1 else arr)
+        draw = ImageDraw.Draw(im)
+        text = str(names.get(int(labels[first]), int(labels[first])))
+        box = draw.textbbox((1, 1), text)
+        draw.rectangle(box, fill=0)
+        draw.text((1, 1), text, fill=255 if im.mode == "L" else (255, 255, 255))
+        a = np.array(im)
+        out[first] = torch.from_numpy(a[..., None] if a.ndim == 2 else a).permute(2, 0, 1)
+    return out
+
+
 @torch.no_grad()
 def training_sample_grid(field, decode_fn, latent_shape, num_classes: int, n: int, seed: int, num_steps: int,
-                         cfg_scale: float, device, shift: float = 1.0) -> torch.Tensor:
+                         cfg_scale: float, device, shift: float = 1.0,
+                         class_names: Optional[Dict[int, str]] = None) -> torch.Tensor:
     """Samples 0..n-1 as images [n, C, H, W] in [0, 1] for the trainers' grids, one class per grid
-    row (`grid_row_labels`): index-keyed, so every grid of a run shows the same noise and labels."""
+    row (`grid_row_labels`), each row captioned with its class name when `class_names` {id: name}
+    is given: index-keyed, so every grid of a run shows the same noise and labels."""
+    labels = grid_row_labels(n, num_classes)
     images = sample_batch(field, decode_fn, latent_shape, num_classes, torch.arange(n), seed,
-                          euler_kwargs(num_steps, cfg_scale, shift), device, labels=grid_row_labels(n, num_classes))
-    return images.float().cpu() / 255
+                          euler_kwargs(num_steps, cfg_scale, shift), device, labels=labels).cpu()
+    if class_names:
+        images = caption_rows(images, labels, class_names)
+    return images.float() / 255
 
 
 @torch.no_grad()

@@ -633,6 +633,11 @@ def test_training_grid_rows_are_classes():
     assert generate.grid_row_labels(9, 3).tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2]
     assert generate.grid_row_labels(16, 1000).view(4, 4)[:, 0].tolist() == [0, 1, 2, 3]
     assert generate.grid_row_labels(4, 1).tolist() == [0, 0, 0, 0]
+    images = torch.full((4, 1, 32, 32), 100, dtype=torch.uint8)
+    captioned = generate.caption_rows(images, generate.grid_row_labels(4, 2), {0: "user_03", 1: "user_17"})
+    assert not torch.equal(captioned[0], images[0]) and not torch.equal(captioned[2], images[2])  # first of each row
+    assert torch.equal(captioned[1], images[1]) and torch.equal(captioned[3], images[3])
+    assert captioned[0].max() > 200 and captioned[0].min() == 0  # light text on a black box
 
 
 def test_training_evaluation_labels_random_inception(exp, tmp_path):
