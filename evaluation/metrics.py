@@ -180,7 +180,8 @@ def _check_image_array(arr, what: str) -> torch.Tensor:
     if t.dtype != torch.uint8:
         raise ValueError(f"{what}: expected uint8 images, got {t.dtype}")
     if t.ndim != 4 or (t.shape[-1] not in (1, 3) and t.shape[1] not in (1, 3)):
-        raise ValueError(f"{what}: expected images shaped [N, H, W, C] or [N, C, H, W] with C = 3 or 1, got {tuple(t.shape)}")
+        raise ValueError(f"{what}: expected images shaped [N, H, W, 3] or [N, 3, H, W] (1-channel: [N, H, W, 1] "
+                         f"or [N, 1, H, W]), got {tuple(t.shape)}")
     if t.shape[-1] in (1, 3) and t.shape[1] not in (1, 3):
         t = t.permute(0, 3, 1, 2)
     return t.contiguous().cpu()
