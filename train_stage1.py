@@ -87,7 +87,8 @@ def parse_args(argv=None):
     g.add_argument("--disc-start", type=int, default=None, help="step at which the GAN term and discriminator updates start")
     g.add_argument("--lightning-global-step", action="store_true",
                    help="count --disc-start as the originals' Lightning global_step does with two optimizers (the "
-                        "generator at 2 x step, the discriminator at 2 x step + 1), so an original's value applies verbatim")
+                        "generator at 2 x step, the discriminator at 2 x step + 1; its optimizer steps every batch, "
+                        "with a zero loss before the start), so an original's value applies verbatim")
     g.add_argument("--disc-weight", type=float, default=None, help="GAN weight (times the adaptive weight)")
     g.add_argument("--disc-factor", type=float, default=1.0, help="disc_factor after --disc-start")
     g.add_argument("--disc-every", type=int, default=1, help="update the discriminator every N steps")
@@ -216,12 +217,11 @@ def loss_global_steps(args, step: int) -> tuple:
 
 
 def first_disc_step(args, steps_per_epoch: int) -> int:
-    """The first optimisation step that updates the discriminator."""
+    """The first optimisation step that steps the discriminator's optimizer (its schedule's clock
+    starts there); with --lightning-global-step it steps from the first batch, as Lightning."""
     if args.tokenizer == "rae":
         return args.disc_update_start_epoch * steps_per_epoch
-    if args.lightning_global_step:
-        return max(0, -(-(args.disc_start - 1) // 2))  # smallest step with 2 * step + 1 >= disc_start
-    return max(args.disc_start, 0)
+    return 0 if args.lightning_global_step else max(args.disc_start, 0)
 
 
 def build_schedulers(opt, opt_disc, args, total_steps: int, warmup: int, disc_first: int) -> tuple:
@@ -807,6 +807,16 @@ def main(args):
                         allreduce_grads(disc_params, accelerator)
                         if args.max_grad_norm > 0:
                             torch.nn.utils.clip_grad_norm_(disc_params, args.max_grad_norm)
+                    opt_disc.step()
+                    if accelerator.sync_gradients:
+                        sched_disc.step()
+                    opt_disc.zero_grad(set_to_none=True)
+                elif args.lightning_global_step and d_step < args.disc_start:
+                    # Lightning steps both optimizers on every batch; before disc_start the
+                    # discriminator's loss is 0, so Adam only counts steps (moments stay 0, weights
+                    # do not move), which sets the bias correction of its first real updates.
+                    for p in disc_params:
+                        p.grad = torch.zeros_like(p)
                     opt_disc.step()
                     if accelerator.sync_gradients:
                         sched_disc.step()

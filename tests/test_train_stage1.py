@@ -267,8 +267,20 @@ def test_recipes_carry_the_originals_values():
     args = _recipe("vavae_f16d32_stage1")
     gen = [s for s in range(2498, 2504) if train_stage1.loss_global_steps(args, s)[0] >= args.disc_start]
     dis = [s for s in range(2498, 2504) if train_stage1.loss_global_steps(args, s)[1] >= args.disc_start]
-    assert gen[0] == 2501 and dis[0] == 2500 == train_stage1.first_disc_step(args, 5000)
+    assert gen[0] == 2501 and dis[0] == 2500 and train_stage1.first_disc_step(args, 5000) == 0
     assert train_stage1.loss_global_steps(_recipe("vqgan_f16_imagenet"), 7) == (7, 7)  # taming counts batches
+
+
+def test_lightning_global_step_steps_the_discriminator_optimizer_from_the_first_batch(data_dir, tmp_path):
+    """--lightning-global-step with disc_start 5: the discriminator loss counts from step 2
+    (2 x 2 + 1 >= 5); before that its Adam steps on a zero loss, as Lightning's, so at its first
+    real update the step count is 3 and the moments were 0 until then."""
+    run(flags("kl", data_dir, tmp_path, "pl", 3, disc_start=5, lightning_global_step=True, checkpointing_steps=1,
+              sampling_steps=0, **NO_LPIPS))
+    states = [load(tmp_path / f"pl/checkpoints/{s:07d}.pt")["opt_disc"]["state"] for s in (1, 2, 3)]
+    for s, st in zip((1, 2), states[:2]):
+        assert all(int(v["step"]) == s and not v["exp_avg"].any() for v in st.values())
+    assert all(int(v["step"]) == 3 for v in states[2].values()) and any(v["exp_avg"].any() for v in states[2].values())
 
 
 def test_discriminator_lr_schedule_follows_the_run_on_its_own_clock():
