@@ -736,9 +736,10 @@ def main(args):
             recon_grid(at_step)
         accelerator.wait_for_everyone()
         summary["evaluations"][str(at_step)] = res
-        accelerator.log({f"eval/{k}": v for k, v in res.items()}, step=at_step)
+        # The metrics may carry notes (e.g. a random Inception's): numbers go to the tracker.
+        accelerator.log({f"eval/{k}": v for k, v in res.items() if isinstance(v, (int, float))}, step=at_step)
         logger.info(f"eval at step {at_step} ({'EMA' if ema is not None else 'model'}): "
-                    + " ".join(f"{k}={v:.4f}" for k, v in res.items()))
+                    + " ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in res.items()))
         return res
 
     # ---------------- loop
