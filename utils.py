@@ -617,3 +617,52 @@ def finish_run(run: TrainRun, summary: dict, step: int, monitor: StepMonitor, sp
         run.logger.info(f"done at step {step}{message}; summary in {run.exp_dir / 'summary.json'}")
     run.accelerator.end_training()
     return summary
+
+
+def broadcast_from_main(tensors, accelerator) -> None:
+    """Overwrite every tensor of `tensors` in place with the main process's values (one broadcast
+    per dtype). For state that DDP does not manage: the discriminator, which is not wrapped."""
+    if accelerator.num_processes == 1:
+        return
+    import torch.distributed as dist
+
+    groups: Dict[torch.dtype, list] = {}
+    for t in tensors:
+        groups.setdefault(t.dtype, []).append(t)
+    with torch.no_grad():
+        for ts in groups.values():
+            flat = torch.cat([t.detach().reshape(-1) for t in ts])
+            dist.broadcast(flat, src=0)
+            offset = 0
+            for t in ts:
+                t.copy_(flat[offset:offset + t.numel()].view_as(t))
+                offset += t.numel()
+
+
+def tensor_fingerprints(tensors) -> torch.Tensor:
+    """[N, 2] int64: per tensor, the sum and the position-weighted sum of its raw bits (wrapping),
+    so any bit that differs changes the row (barring a collision)."""
+    rows = []
+    for t in tensors:
+        x = t.detach().reshape(-1).contiguous()
+        if x.is_floating_point():
+            x = x.view({8: torch.int64, 4: torch.int32, 2: torch.int16, 1: torch.int8}[x.element_size()])
+        x = x.long()
+        pos = torch.arange(1, x.numel() + 1, device=x.device, dtype=torch.int64)
+        rows.append(torch.stack([x.sum(), (x * pos).sum()]))
+    return torch.stack(rows) if rows else torch.zeros(0, 2, dtype=torch.int64)
+
+
+def check_ranks_identical(named_tensors, accelerator, what: str = "") -> None:
+    """Collective. Raise (on every rank) naming the first tensor whose bits differ between ranks;
+    `named_tensors` is a list of (name, tensor) in the same order on every rank."""
+    if accelerator.num_processes == 1:
+        return
+    names = [n for n, _ in named_tensors]
+    local = tensor_fingerprints([t for _, t in named_tensors]).to(accelerator.device)
+    every = accelerator.gather(local).view(accelerator.num_processes, len(names), 2).cpu()
+    differs = (every != every[:1]).any(dim=2)  # [world, N]
+    if differs.any():
+        rank, idx = [int(i) for i in differs.nonzero()[0]]
+        raise RuntimeError(f"ranks hold different weights{' ' + what if what else ''}: {names[idx]} differs between "
+                           f"rank 0 and rank {rank} ({int(differs.any(dim=0).sum())} of {len(names)} tensors differ)")
