@@ -56,7 +56,7 @@ def _imagenet_vgg16_state_dict() -> Mapping[str, torch.Tensor]:
             f"LPIPS: VGG16 ImageNet weights are not cached at {cached} and downloads are disabled "
             f"(HF_HUB_OFFLINE/TORCH_HUB_OFFLINE). Pass vgg_weights=PATH to a local torchvision VGG16 "
             f"state dict, or vgg_weights='random' for offline tests.")
-    return torch.hub.load_state_dict_from_url(url, map_location="cpu", progress=False, check_hash=True)
+    return torch.hub.load_state_dict_from_url(url, map_location="cpu", progress=False, check_hash=True, weights_only=True)
 
 
 _TEMPLATE: dict = {}
