@@ -212,7 +212,7 @@ def ldm_run(argv):
     return train_ldm_only.main(train_ldm_only.parse_args(argv))
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 def test_signal_to_the_process_group_with_workers_saves_and_exits_128_plus_signal(latents, tmp_path, sig):
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT))
     argv = ldm_flags(latents, tmp_path, "sig", 100000, checkpointing_steps=100000, num_workers=2)
