@@ -58,17 +58,34 @@ class UnsafeCheckpointError(RuntimeError):
     """A file that only loads through full Python unpickling, which can run arbitrary code."""
 
 
+def _inert_data_globals() -> list:
+    """Plain-data classes that released checkpoints carry beside their tensors (REPA / REPA-E /
+    LightningDiT store `args` as an argparse.Namespace; Lightning files hold numpy scalars): they
+    rebuild from values only and cannot call anything, so `weights_only` loading may accept them."""
+    import argparse
+    import pathlib
+
+    from numpy import dtypes as np_dtypes
+
+    multiarray = getattr(np, "_core", None) or np.core
+    return ([argparse.Namespace, pathlib.PosixPath, pathlib.PurePosixPath, np.ndarray, np.dtype,
+             multiarray.multiarray.scalar, multiarray.multiarray._reconstruct]
+            + [c for c in vars(np_dtypes).values() if isinstance(c, type) and issubclass(c, np.dtype)])
+
+
 def torch_load_safe(path: str | os.PathLike, what: str = "checkpoint") -> Any:
-    """`torch.load` on the CPU with `weights_only=True`: tensors, numbers, strings, lists, tuples and
-    dicts only, so a downloaded file can never run code. A file that needs more is refused
-    (`UnsafeCheckpointError`) and a truncated or corrupt one is reported, both naming the file."""
+    """`torch.load` on the CPU with `weights_only=True`: tensors, numbers, strings, lists, tuples,
+    dicts and inert data (`_inert_data_globals`) only, so a downloaded file can never run code. A
+    file that needs more is refused (`UnsafeCheckpointError`) and a truncated or corrupt one is
+    reported, both naming the file."""
     import pickle
 
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{what} not found: {path}")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with torch.serialization.safe_globals(_inert_data_globals()):
+            return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         reason = str(e).strip().splitlines()
         detail = next((l.strip() for l in reason if "GLOBAL" in l or "Unsupported" in l), reason[0] if reason else "")
@@ -224,11 +241,10 @@ def _strict_int(text) -> int:
         raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
 
 
-def _config_value(action, value, key: str, source: str):
+def config_value(action, value, key: str, source: str):
     """A config value checked as the flag itself would be: through the action's type (a YAML
-    `2.5` for an integer flag is refused, a YAML `1e-4` string becomes a float) and its choices."""
-    import argparse
-
+    `2.5` for an integer flag is refused, a YAML `1e-4` string becomes a float) and its choices.
+    Errors name `source` (the file), the key and the flag."""
     def bad(why):
         return ValueError(f"{source}: key '{key}' ({action.option_strings[0] if action.option_strings else action.dest}): {why}")
 
@@ -283,7 +299,7 @@ def parse_args_with_config(parser, argv=None):
             dest = k.replace("-", "_")
             if dest not in actions:
                 raise ValueError(f"{known.config}: unknown key '{k}' (not a flag of {parser.prog})")
-            defaults[dest] = _config_value(actions[dest], v, k, known.config)
+            defaults[dest] = config_value(actions[dest], v, k, known.config)
         parser.set_defaults(**defaults)
     return parser.parse_args(argv)
 

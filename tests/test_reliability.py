@@ -56,6 +56,17 @@ def test_pickle_payload_is_refused_everywhere_and_never_runs(tmp_path):
     assert not marker.exists()
 
 
+def test_released_checkpoints_with_plain_data_still_load(tmp_path):
+    import argparse
+
+    # REPA / REPA-E / LightningDiT store their args as a Namespace; Lightning files hold numpy scalars
+    obj = {"ema": {"w": torch.ones(2)}, "args": argparse.Namespace(model="SiT-XL/2"), "score": np.float64(1.5),
+           "table": np.arange(3)}
+    torch.save(obj, tmp_path / "released.pt")
+    got = utils.load_checkpoint_file(tmp_path / "released.pt")
+    assert got["args"].model == "SiT-XL/2" and got["score"] == 1.5 and got["table"].tolist() == [0, 1, 2]
+
+
 def test_rng_state_survives_a_weights_only_round_trip(tmp_path):
     import random
 
