@@ -200,16 +200,29 @@ def test_cache_latents_refuses_a_zero_batch(capsys):
 # Trainer runs on cached latents (the lightest trainer): 6/7 signals, 8 temp files at start,
 # 9 truncated checkpoints, 10 args.json of a failed resume
 # --------------------------------------------------------------------------------------------
+def cache_argv(images, out):
+    return ["--data-dir", str(images), "--output-dir", str(out), "--tokenizer", "kl", "--vae", "tiny-f4d4",
+            "--random-init", "--seed", "3", "--resolution", "16", "--batch-size", "8", "--shard-size", "8",
+            "--num-workers", "0", "--dtype", "float32"]
+
+
 @pytest.fixture(scope="module")
 def latents(tmp_path_factory):
     root = tmp_path_factory.mktemp("rel")
     images = make_procedural_dataset(root / "images", num_classes=2, per_class=4, resolution=16, seed=0)
-    out = root / "latents"
-    cache_latents.main(cache_latents.build_args([
-        "--data-dir", str(images), "--output-dir", str(out), "--tokenizer", "kl", "--vae", "tiny-f4d4",
-        "--random-init", "--seed", "3", "--resolution", "16", "--batch-size", "8", "--shard-size", "8",
-        "--num-workers", "0", "--dtype", "float32"]))
-    return out
+    cache_latents.main(cache_latents.build_args(cache_argv(images, root / "latents")))
+    return root / "latents"
+
+
+def test_cache_latents_rerun_removes_interrupted_writes(latents):
+    stale, mine = latents / ".latents-00000.safetensors.x1y2z3w4.tmp", latents / "notes.tmp"
+    stale.write_bytes(b"half a shard")
+    mine.write_text("a user's file")
+    try:
+        summary = cache_latents.main(cache_latents.build_args(cache_argv(latents.parent / "images", latents)))
+        assert summary["encoded_shards"] == 0 and not stale.exists() and mine.exists()
+    finally:
+        mine.unlink()
 
 
 def ldm_flags(latents, out, name, steps, **extra):
