@@ -67,6 +67,25 @@ def test_released_checkpoints_with_plain_data_still_load(tmp_path):
     assert got["args"].model == "SiT-XL/2" and got["score"] == 1.5 and got["table"].tolist() == [0, 1, 2]
 
 
+def test_export_as_safetensors_reloads_strictly(tmp_path):
+    import save_vae_weights
+    from models.discriminators import NLayerDiscriminator, load_discriminator
+    from models.tokenizers import build_tokenizer
+
+    tok = build_tokenizer("kl", name="tiny-f4d4", random_init=True, seed=1)
+    disc = NLayerDiscriminator(input_nc=3, ndf=8, n_layers=1)
+    torch.save({"vae": tok.model.state_dict(), "discriminator": disc.state_dict(),
+                "ema": {"bn.running_mean": torch.zeros(4), "bn.running_var": torch.ones(4)}}, tmp_path / "c.pt")
+    save_vae_weights.main(["--ckpt", str(tmp_path / "c.pt"), "--output-dir", str(tmp_path / "out"),
+                           "--format", "safetensors"])
+    again = build_tokenizer("kl", name="tiny-f4d4", ckpt=tmp_path / "out/e2e-vae.safetensors")
+    for a, b in zip(tok.model.state_dict().values(), again.model.state_dict().values()):
+        assert torch.equal(a, b)
+    disc2 = load_discriminator(tmp_path / "out/e2e-vae-discriminator-ckpt.safetensors", input_nc=3, ndf=8, n_layers=1)
+    for a, b in zip(disc.state_dict().values(), disc2.state_dict().values()):
+        assert torch.equal(a, b)
+
+
 def test_rng_state_survives_a_weights_only_round_trip(tmp_path):
     import random
 
