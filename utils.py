@@ -153,7 +153,15 @@ def atomic_write(path: str | os.PathLike, write, mode: str) -> None:
 
 
 def _umask() -> int:
-    # the umask can only be read by setting it; set it straight back
+    # Linux reports it without changing it; os.umask can only read it by setting it, which
+    # would briefly affect files other threads create (tracker logs)
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
     mask = os.umask(0o022)
     os.umask(mask)
     return mask
