@@ -390,12 +390,12 @@ def rng_state() -> dict:
 
 
 def set_rng_state(state: dict) -> None:
-    py, npy = state["python"], state["numpy"]
+    py, npy = state["python"], state["numpy"]  # tuples in checkpoints written before the tensor form
     if isinstance(py, dict):
         py = (py["version"], tuple(int(v) for v in py["mt"].tolist()), py["gauss_next"])
     if isinstance(npy, dict):
         npy = (npy["kind"], npy["keys"].numpy().astype(np.uint32), npy["pos"], npy["has_gauss"], npy["cached_gaussian"])
-    random.setstate(tuple(py) if isinstance(py, list) else py)  # tuples: checkpoints written before the tensor form
+    random.setstate(py)
     np.random.set_state(npy)
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
