@@ -248,12 +248,12 @@ def build_args(argv=None):
     p.add_argument("--rae-config", type=str, default=None, help="RAE config (YAML / JSON) or an RAE preset name")
     p.add_argument("--random-init", action="store_true", help="random tokenizer weights (tests, demos)")
     p.add_argument("--seed", type=int, default=0, help="seed of --random-init")
-    p.add_argument("--resolution", type=int, default=256, help="image size the tokenizer encodes (ADM center crop)")
-    p.add_argument("--batch-size", type=int, default=64, help="per process")
+    p.add_argument("--resolution", type=utils.positive_int, default=256, help="image size the tokenizer encodes (ADM center crop)")
+    p.add_argument("--batch-size", type=utils.positive_int, default=64, help="per process")
     p.add_argument("--flip", action="store_true", help="also store the latents of the mirrored images")
-    p.add_argument("--shard-size", type=int, default=4096, help="images per shard file (RAE: 1024 keeps a shard's memory small)")
+    p.add_argument("--shard-size", type=utils.positive_int, default=4096, help="images per shard file (RAE: 1024 keeps a shard's memory small)")
     p.add_argument("--dtype", type=str, default="float16", choices=sorted(DTYPES), help="storage dtype of the latents (statistics are computed in float64 before the cast)")
-    p.add_argument("--num-workers", type=int, default=4, help="data loader worker processes per rank")
+    p.add_argument("--num-workers", type=utils.non_negative_int, default=4, help="data loader worker processes per rank")
     p.add_argument("--mixed-precision", type=str, default="no", choices=["no", "bf16", "fp16"], help="autocast precision of the encoder")
     p.add_argument("--allow-tf32", action="store_true", help="allow TF32 matmuls and convolutions on Ampere+ GPUs")
     p.add_argument("--class-to-idx", type=str, default=None, help="JSON {class folder: id} remapping the labels (custom data)")
@@ -263,8 +263,6 @@ def build_args(argv=None):
         p.error("--output-dir is required")
     if not args.stats_only and not args.data_dir:
         p.error("--data-dir is required (except with --stats-only)")
-    if args.shard_size < 1 or args.batch_size < 1:
-        p.error("--shard-size and --batch-size must be positive")
     return args
 
 
@@ -311,6 +309,11 @@ def main(args) -> dict:
                 class_to_idx=getattr(dataset, "class_to_idx", None), shard_size=S,
                 num_shards=num_latent_shards(N, S), data_dir=str(Path(args.data_dir).resolve()), format=1)
     check_existing_info(root, info)  # every rank, before anything is written
+    if accelerator.is_main_process:
+        # before the barrier: no rank writes into root yet, so only dead writes' temp files go
+        stale = utils.remove_stale_temp_files(root)
+        if stale:
+            logger.info(f"removed {len(stale)} temp file(s) of interrupted writes in {root}")
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         write_info(root, info)

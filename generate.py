@@ -866,6 +866,7 @@ def check_or_write_config(folder: Path, identity: dict, extra: dict) -> None:
         raise SystemExit(f"{folder} holds PNG samples but no sampling_config.json: cannot tell their configuration; "
                          f"refusing to mix them (choose another --sample-dir/--folder-name)")
     folder.mkdir(parents=True, exist_ok=True)
+    utils.remove_stale_temp_files(folder)  # interrupted writes of an earlier run (rank 0, before any rank writes)
     utils.atomic_write_text(json.dumps(identity | extra, indent=2, sort_keys=True) + "\n", cfg_file)
 
 

@@ -18,16 +18,40 @@ release format, from the EMA weights when the run kept an EMA (--weights model f
   all         <name>-discriminator-ckpt.pt  the loss module state (discriminator)
 
   python save_vae_weights.py --exp-dir exps/NAME --step 400000 --name e2e-vae --output-dir pretrained
+
+`--format safetensors` writes the weights and the discriminator as `.safetensors` instead (tensors
+only: a file that can never run code when loaded; every loader here reads it). The taming layout
+becomes one flat state dict with `global_step` in the file's metadata. Latent statistics stay `.pt`.
 """
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
 
+import torch
 
 import utils
 from models.autoencoder import save_latents_stats
 from models.sit import SIT_BN_EPS, bn_latent_stats
+
+def save_weights(state: dict, path: Path, fmt: str = "pt", metadata: dict | None = None) -> Path:
+    """Write a state dict as `path` (.pt, the originals' release format) or, with fmt
+    "safetensors", as `path` with the suffix .safetensors (flat tensors only). Returns the path."""
+    if fmt == "pt":
+        utils.atomic_save(state if metadata is None else {"state_dict": state, **metadata}, path)
+        return path
+    from safetensors.torch import save as safetensors_bytes
+
+    other = [k for k, v in state.items() if not torch.is_tensor(v)]
+    if other:
+        raise ValueError(f"{path.with_suffix('.safetensors')}: safetensors holds tensors only, but {other[:5]} are not")
+    # clone: safetensors refuses tensors that share memory (tied weights)
+    blob = safetensors_bytes({k: v.detach().cpu().contiguous().clone() for k, v in state.items()},
+                             metadata={k: str(v) for k, v in (metadata or {}).items()})
+    path = path.with_suffix(".safetensors")
+    utils.atomic_write(path, lambda f: f.write(blob), "wb")
+    return path
+
 
 def latent_stats_from_ema(ema_state: dict) -> dict:
     for key in ("bn.running_mean", "bn.running_var"):
@@ -36,7 +60,7 @@ def latent_stats_from_ema(ema_state: dict) -> dict:
     return bn_latent_stats(ema_state["bn.running_mean"], ema_state["bn.running_var"], SIT_BN_EPS)
 
 
-def export(ckpt_path: str | Path, output_dir: str | Path, name: str, ckpt: dict | None = None) -> dict:
+def export(ckpt_path: str | Path, output_dir: str | Path, name: str, ckpt: dict | None = None, fmt: str = "pt") -> dict:
     ckpt = utils.load_checkpoint_file(ckpt_path) if ckpt is None else ckpt
     for key in ("vae", "ema", "discriminator"):
         if key not in ckpt:
@@ -47,13 +71,14 @@ def export(ckpt_path: str | Path, output_dir: str | Path, name: str, ckpt: dict 
         "stats": output_dir / f"{name}-latents-stats.pt",
         "discriminator": output_dir / f"{name}-discriminator-ckpt.pt",
     }
-    utils.atomic_save(ckpt["vae"], paths["vae"])
+    paths["vae"] = save_weights(ckpt["vae"], paths["vae"], fmt)
     save_latents_stats(paths["stats"], **latent_stats_from_ema(ckpt["ema"]))
-    utils.atomic_save(ckpt["discriminator"], paths["discriminator"])
+    paths["discriminator"] = save_weights(ckpt["discriminator"], paths["discriminator"], fmt)
     return paths
 
 
-def export_stage1(ckpt: dict, ckpt_path, output_dir: str | Path, name: str, weights: str = "auto") -> dict:
+def export_stage1(ckpt: dict, ckpt_path, output_dir: str | Path, name: str, weights: str = "auto",
+                  fmt: str = "pt") -> dict:
     """Write a train_stage1.py checkpoint's tokenizer in its original release format."""
     kind = ckpt["tokenizer"]
     for key in ("model", "loss"):
@@ -66,18 +91,19 @@ def export_stage1(ckpt: dict, ckpt_path, output_dir: str | Path, name: str, weig
     output_dir = Path(output_dir)
     paths = {"tokenizer": output_dir / f"{name}.pt", "discriminator": output_dir / f"{name}-discriminator-ckpt.pt"}
     if kind in ("kl", "vavae"):
-        utils.atomic_save(sd, paths["tokenizer"])
+        paths["tokenizer"] = save_weights(sd, paths["tokenizer"], fmt)
     elif kind == "vqgan":
         disc = {f"loss.{k}": v for k, v in ckpt["loss"].items() if k.startswith("discriminator.")}
-        utils.atomic_save({"state_dict": {**sd, **disc}, "global_step": ckpt["steps"]}, paths["tokenizer"])
+        paths["tokenizer"] = save_weights({**sd, **disc}, paths["tokenizer"], fmt, {"global_step": ckpt["steps"]})
     elif kind == "rae":
-        utils.atomic_save({k[len("decoder."):]: v for k, v in sd.items() if k.startswith("decoder.")}, paths["tokenizer"])
+        paths["tokenizer"] = save_weights({k[len("decoder."):]: v for k, v in sd.items() if k.startswith("decoder.")},
+                                          paths["tokenizer"], fmt)
         if ckpt.get("latent_stats") is not None:
             paths["stats"] = output_dir / f"{name}-stats.pt"
             utils.atomic_save(ckpt["latent_stats"], paths["stats"])
     else:
         raise KeyError(f"{ckpt_path}: unknown tokenizer kind {kind!r}")
-    utils.atomic_save(ckpt["loss"], paths["discriminator"])
+    paths["discriminator"] = save_weights(ckpt["loss"], paths["discriminator"], fmt)
     print(f"exported the {kind} tokenizer's {source} weights of step {ckpt['steps']}")
     return paths
 
@@ -92,6 +118,8 @@ def main(argv=None):
     p.add_argument("--name", type=str, default="e2e-vae", help="file name stem of the exported files")
     p.add_argument("--weights", type=str, default="auto", choices=["auto", "ema", "model"],
                    help="stage-1 runs: export the EMA (auto: when present) or the trained weights")
+    p.add_argument("--format", type=str, default="pt", choices=["pt", "safetensors"],
+                   help="file format of the exported weights: pt (the originals' release format) or safetensors (tensors only)")
     args = utils.parse_args_with_config(p, argv)
     if args.ckpt is None:
         if args.exp_dir is None:
@@ -104,10 +132,10 @@ def main(argv=None):
     try:
         ckpt = utils.load_checkpoint_file(ckpt_path)
         if isinstance(ckpt, dict) and "tokenizer" in ckpt:
-            paths = export_stage1(ckpt, ckpt_path, args.output_dir, args.name, args.weights)
+            paths = export_stage1(ckpt, ckpt_path, args.output_dir, args.name, args.weights, args.format)
         else:
-            paths = export(ckpt_path, args.output_dir, args.name, ckpt)
-    except (FileNotFoundError, KeyError, RuntimeError) as e:
+            paths = export(ckpt_path, args.output_dir, args.name, ckpt, args.format)
+    except (FileNotFoundError, KeyError, RuntimeError, ValueError) as e:
         p.error(str(e))
     for kind, path in paths.items():
         print(f"{kind}: {path}")
