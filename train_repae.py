@@ -81,7 +81,7 @@ def parse_args(argv=None):
     g.add_argument("--sample-cfg-scale", type=float, default=1.0, help="guidance scale for the sample grids")
     g.add_argument("--num-sample-images", type=int, default=16, help="images per sample grid")
     add_training_eval_flags(p)
-    args = utils.finish_args(utils.parse_args_with_config(p, argv), "repae")
+    args = utils.finish_args(utils.parse_args_with_config(p, argv), "repae", mixed_precision_default="fp16")
     if args.eval_every > 0 and not args.eval_reference:
         p.error("--eval-every needs --eval-reference (a reference .npz)")
     return args
