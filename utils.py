@@ -576,7 +576,7 @@ def add_common_training_flags(p) -> None:
     g.add_argument("--output-dir", type=str, default="exps", help="folder holding experiment folders")
     g.add_argument("--exp-name", type=str, required=False, default=None, help="experiment folder name under --output-dir")
     g.add_argument("--logging-dir", type=str, default="logs", help="tracker log folder inside the experiment folder")
-    g.add_argument("--report-to", type=str, default="wandb", choices=["tensorboard", "wandb", "none"], help="experiment tracker, wandb as REPA-E (its run folder is <exp>/wandb, run name = --exp-name; without a wandb login it logs offline)")
+    g.add_argument("--report-to", type=str, default="tensorboard", choices=["tensorboard", "wandb", "none"], help="experiment tracker (wandb: run folder <exp>/wandb, run name = --exp-name; offline without a wandb login)")
     g.add_argument("--wandb-history-path", type=str, default=None, help="an earlier run's wandb run folder (or a file holding its run id): this run continues that wandb history")
     g.add_argument("--sampling-steps", type=int, default=10000, help="write a sample / reconstruction grid every N steps")
     g.add_argument("--log-every", type=int, default=1, help="log losses every N steps")

@@ -31,7 +31,7 @@ def readme_train_repae(exp_name, steps, *extra):
             "--weighting=uniform", "--model=SiT-N/4", "--checkpointing-steps=2", f"--loss-cfg-path={LOSS_CFG}",
             "--vae=tiny-f4d4", "--enc-type=dinov2-vit-tiny", "--proj-coeff=0.5", "--encoder-depth=2",
             "--vae-align-proj-coeff=1.5", "--bn-momentum=0.1", f"--exp-name={exp_name}",
-            "--resolution=32", "--num-classes=4", "--num-workers=0", "--sampling-steps=100",
+            "--resolution=32", "--num-classes=4", "--num-workers=0", "--sampling-steps=0",
             "--random-init-vae", "--random-init-encoders", *extra]
 
 
@@ -96,7 +96,7 @@ def test_readme_commands_chain(tmp_path, monkeypatch):
         "--model=SiT-N/4", "--checkpointing-steps=2", "--vae=tiny-f4d4", "--vae-ckpt=exps/e2e-vae/e2e-vae.pt",
         "--vae-latents-name=e2e-vae", "--learning-rate=1e-4", "--enc-type=dinov2-vit-tiny", "--proj-coeff=0.5",
         "--encoder-depth=2", "--output-dir=exps", "--exp-name=ldm", "--num-classes=4", "--num-workers=0",
-        "--sampling-steps=100", "--random-init-encoders"]))
+        "--sampling-steps=0", "--random-init-encoders"]))
     assert summary["end_step"] == 2
     ldm = torch.load(tmp_path / "exps/ldm/checkpoints/0000002.pt", map_location="cpu", weights_only=False)
     # the SiT normalises with the E2E-VAE's trained statistics (REPA-E), not the cache's
