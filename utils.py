@@ -626,6 +626,7 @@ def resolve_precision_defaults(args, mixed_precision_default: str = "fp16") -> N
     torch.compile on CPU mostly costs compile time, so without CUDA both are switched off with a
     notice (never silently)."""
     cuda = torch.cuda.is_available()
+    DEFAULT_NOTICES.clear()  # only this parse's notices reach the run's log
     if getattr(args, "mixed_precision", "no") is None:
         launcher = os.environ.get("ACCELERATE_MIXED_PRECISION", "").lower()
         if launcher and launcher != "no":

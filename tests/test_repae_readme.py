@@ -5,6 +5,7 @@ differ from the README. Also: the originals' defaults (fp16 / compile switched o
 notice, the launcher's precision wins), wandb offline without a login, and `--help` listing the
 original names."""
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -134,7 +135,6 @@ def test_wandb_without_login_goes_offline(monkeypatch, tmp_path):
     args = train_repae.parse_args(["--exp-name", "e", "--no-compile", "--mixed-precision", "no"])
     kwargs = utils.wandb_init_kwargs(args, tmp_path / "e")
     assert kwargs == {"name": "e", "dir": str(tmp_path / "e")}
-    import os
     assert os.environ["WANDB_MODE"] == "offline"
     assert any("no wandb login" in n for n in utils.DEFAULT_NOTICES)
     utils.DEFAULT_NOTICES.clear()
@@ -156,9 +156,8 @@ def test_wandb_without_login_goes_offline(monkeypatch, tmp_path):
                    "--disc-pretrained-ckpt", "--loss-cfg-path", "--vae-align-proj-coeff", "--bn-momentum"]),
 ])
 def test_help_lists_the_original_names(module, names, capsys):
-    entry = {cache_latents: cache_latents.build_args}.get(module) or getattr(module, "parse_args", None) or module.main
-    if module in (preprocessing, save_vae_weights):
-        entry = module.main
+    entry = {cache_latents: cache_latents.build_args, train_ldm_only: train_ldm_only.parse_args,
+             train_repae: train_repae.parse_args}.get(module, getattr(module, "main"))
     with pytest.raises(SystemExit):
         entry(["--help"])
     text = capsys.readouterr().out
