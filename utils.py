@@ -610,9 +610,9 @@ def add_common_training_flags(p) -> None:
 DEFAULT_NOTICES: list = []
 
 
-def _notice(text: str) -> None:
+def _notice(text: str, echo: bool = True) -> None:
     DEFAULT_NOTICES.append(text)
-    if int(os.environ.get("RANK", "0")) == 0:
+    if echo and int(os.environ.get("RANK", "0")) == 0:
         print(f"[notice] {text}", flush=True)
 
 
@@ -627,8 +627,10 @@ def resolve_precision_defaults(args, mixed_precision_default: str = "fp16") -> N
     notice (never silently)."""
     cuda = torch.cuda.is_available()
     DEFAULT_NOTICES.clear()  # only this parse's notices reach the run's log
+    launcher = os.environ.get("ACCELERATE_MIXED_PRECISION", "").lower()
+    if getattr(args, "mixed_precision", "no") is not None and launcher not in ("", "no", args.mixed_precision):
+        _notice(f"--mixed-precision {args.mixed_precision} given: accelerate launch's {launcher} is overridden")
     if getattr(args, "mixed_precision", "no") is None:
-        launcher = os.environ.get("ACCELERATE_MIXED_PRECISION", "").lower()
         if launcher and launcher != "no":
             args.mixed_precision = launcher
             _notice(f"mixed precision {launcher} from `accelerate launch --mixed_precision` (no --mixed-precision flag given)")
@@ -636,7 +638,7 @@ def resolve_precision_defaults(args, mixed_precision_default: str = "fp16") -> N
             args.mixed_precision = mixed_precision_default
             said = f"'{launcher}', also its default when nothing is set" if launcher else "nothing"
             _notice(f"mixed precision {mixed_precision_default}: the script default (no --mixed-precision flag; "
-                    f"accelerate launch said {said})")
+                    f"accelerate launch said {said})", echo=False)
     if args.mixed_precision == "fp16" and not cuda:
         _notice("no GPU: --mixed-precision fp16 switched off (full precision on CPU)")
         args.mixed_precision = "no"
