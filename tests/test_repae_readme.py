@@ -1,17 +1,21 @@
 """The REPA-E README's commands, with its flag names, run unchanged and chain: preprocess ->
-train_repae -> (continue) -> save_vae_weights -> cache_latents -> train_ldm_only. Only the offline
-stand-ins (`--random-init-vae`, `--random-init-encoders`, a loss config without LPIPS) and tiny sizes
-differ from the README. Also: the originals' defaults (fp16 / compile switched off on CPU with a
+train_repae -> (continue) -> save_vae_weights -> cache_latents -> train_ldm_only -> torchrun
+generate.py -> .npz. Only the offline stand-ins (`--random-init-vae`, `--random-init-encoders`, a
+loss config without LPIPS) and tiny sizes differ from the README. Also: the originals' defaults (fp16 / compile switched off on CPU with a
 notice, the launcher's precision wins), wandb offline without a login, and `--help` listing the
 original names."""
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 import cache_latents
+import generate
 import preprocessing
 import save_vae_weights
 import train_ldm_only
@@ -20,6 +24,7 @@ import utils
 from dataset import make_procedural_dataset
 from models.autoencoder import load_vae
 from models.discriminators import NLayerDiscriminator
+from tests.cli import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 LOSS_CFG = str(ROOT / "configs/repae/demo_loss.yaml")  # the README's l1_lpips_kl_gan.yaml without LPIPS (offline)
@@ -105,6 +110,18 @@ def test_readme_commands_chain(tmp_path, monkeypatch):
     torch.testing.assert_close(ldm["ema"]["bn.running_var"], ckpt["ema"]["bn.running_var"])
     assert "e2e-vae-latents-stats.pt" in (tmp_path / "exps/ldm/log.txt").read_text()
 
+    # 5. torchrun generate.py ...: the samples and one .npz (arr_0 uint8 [N, H, W, 3]) for the ADM evaluator
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc_per_node=1", "--master_port",
+           free_port(), str(ROOT / "generate.py"), "--num-fid-samples", "4", "--path-type", "linear", "--mode", "sde",
+           "--num-steps", "3", "--cfg-scale", "1.0", "--guidance-high", "1.0", "--guidance-low", "0.0",
+           "--exp-path", "exps/ldm", "--train-steps", "2", "--pproc-batch-size", "4"]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    (npz,) = (tmp_path / "samples").glob("ldm_0000002_*.npz")
+    with np.load(npz) as f:
+        assert f["arr_0"].shape == (4, 32, 32, 3) and f["arr_0"].dtype == np.uint8
+
 
 def test_launcher_precision_wins_unless_the_flag_is_given(monkeypatch, tmp_path):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
@@ -152,12 +169,15 @@ def test_wandb_without_login_goes_offline(monkeypatch, tmp_path):
                      "--output-dir"]),
     (train_ldm_only, ["--vae-latents-name", "--vae-ckpt", "--no-allow-tf32", "--no-compile", "--wandb-history-path",
                       "--continue-train-exp-dir", "--resume-step", "--enc-type", "--mixed-precision"]),
+    (generate, ["--num-fid-samples", "--path-type", "--mode", "--num-steps", "--cfg-scale", "--guidance-high",
+                "--guidance-low", "--exp-path", "--train-steps", "--heun", "--global-seed", "--sample-dir",
+                "--pproc-batch-size"]),
     (train_repae, ["--no-allow-tf32", "--no-compile", "--wandb-history-path", "--continue-train-exp-dir",
                    "--disc-pretrained-ckpt", "--loss-cfg-path", "--vae-align-proj-coeff", "--bn-momentum"]),
 ])
 def test_help_lists_the_original_names(module, names, capsys):
     entry = {cache_latents: cache_latents.build_args, train_ldm_only: train_ldm_only.parse_args,
-             train_repae: train_repae.parse_args}.get(module, getattr(module, "main"))
+             train_repae: train_repae.parse_args, generate: generate.parse_args}.get(module, getattr(module, "main"))
     with pytest.raises(SystemExit):
         entry(["--help"])
     text = capsys.readouterr().out
