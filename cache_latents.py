@@ -2,6 +2,8 @@
 
     accelerate launch cache_latents.py --data-dir DATA --output-dir LATENTS --tokenizer kl \
         --vae f8d4 --vae-ckpt e2e-vae.pt --resolution 256 --flip --dtype float16
+    accelerate launch cache_latents.py --vae-arch f16d32 --vae-ckpt-path P --vae-latents-name NAME \
+        --pproc-batch-size 128      (REPA-E's names: reads data/, writes data/NAME/)
 
 Output folder:
 * `shards/latents-KKKKK.safetensors`: shard k holds dataset indices [k*S, (k+1)*S): `mean`

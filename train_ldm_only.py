@@ -15,6 +15,8 @@ Everything else (experiment folder, checkpoints with full state, exact resume, s
 guard, summary) is the shared plumbing of `utils.py`, as in `train_repae.py`.
 
   accelerate launch train_ldm_only.py --latents-dir LATENTS --model SiT-XL/2 --enc-type dinov2-vit-b --data-dir IMAGES
+  accelerate launch train_ldm_only.py --data-dir data --vae-latents-name NAME --vae f16d32 --vae-ckpt P.pt \
+      --model SiT-XL/1      (REPA-E's names: latents in data/NAME, normalisation from P-latents-stats.pt)
   accelerate launch train_ldm_only.py --latents-dir LATENTS --model LightningDiT-XL/1 --enc-type none \
       --weighting logit-normal --direction-loss-weight 1 --learning-rate 2e-4 --adam-beta2 0.95
 """

@@ -183,3 +183,26 @@ def test_help_lists_the_original_names(module, names, capsys):
     text = capsys.readouterr().out
     missing = [n for n in names if n not in text]
     assert not missing, f"{module.__name__} --help lacks {missing}"
+
+
+def test_latent_statistics_source(tmp_path):
+    """auto: the VAE's `-latents-stats.pt` for the SiT (var = 1 / scale^2 - bn_eps recovers the
+    BatchNorm's running variance), the cache for the other families or with --latent-stats-from cache."""
+    from argparse import Namespace
+
+    torch.save({}, tmp_path / "v.pt")
+    scale, bias = torch.tensor([0.5, 2.0]), torch.tensor([1.0, -1.0])
+    torch.save({"latents_scale": scale.view(1, 2, 1, 1), "latents_bias": bias.view(1, 2, 1, 1)},
+               tmp_path / "v-latents-stats.pt")
+    cache = {"channel_mean": torch.zeros(2), "channel_var": torch.ones(2)}
+    args = Namespace(vae_ckpt=str(tmp_path / "v.pt"), latents_dir="lat", latent_stats_from="auto")
+    stats, source = train_ldm_only.latent_statistics(args, cache, "sit", "channel", (2, 4, 4))
+    assert source.endswith("v-latents-stats.pt")
+    torch.testing.assert_close(stats["channel_mean"], bias)
+    torch.testing.assert_close(stats["channel_var"], torch.tensor([4.0, 0.25]))
+    assert train_ldm_only.latent_statistics(args, cache, "lightningdit", "channel", (2, 4, 4))[0] is cache
+    args.latent_stats_from = "cache"
+    assert train_ldm_only.latent_statistics(args, cache, "sit", "channel", (2, 4, 4)) == (cache, "lat/latents_stats.pt")
+    args.latent_stats_from = "vae"
+    with pytest.raises(SystemExit, match="per-channel"):
+        train_ldm_only.latent_statistics(args, cache, "ddt", "position", (2, 4, 4))
