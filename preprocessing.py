@@ -2,6 +2,7 @@
 
     python preprocessing.py --source SRC --dest DEST --resolution 256 [--workers N] [--shard-size 1000]
         [--channels 3|1] [--encoding raw|png] [--skip-bad-images] [--max-images N]
+    python preprocessing.py --imagenet-path SRC [--output-path data --num-workers N]   (REPA-E's names)
 
 SRC is one of
 * an image folder: one subfolder per class (any names, sorted -> ids 0..K-1), or images directly
@@ -268,10 +269,14 @@ def preprocess(source: str | os.PathLike, dest: str | os.PathLike, resolution: i
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--source", required=True, help="image folder, REPA-E archive folder, or EDM folder/.zip")
-    p.add_argument("--dest", required=True, help="output folder (created; resumable)")
+    p.add_argument("--source", "--imagenet-path", dest="source", required=True,
+                   help="image folder, REPA-E archive folder, or EDM folder/.zip (--imagenet-path: REPA-E's name)")
+    p.add_argument("--dest", "--output-path", dest="dest", default="data",
+                   help="output folder (created; resumable); the default 'data' is where train_repae.py / "
+                        "cache_latents.py look (--data-dir data), as REPA-E's images.h5")
     p.add_argument("--resolution", type=int, default=256, help="output image size (ADM center crop)")
-    p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="worker processes (one shard per task)")
+    p.add_argument("--workers", "--num-workers", dest="workers", type=int, default=os.cpu_count() or 1,
+                   help="worker processes (one shard per task)")
     p.add_argument("--shard-size", type=int, default=1000, help="images per shard file")
     p.add_argument("--channels", type=int, default=3, choices=[1, 3], help="1: convert to grayscale (L)")
     p.add_argument("--encoding", default="raw", choices=["raw", "png"],

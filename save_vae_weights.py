@@ -1,11 +1,12 @@
 """Export the tokenizer of a REPA-E or stage-1 (train_stage1.py) training checkpoint.
 
-REPA-E checkpoints (train_repae.py) -> into --output-dir:
+REPA-E checkpoints (train_repae.py) -> into --output-dir, in the original's key layout (the
+original code loads them too):
   <name>.pt                      the VAE state_dict (ckpt["vae"]), loadable with --vae-ckpt
-  <name>-latents-stats.pt        latents_scale / latents_bias [1, C, 1, 1] from the EMA SiT's
-                                 BatchNorm, scale = (running_var + eps)^-1/2 so that
-                                 (z - bias) * scale is exactly eval-mode BN; `bn_eps` records it
-  <name>-discriminator-ckpt.pt   the loss module state (discriminator + LeCam buffers), loadable
+  <name>-latents-stats.pt        {latents_scale, latents_bias} [1, C, 1, 1] from the EMA SiT's
+                                 BatchNorm, scale = running_var^-1/2 as the original (init_bn
+                                 reads it back exactly; the BN adds its eps when normalising)
+  <name>-discriminator-ckpt.pt   the discriminator's own state_dict (`main.*` keys), loadable
                                  with --disc-pretrained-ckpt
 
 Stage-1 checkpoints (train_stage1.py; recognised by their 'tokenizer' entry) -> the ORIGINAL's
@@ -18,6 +19,8 @@ release format, from the EMA weights when the run kept an EMA (--weights model f
   all         <name>-discriminator-ckpt.pt  the loss module state (discriminator)
 
   python save_vae_weights.py --exp-dir exps/NAME --step 400000 --name e2e-vae --output-dir pretrained
+  python save_vae_weights.py --repae-ckpt exps/NAME/checkpoints/0400000.pt --vae-name e2e-vae --save-dir exps
+      (REPA-E's names: writes exps/e2e-vae/e2e-vae.pt and its two companions)
 
 `--format safetensors` writes the weights and the discriminator as `.safetensors` instead (tensors
 only: a file that can never run code when loaded; every loader here reads it). The taming layout
@@ -32,7 +35,8 @@ import torch
 
 import utils
 from models.autoencoder import save_latents_stats
-from models.sit import SIT_BN_EPS, bn_latent_stats
+from models.discriminators import discriminator_state_dict_from_checkpoint
+from models.sit import bn_latent_stats
 
 def save_weights(state: dict, path: Path, fmt: str = "pt", metadata: dict | None = None) -> Path:
     """Write a state dict as `path` (.pt, the originals' release format) or, with fmt
@@ -54,10 +58,13 @@ def save_weights(state: dict, path: Path, fmt: str = "pt", metadata: dict | None
 
 
 def latent_stats_from_ema(ema_state: dict) -> dict:
+    """{latents_scale, latents_bias} of the EMA SiT's BatchNorm in REPA-E's convention
+    (scale = running_var^-1/2, no eps), nothing else: the released files hold just these two."""
     for key in ("bn.running_mean", "bn.running_var"):
         if key not in ema_state:
             raise KeyError(f"EMA state has no '{key}': not a REPA-E SiT checkpoint")
-    return bn_latent_stats(ema_state["bn.running_mean"], ema_state["bn.running_var"], SIT_BN_EPS)
+    stats = bn_latent_stats(ema_state["bn.running_mean"], ema_state["bn.running_var"], 0.0)
+    return {k: stats[k] for k in ("latents_scale", "latents_bias")}
 
 
 def export(ckpt_path: str | Path, output_dir: str | Path, name: str, ckpt: dict | None = None, fmt: str = "pt") -> dict:
@@ -73,7 +80,10 @@ def export(ckpt_path: str | Path, output_dir: str | Path, name: str, ckpt: dict 
     }
     paths["vae"] = save_weights(ckpt["vae"], paths["vae"], fmt)
     save_latents_stats(paths["stats"], **latent_stats_from_ema(ckpt["ema"]))
-    paths["discriminator"] = save_weights(ckpt["discriminator"], paths["discriminator"], fmt)
+    # our checkpoints keep the whole loss module (keys `discriminator.main.*` + LeCam buffers); the
+    # original's file is the bare discriminator state_dict
+    disc = discriminator_state_dict_from_checkpoint(ckpt["discriminator"], f"{ckpt_path}['discriminator']")
+    paths["discriminator"] = save_weights(dict(disc), paths["discriminator"], fmt)
     return paths
 
 
@@ -111,19 +121,25 @@ def export_stage1(ckpt: dict, ckpt_path, output_dir: str | Path, name: str, weig
 def main(argv=None):
     p = argparse.ArgumentParser(prog="save_vae_weights.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--config", type=str, default=None, help="YAML file of flag values (flags given explicitly win)")
-    p.add_argument("--ckpt", type=str, default=None, help="checkpoint file (or use --exp-dir and --step)")
+    p.add_argument("--ckpt", "--repae-ckpt", dest="ckpt", type=str, default=None,
+                   help="checkpoint file (or use --exp-dir and --step; --repae-ckpt: REPA-E's name)")
     p.add_argument("--exp-dir", type=str, default=None, help="train_repae.py or train_stage1.py experiment folder")
     p.add_argument("--step", type=str, default="latest", help="step number or 'latest'")
     p.add_argument("--output-dir", type=str, default="pretrained", help="where the three files are written")
-    p.add_argument("--name", type=str, default="e2e-vae", help="file name stem of the exported files")
+    p.add_argument("--save-dir", type=str, default=None,
+                   help="REPA-E's layout: write into <save-dir>/<name>/ (overrides --output-dir)")
+    p.add_argument("--name", "--vae-name", dest="name", type=str, default="e2e-vae",
+                   help="file name stem of the exported files (--vae-name: REPA-E's name)")
     p.add_argument("--weights", type=str, default="auto", choices=["auto", "ema", "model"],
                    help="stage-1 runs: export the EMA (auto: when present) or the trained weights")
     p.add_argument("--format", type=str, default="pt", choices=["pt", "safetensors"],
                    help="file format of the exported weights: pt (the originals' release format) or safetensors (tensors only)")
     args = utils.parse_args_with_config(p, argv)
+    if args.save_dir is not None:
+        args.output_dir = str(Path(args.save_dir) / args.name)
     if args.ckpt is None:
         if args.exp_dir is None:
-            p.error("give --ckpt or --exp-dir")
+            p.error("give --ckpt (--repae-ckpt) or --exp-dir")
         ckpt_path = utils.resolve_resume(Path(args.exp_dir) / "checkpoints", args.step, "--step")
         if ckpt_path is None:
             p.error(f"no checkpoints in {Path(args.exp_dir) / 'checkpoints'}")

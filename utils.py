@@ -570,8 +570,12 @@ def start_run(args, name: str) -> TrainRun:
     from accelerate import Accelerator
     from accelerate.utils import ProjectConfiguration
 
-    exp_dir = Path(getattr(args, "continue_train_exp_dir", None) or Path(args.output_dir) / args.exp_name)
+    if args.mixed_precision is None or getattr(args, "compile", False) is None:
+        resolve_precision_defaults(args, "no")  # callers that built args without finish_args
+    exp_dir = Path(args.output_dir) / args.exp_name
     ckpt_dir = exp_dir / "checkpoints"
+    # REPA-E's --continue-train-exp-dir names the folder the resume checkpoint is read from.
+    source_dir = Path(getattr(args, "continue_train_exp_dir", None) or exp_dir)
     accelerator = Accelerator(
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         mixed_precision=args.mixed_precision,
@@ -579,10 +583,13 @@ def start_run(args, name: str) -> TrainRun:
         project_config=ProjectConfiguration(project_dir=str(exp_dir), logging_dir=str(exp_dir / args.logging_dir)),
         cpu=not torch.cuda.is_available(),
     )
+    if getattr(args, "continue_train_exp_dir", None) and args.resume is None:
+        raise SystemExit(f"--continue-train-exp-dir {source_dir} needs --resume-step N or --resume latest "
+                         f"(which of its checkpoints to continue from)")
     notes: list = []
-    resume_path = resolve_resume(ckpt_dir, args.resume, notes=notes)
+    resume_path = resolve_resume(source_dir / "checkpoints", args.resume, notes=notes)
     if accelerator.is_main_process:
-        if resume_path is None and list_checkpoints(ckpt_dir):
+        if (resume_path is None or resume_path.parent.resolve() != ckpt_dir.resolve()) and list_checkpoints(ckpt_dir):
             raise SystemExit(f"{ckpt_dir} already holds checkpoints {list_checkpoints(ckpt_dir)}; "
                              f"pass --resume latest to continue or choose another --exp-name")
         exp_dir.mkdir(parents=True, exist_ok=True)
@@ -598,7 +605,16 @@ def start_run(args, name: str) -> TrainRun:
                     f"{' ...' if len(stale) > 5 else ''}")
     world = accelerator.num_processes
     logger.info(f"experiment {exp_dir} | {world} process(es) on {accelerator.device} | "
-                f"mixed precision {args.mixed_precision}")
+                f"mixed precision {args.mixed_precision} | compile {getattr(args, 'compile', None)} | "
+                f"TF32 {bool(args.allow_tf32 and torch.cuda.is_available())}")
+    init_kwargs = {}
+    if accelerator.is_main_process and args.report_to == "wandb":
+        init_kwargs["wandb"] = wandb_init_kwargs(args, exp_dir)
+    elif accelerator.is_main_process and getattr(args, "wandb_history_path", None):
+        _notice(f"--wandb-history-path ignored (--report-to {args.report_to})")
+    for text in DEFAULT_NOTICES:
+        logger.info(f"notice: {text}")
+    DEFAULT_NOTICES.clear()
     if args.allow_tf32 and torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
@@ -608,7 +624,7 @@ def start_run(args, name: str) -> TrainRun:
     seed_everything(args.seed * world + accelerator.process_index)
     if accelerator.is_main_process:
         accelerator.init_trackers(name, config={k: v if isinstance(v, (int, float, str, bool)) else str(v)
-                                                for k, v in vars(args).items()})
+                                                for k, v in vars(args).items()}, init_kwargs=init_kwargs)
     return TrainRun(args, accelerator, exp_dir, ckpt_dir, resume_path, logger, args.batch_size // denom)
 
 
@@ -829,17 +845,21 @@ def add_common_training_flags(p) -> None:
     g.add_argument("--output-dir", type=str, default="exps", help="folder holding experiment folders")
     g.add_argument("--exp-name", type=str, required=False, default=None, help="experiment folder name under --output-dir")
     g.add_argument("--logging-dir", type=str, default="logs", help="tracker log folder inside the experiment folder")
-    g.add_argument("--report-to", type=str, default="tensorboard", choices=["tensorboard", "wandb", "none"], help="experiment tracker (wandb honours WANDB_MODE=offline)")
+    g.add_argument("--report-to", type=str, default="tensorboard", choices=["tensorboard", "wandb", "none"], help="experiment tracker (wandb: run folder <exp>/wandb, run name = --exp-name; offline without a wandb login)")
+    g.add_argument("--wandb-history-path", type=str, default=None, help="an earlier run's wandb run folder (or a file holding its run id): this run continues that wandb history")
     g.add_argument("--sampling-steps", type=non_negative_int, default=10000, help="write a sample / reconstruction grid every N steps (0: never)")
-    g.add_argument("--log-every", type=positive_int, default=1, help="log losses every N steps")
+    g.add_argument("--log-every", type=positive_int, default=1, help="log losses every N steps (0: never)")
     g.add_argument("--resume-step", type=int, default=0, help="continue from checkpoints/NNNNNNN.pt (0: fresh)")
     g.add_argument("--resume", type=str, default=None, help="'latest' or a step; overrides --resume-step")
-    g.add_argument("--continue-train-exp-dir", type=str, default=None, help="experiment folder to continue (default <output-dir>/<exp-name>)")
+    g.add_argument("--continue-train-exp-dir", type=str, default=None, help="experiment folder whose checkpoint --resume-step / --resume loads (REPA-E's meaning; default <output-dir>/<exp-name>); new checkpoints go to <output-dir>/<exp-name>")
     g.add_argument("--keep-checkpoints", type=non_negative_int, default=0, help="keep only the newest N checkpoints (0: all)")
     g = p.add_argument_group("precision and speed")
-    g.add_argument("--allow-tf32", action="store_true", help="allow TF32 matmuls and convolutions on Ampere+ GPUs")
-    g.add_argument("--mixed-precision", type=str, default="no", choices=["no", "fp16", "bf16"], help="autocast precision (bf16 recommended on GPUs)")
-    g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True, help="torch.compile the trained network")
+    g.add_argument("--allow-tf32", action=argparse.BooleanOptionalAction, default=True, help="allow TF32 matmuls and convolutions on Ampere+ GPUs (on by default, as REPA-E)")
+    # None = not given: the launcher's setting, then the script's default (REPA-E: fp16) applies.
+    g.add_argument("--mixed-precision", type=str, default=None, choices=["no", "fp16", "bf16"],
+                   help="autocast precision; when not given, `accelerate launch --mixed_precision` wins, else the "
+                        "script's default (REPA-E trainers: fp16; off on CPU)")
+    g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None, help="torch.compile the trained network (default: on with a GPU, as REPA-E; off on CPU)")
     g = p.add_argument_group("optimisation")
     g.add_argument("--epochs", type=positive_int, default=1400, help="stop after this many epochs")
     g.add_argument("--max-train-steps", type=positive_int, default=400000, help="stop after this many optimisation steps")
@@ -855,13 +875,93 @@ def add_common_training_flags(p) -> None:
     g.add_argument("--seed", type=int, default=0, help="global seed (each rank derives its own stream)")
 
 
-def finish_args(args, default_exp_name: str):
-    """Post-parse fix-ups shared by the trainers."""
+# One-line notices about defaults switched at parse time; start_run writes them to the log.
+DEFAULT_NOTICES: list = []
+
+
+def _notice(text: str, echo: bool = True) -> None:
+    DEFAULT_NOTICES.append(text)
+    if echo and int(os.environ.get("RANK", "0")) == 0:
+        print(f"[notice] {text}", flush=True)
+
+
+def resolve_precision_defaults(args, mixed_precision_default: str = "fp16") -> None:
+    """Fill `--mixed-precision` and `--compile` when they were not given (None).
+
+    Precision: a launcher setting (`accelerate launch --mixed_precision X`, exported as
+    ACCELERATE_MIXED_PRECISION) wins over the script default. The launcher exports 'no' also when
+    nothing was set, so 'no' from it cannot be told apart from its own default and the script
+    default stands (pass --mixed-precision no for full precision). fp16 autocast needs a GPU and
+    torch.compile on CPU mostly costs compile time, so without CUDA both are switched off with a
+    notice (never silently)."""
+    cuda = torch.cuda.is_available()
+    DEFAULT_NOTICES.clear()  # only this parse's notices reach the run's log
+    launcher = os.environ.get("ACCELERATE_MIXED_PRECISION", "").lower()
+    if getattr(args, "mixed_precision", "no") is not None and launcher not in ("", "no", args.mixed_precision):
+        _notice(f"--mixed-precision {args.mixed_precision} given: accelerate launch's {launcher} is overridden")
+    if getattr(args, "mixed_precision", "no") is None:
+        if launcher and launcher != "no":
+            args.mixed_precision = launcher
+            _notice(f"mixed precision {launcher} from `accelerate launch --mixed_precision` (no --mixed-precision flag given)")
+        else:
+            args.mixed_precision = mixed_precision_default
+            said = f"'{launcher}', also its default when nothing is set" if launcher else "nothing"
+            _notice(f"mixed precision {mixed_precision_default}: the script default (no --mixed-precision flag; "
+                    f"accelerate launch said {said})", echo=False)
+    if args.mixed_precision == "fp16" and not cuda:
+        _notice("no GPU: --mixed-precision fp16 switched off (full precision on CPU)")
+        args.mixed_precision = "no"
+    if getattr(args, "compile", False) is None:
+        args.compile = cuda
+        if not cuda:
+            _notice("no GPU: --compile switched off (pass --compile to force torch.compile on CPU)")
+
+
+def finish_args(args, default_exp_name: str, mixed_precision_default: str = "no"):
+    """Post-parse fix-ups shared by the trainers; `mixed_precision_default` is the script's own
+    default when neither the flag nor the launcher sets one."""
     if args.resume is None and args.resume_step:
         args.resume = str(args.resume_step)
     if args.exp_name is None:
         args.exp_name = default_exp_name
+    resolve_precision_defaults(args, mixed_precision_default)
     return args
+
+
+def wandb_run_id(path: str | os.PathLike) -> str:
+    """The run id of a wandb run folder (`.../wandb/[offline-]run-YYYYMMDD_HHMMSS-ID`, its `files`
+    subfolder, or a `wandb-metadata.json` in it) or of a text file holding just the id."""
+    p = Path(path)
+    if p.is_file() and p.suffix != ".json":
+        run_id = p.read_text().strip()
+        if not re.fullmatch(r"[A-Za-z0-9_-]+", run_id or "-/"):
+            raise SystemExit(f"--wandb-history-path {p}: expected a wandb run id in the file, found {run_id[:40]!r}")
+        return run_id
+    for part in [p] + list(p.parents):
+        m = re.fullmatch(r"(?:offline-)?run-\d{8}_\d{6}-([A-Za-z0-9]+)", part.name)
+        if m:
+            return m.group(1)
+    raise SystemExit(f"--wandb-history-path {p}: not a wandb run folder (run-YYYYMMDD_HHMMSS-ID) nor a file holding a run id")
+
+
+def wandb_init_kwargs(args, exp_dir: Path) -> dict:
+    """wandb.init arguments as REPA-E (run name = --exp-name) with the run folder under the
+    experiment folder; without a wandb login (no WANDB_API_KEY, no ~/.netrc entry) wandb logs
+    offline instead of stopping at a login prompt."""
+    kwargs = {"name": args.exp_name, "dir": str(exp_dir)}
+    if getattr(args, "wandb_history_path", None):
+        kwargs.update(id=wandb_run_id(args.wandb_history_path), resume="allow")
+    if not os.environ.get("WANDB_MODE") and not os.environ.get("WANDB_API_KEY"):
+        import netrc
+
+        try:
+            logged_in = netrc.netrc().authenticators("api.wandb.ai") is not None
+        except (OSError, netrc.NetrcParseError):
+            logged_in = False
+        if not logged_in:
+            os.environ["WANDB_MODE"] = "offline"
+            _notice(f"no wandb login: wandb logs offline under {exp_dir / 'wandb'} (`wandb sync` uploads it later)")
+    return kwargs
 
 
 def checkpoint_or_stop(run: TrainRun, step: int, stop_requested: bool, save: Callable[[], None]) -> bool:
