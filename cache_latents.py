@@ -240,9 +240,11 @@ def build_args(argv=None):
     p.add_argument("--config", type=str, default=None, help="YAML whose keys are defaults for these flags")
     p.add_argument("--data-dir", type=str, default=None, help="images to encode (folder, archive, REPA-E h5 or EDM zip)")
     p.add_argument("--output-dir", type=str, required=False, default=None, help="latent folder to write (shards, tokenizer.json, latents_stats.pt)")
-    p.add_argument("--tokenizer", type=str, default="kl", choices=["kl", "vavae", "vq", "rae"], help="tokenizer kind")
+    p.add_argument("--tokenizer", type=str, default=None, choices=["kl", "vavae", "vq", "rae"],
+                   help="tokenizer kind (default: the one the --vae-ckpt export describes, else kl)")
     p.add_argument("--vae", type=str, default=None, help="preset name (VAE_PRESETS / VQ_PRESETS / RAE_PRESETS)")
-    p.add_argument("--vae-ckpt", type=str, default=None, help="weights (RAE: decoder weights); local path or hub file")
+    p.add_argument("--vae-ckpt", type=str, default=None,
+                   help="weights (RAE: decoder weights); local path or hub file; an export with its NAME.json needs nothing else")
     p.add_argument("--vae-stats", type=str, default=None, help="latent statistics file that travels with the tokenizer")
     p.add_argument("--vae-config", type=str, default=None, help="LDM / taming model config (YAML / JSON) instead of --vae")
     p.add_argument("--rae-config", type=str, default=None, help="RAE config (YAML / JSON) or an RAE preset name")
@@ -299,6 +301,10 @@ def main(args) -> dict:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
 
+    from models.tokenizers import read_export_description
+
+    if args.tokenizer is None and (args.vae_ckpt is None or read_export_description(args.vae_ckpt) is None):
+        args.tokenizer = "kl"  # a bare state_dict (the originals' layout) with a --vae preset
     tokenizer = build_tokenizer(args.tokenizer, name=args.vae, ckpt=args.vae_ckpt, stats=args.vae_stats,
                                 config=args.rae_config if args.tokenizer == "rae" else args.vae_config,
                                 random_init=args.random_init, seed=args.seed).to(device)

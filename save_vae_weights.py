@@ -17,6 +17,10 @@ release format, from the EMA weights when the run kept an EMA (--weights model f
               <name>-stats.pt               {mean, var} latent statistics, when the run had them
   all         <name>-discriminator-ckpt.pt  the loss module state (discriminator)
 
+Beside the weights, `<name>.json` describes them (kind, architecture with channels and VF width,
+statistics file): `--vae-ckpt <name>.pt` alone rebuilds the tokenizer in every consumer
+(`models.tokenizers.load_tokenizer`). The weights file itself stays in the original's layout.
+
   python save_vae_weights.py --exp-dir exps/NAME --step 400000 --name e2e-vae --output-dir pretrained
 """
 from __future__ import annotations
@@ -26,7 +30,8 @@ from pathlib import Path
 
 
 import utils
-from models.autoencoder import save_latents_stats
+from models.autoencoder import build_vae, save_latents_stats
+from models.tokenizers import describe_model, write_export_description
 from models.sit import SIT_BN_EPS, bn_latent_stats
 
 def latent_stats_from_ema(ema_state: dict) -> dict:
@@ -34,6 +39,12 @@ def latent_stats_from_ema(ema_state: dict) -> dict:
         if key not in ema_state:
             raise KeyError(f"EMA state has no '{key}': not a REPA-E SiT checkpoint")
     return bn_latent_stats(ema_state["bn.running_mean"], ema_state["bn.running_var"], SIT_BN_EPS)
+
+
+def repae_description(ckpt: dict):
+    """The REPA-E VAE's description: its `--vae` preset (REPA-E VAEs are RGB KL-VAEs)."""
+    preset = (ckpt.get("args") or {}).get("vae")
+    return None if preset is None else describe_model("kl", build_vae(preset))
 
 
 def export(ckpt_path: str | Path, output_dir: str | Path, name: str, ckpt: dict | None = None) -> dict:
@@ -49,6 +60,7 @@ def export(ckpt_path: str | Path, output_dir: str | Path, name: str, ckpt: dict 
     }
     utils.atomic_save(ckpt["vae"], paths["vae"])
     save_latents_stats(paths["stats"], **latent_stats_from_ema(ckpt["ema"]))
+    paths["description"] = write_export_description(paths["vae"], repae_description(ckpt), stats=paths["stats"])
     utils.atomic_save(ckpt["discriminator"], paths["discriminator"])
     return paths
 
@@ -78,6 +90,7 @@ def export_stage1(ckpt: dict, ckpt_path, output_dir: str | Path, name: str, weig
     else:
         raise KeyError(f"{ckpt_path}: unknown tokenizer kind {kind!r}")
     utils.atomic_save(ckpt["loss"], paths["discriminator"])
+    paths["description"] = write_export_description(paths["tokenizer"], ckpt.get("tokenizer_config"), paths.get("stats"))
     print(f"exported the {kind} tokenizer's {source} weights of step {ckpt['steps']}")
     return paths
 
@@ -110,7 +123,8 @@ def main(argv=None):
     except (FileNotFoundError, KeyError, RuntimeError) as e:
         p.error(str(e))
     for kind, path in paths.items():
-        print(f"{kind}: {path}")
+        if path is not None:
+            print(f"{kind}: {path}")
 
 
 if __name__ == "__main__":
