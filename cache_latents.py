@@ -300,6 +300,8 @@ def main(args) -> dict:
     if args.allow_tf32 and torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
+    if device.type == "cpu":
+        utils.limit_cpu_threads(args.num_workers, logger)
 
     from models.tokenizers import read_export_description
 

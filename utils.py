@@ -324,6 +324,23 @@ class TrainRun:
         return self.accelerator.is_main_process
 
 
+def limit_cpu_threads(num_workers: int, logger=None) -> int:
+    """CPU runs: share the cores between this machine's processes and their DataLoader workers
+    (each worker runs one thread: torch sets that in its worker loop), so the compute threads
+    do not oversubscribe. Only ever lowers the thread count; OMP_NUM_THREADS, when set, decides."""
+    if os.environ.get("OMP_NUM_THREADS"):
+        return torch.get_num_threads()
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    budget = max(1, (os.cpu_count() or 1) // max(local, 1) - max(num_workers, 0))
+    threads = min(torch.get_num_threads(), budget)
+    if threads != torch.get_num_threads():
+        torch.set_num_threads(threads)
+        if logger is not None:
+            logger.info(f"CPU threads: {threads} per process ({os.cpu_count()} cores, {local} process(es) here, "
+                        f"{num_workers} loader worker(s) each; OMP_NUM_THREADS overrides)")
+    return threads
+
+
 def start_run(args, name: str) -> TrainRun:
     """Accelerator (CPU/gloo when there is no GPU), experiment folder with args.json and log.txt,
     resume resolution (a fresh run refuses a folder that already has checkpoints), TF32, the
@@ -336,6 +353,9 @@ def start_run(args, name: str) -> TrainRun:
 
     exp_dir = Path(getattr(args, "continue_train_exp_dir", None) or Path(args.output_dir) / args.exp_name)
     ckpt_dir = exp_dir / "checkpoints"
+    compile_notice = getattr(args, "compile", False) is None and not torch.cuda.is_available()
+    if getattr(args, "compile", False) is None:
+        args.compile = torch.cuda.is_available()
     accelerator = Accelerator(
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         mixed_precision=args.mixed_precision,
@@ -355,6 +375,10 @@ def start_run(args, name: str) -> TrainRun:
     world = accelerator.num_processes
     logger.info(f"experiment {exp_dir} | {world} process(es) on {accelerator.device} | "
                 f"mixed precision {args.mixed_precision}")
+    if compile_notice:
+        logger.info("torch.compile off: CPU run (compiling costs minutes there and gains nothing; --compile forces it)")
+    if accelerator.device.type == "cpu":
+        limit_cpu_threads(getattr(args, "num_workers", 0), logger)
     if args.allow_tf32 and torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
@@ -570,7 +594,8 @@ def add_common_training_flags(p) -> None:
     g = p.add_argument_group("precision and speed")
     g.add_argument("--allow-tf32", action="store_true", help="allow TF32 matmuls and convolutions on Ampere+ GPUs")
     g.add_argument("--mixed-precision", type=str, default="no", choices=["no", "fp16", "bf16"], help="autocast precision (bf16 recommended on GPUs)")
-    g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True, help="torch.compile the trained network")
+    g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="torch.compile the trained network (default: on with CUDA, off on CPU where it costs minutes)")
     g = p.add_argument_group("optimisation")
     g.add_argument("--epochs", type=int, default=1400, help="stop after this many epochs")
     g.add_argument("--max-train-steps", type=int, default=400000, help="stop after this many optimisation steps")
