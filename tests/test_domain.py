@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 
 import cache_latents
+import generate
 import linear_probe
 import save_vae_weights
 import train_ldm_only
@@ -168,6 +169,15 @@ def test_domain_pipeline_end_to_end(spectrograms, rgb_release, tmp_path):
     assert summary["end_step"] == 2 and summary["samples"]
     ldm_log = (tmp_path / "doppler-dit/log.txt").read_text()
     assert "torch.compile off: CPU run" in ldm_log
+    # 4b. the same network as a release (--ckpt --model): --vae-ckpt alone names the tokenizer too
+    obj = torch.load(tmp_path / "doppler-dit/checkpoints/0000002.pt", map_location="cpu", weights_only=False)
+    torch.save({"ema": obj["ema"]}, tmp_path / "dit.pt")
+    torch.save({k: obj["latent_stats"][k].view(1, -1, 1, 1) for k in ("mean", "std")}, tmp_path / "dit-stats.pt")
+    setup = generate.load_models(generate.parse_args(to_argv(
+        {"ckpt": tmp_path / "dit.pt", "model": "LightningDiT-N/1", "vae-ckpt": export,
+         "vae-stats": tmp_path / "dit-stats.pt", "resolution": 32, "device": "cpu"}, {})), print)
+    assert setup.info["vae"] == "vavae:doppler" and setup.latent_shape == (4, 8, 8)
+    assert setup.decoder(torch.zeros(1, 4, 8, 8)).shape == (1, 1, 32, 32)  # 1-channel images
     # 5. class fidelity: a classifier trained on the real data scores labelled samples per class
     #    (here the real images themselves, written as generate.py writes samples: .npz + labels.npy)
     real = linear_probe.build_image_dataset(spectrograms, 32, 1)
