@@ -36,6 +36,7 @@ import argparse
 import json
 import math
 import os
+from pathlib import Path
 from typing import Dict, Optional, Tuple
 
 import numpy as np
@@ -45,7 +46,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from dataset import build_image_dataset
+from dataset import RGBView, build_image_dataset, image_channels_on_disk
 from utils import atomic_write_text, parse_args_with_config
 
 
@@ -152,6 +153,18 @@ def extract_features(model: nn.Module, dataset, batch_size: int, device: torch.d
         feats.append(model(images.to(device)).float().cpu())
         labels.append(torch.as_tensor(y).long())
     return torch.cat(feats), torch.cat(labels)
+
+
+def load_probe_data(path: str, resolution: int, channels: int, class_to_idx=None, what: str = "--data-dir"):
+    """(labelled dataset, the view the feature network reads): any dataset the trainers read;
+    1-channel data for an RGB network is read as stored and repeated to 3 channels (said once)."""
+    on_disk = image_channels_on_disk(Path(path)) if Path(path).is_dir() else None
+    if on_disk == 1 and channels == 3:
+        print(f"{what} {path}: 1-channel images, repeated to 3 channels for the RGB feature network")
+        data = build_image_dataset(path, resolution, 1, class_to_idx=class_to_idx)
+        return data, RGBView(data)
+    data = build_image_dataset(path, resolution, channels, class_to_idx=class_to_idx)
+    return data, data
 
 
 # --------------------------------------------------------------------------------------------
@@ -305,9 +318,9 @@ def main(argv=None) -> Dict[str, float]:
 
     model = build_feature_extractor(args).to(device).eval()
     channels = getattr(model, "in_channels", 3)  # representation encoders are RGB networks
-    train_set = build_image_dataset(args.data_dir, args.resolution, channels)
+    train_set, train_view = load_probe_data(args.data_dir, args.resolution, channels)
     if args.val_dir is not None:
-        val_set = build_image_dataset(args.val_dir, args.resolution, channels, class_to_idx=train_set.class_to_idx)
+        val_set, val_view = load_probe_data(args.val_dir, args.resolution, channels, train_set.class_to_idx, "--val-dir")
         train_idx = val_idx = None
         print(f"{len(train_set)} images of --data-dir for training, {len(val_set)} of --val-dir for validation")
     else:
@@ -316,9 +329,9 @@ def main(argv=None) -> Dict[str, float]:
               f"train the classifier and {len(val_idx)} are held out for validation (--val-dir gives a folder)")
     num_classes = train_set.num_classes
 
-    feats, labels = extract_features(model, train_set, args.batch_size, device, args.num_workers, "train features")
+    feats, labels = extract_features(model, train_view, args.batch_size, device, args.num_workers, "train features")
     if args.val_dir is not None:
-        val_x, val_y = extract_features(model, val_set, args.batch_size, device, args.num_workers, "val features")
+        val_x, val_y = extract_features(model, val_view, args.batch_size, device, args.num_workers, "val features")
         train_x, train_y = feats, labels
     else:  # one pass over --data-dir, then split the cached features
         train_x, train_y = feats[train_idx], labels[train_idx]

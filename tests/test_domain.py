@@ -103,6 +103,12 @@ def test_export_description_rebuilds_every_kind_and_keeps_the_original_layout(tm
     assert load_tokenizer("tiny-vavae-f16d32", random_init=True).kind == "vavae"  # presets: the same entry
     with pytest.raises(ValueError, match="no description"):
         build_tokenizer(None, ckpt=tmp_path / "nothing.pt")
+    rae = build_tokenizer("rae", "tiny-dinov2", random_init=True).model
+    torch.save(rae.decoder.state_dict(), tmp_path / "rae.pt")
+    write_export_description(tmp_path / "rae.pt", describe_model("rae", rae))
+    assert json.loads((tmp_path / "rae.json").read_text())["model"]["params"]["encoder_cls"] == "Dinov2withNorm"
+    with pytest.raises(ValueError, match="random-weight encoder"):  # no export holds a random encoder
+        load_tokenizer(tmp_path / "rae.pt")
 
 
 def test_cpu_threads_leave_room_for_loader_workers(monkeypatch):
@@ -130,6 +136,40 @@ def test_missing_pretrained_encoder_names_the_offline_options(monkeypatch):
     monkeypatch.setattr(encoders, "build_timm_vit", offline)
     with pytest.raises(RuntimeError, match="--encoder-weights-dir.*--random-init-encoders"):
         encoders.build_encoder("dinov2-vit-b", 224)
+
+
+def test_rgb_networks_see_the_grey_channel_repeated():
+    """VF foundation features and LPIPS take 3-channel input: a 1-channel batch gives exactly what
+    its 3-channel repetition gives (never a silent conversion of the user's data)."""
+    from loss.perceptual import LPIPS
+    from models.encoders import build_encoder
+
+    torch.manual_seed(0)
+    g, h = torch.rand(2, 1, 32, 32) * 2 - 1, torch.rand(2, 1, 32, 32) * 2 - 1
+    rgb = lambda t: t.expand(-1, 3, -1, -1)  # noqa: E731
+    vf = train_stage1.FoundationFeatures(build_encoder("dinov2-vit-tiny", 32, random_init=True))
+    torch.testing.assert_close(vf(g, (8, 8)), vf(rgb(g), (8, 8)))
+    lpips = train_stage1.RepeatChannels(LPIPS(vgg_weights="random"))
+    torch.testing.assert_close(lpips(g, h), lpips(rgb(g), rgb(h)))
+
+
+def test_linear_probe_reads_archives_and_checks_sample_labels(spectrograms, tmp_path):
+    import preprocessing
+
+    archive = tmp_path / "archive"
+    preprocessing.main(["--source", str(spectrograms), "--dest", str(archive), "--resolution", "32", "--channels", "1",
+                        "--workers", "1"])
+    common = {"encoder": "tiny-f4d4", "resolution": 32, "epochs": 2, "output": tmp_path / "p.json"}
+    res = linear_probe.main(to_argv({"data-dir": archive, **common}, {}, ["--random-init"]))
+    assert res["num_train"] + res["num_val"] == 16 and res["num_classes"] == 2
+    samples = tmp_path / "s.npz"
+    np.savez(samples, arr_0=np.zeros((3, 32, 32, 1), np.uint8))
+    np.save(tmp_path / "wrong.npy", np.array([0, 1, 5]))
+    with pytest.raises(SystemExit, match="labels 0..5 do not fit the 2 classes"):
+        linear_probe.main(to_argv({"data-dir": archive, "score-samples": samples, "sample-labels": tmp_path / "wrong.npy",
+                                   **common}, {}, ["--random-init"]))
+    with pytest.raises(FileNotFoundError, match="no labels file"):
+        linear_probe.main(to_argv({"data-dir": archive, "score-samples": samples, **common}, {}, ["--random-init"]))
 
 
 def _stage1(spectrograms, rgb_release, out):
