@@ -250,9 +250,19 @@ def write_export_description(weights: Union[str, os.PathLike], description: Opti
 
 
 def read_export_description(weights: Union[str, os.PathLike]) -> Optional[dict]:
-    """The sidecar of `weights` (None when it has none); the statistics path made absolute."""
+    """The sidecar of `weights` (None when it has none); the statistics path made absolute.
+    Hub weights (`owner/repo/NAME.pt`) look for `owner/repo/NAME.json` on the hub (the cache
+    only with HF_HUB_OFFLINE=1); a repository without one is an original's release: None."""
     path = description_path(weights)
-    if not Path(weights).is_file() or not path.is_file():
+    base = str(path.parent)  # where the statistics file named in the description lives
+    if not Path(weights).exists() and len(str(weights).split("/")) >= 3 and not str(weights).startswith(("/", ".")):
+        from models.autoencoder import _resolve_file
+
+        try:
+            path = _resolve_file(path, "tokenizer description")
+        except FileNotFoundError:
+            return None
+    elif not Path(weights).is_file() or not path.is_file():
         return None
     try:
         desc = json.loads(path.read_text())
@@ -265,7 +275,7 @@ def read_export_description(weights: Union[str, os.PathLike]) -> Optional[dict]:
     if desc["kind"] not in TOKENIZER_KINDS:
         raise ValueError(f"tokenizer description {path}: kind {desc['kind']!r} unknown")
     if desc.get("stats"):
-        desc["stats"] = str(path.parent / desc["stats"])
+        desc["stats"] = f"{base}/{desc['stats']}"
     desc["source"] = str(path)
     return desc
 

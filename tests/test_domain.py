@@ -80,7 +80,7 @@ def test_other_channel_mismatches_are_still_refused(spectrograms, tmp_path):
         train_stage1.main(train_stage1.parse_args(argv))
 
 
-def test_export_description_rebuilds_every_kind_and_keeps_the_original_layout(tmp_path):
+def test_export_description_rebuilds_every_kind_and_keeps_the_original_layout(tmp_path, monkeypatch):
     from models.vqgan import build_vqgan
 
     vae = build_vae("tiny-f4d4", in_channels=1, out_ch=1, vf_dim=32)
@@ -103,6 +103,12 @@ def test_export_description_rebuilds_every_kind_and_keeps_the_original_layout(tm
     assert load_tokenizer("tiny-vavae-f16d32", random_init=True).kind == "vavae"  # presets: the same entry
     with pytest.raises(ValueError, match="no description"):
         build_tokenizer(None, ckpt=tmp_path / "nothing.pt")
+    # the same export on the hub: Tokenizer.load("owner/repo/spec.pt") finds owner/repo/spec.json
+    import huggingface_hub
+
+    hub = {("me/doppler", "spec.pt"): tmp_path / "spec.pt", ("me/doppler", "spec.json"): tmp_path / "spec.json"}
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", lambda repo_id, filename: str(hub[(repo_id, filename)]))
+    assert Tokenizer.load("me/doppler/spec.pt").fingerprint() == tok.fingerprint()
     rae = build_tokenizer("rae", "tiny-dinov2", random_init=True).model
     torch.save(rae.decoder.state_dict(), tmp_path / "rae.pt")
     write_export_description(tmp_path / "rae.pt", describe_model("rae", rae))
