@@ -117,6 +117,17 @@ def test_export_description_rebuilds_every_kind_and_keeps_the_original_layout(tm
         load_tokenizer(tmp_path / "rae.pt")
 
 
+def test_repae_export_describes_its_preset_and_statistics(tmp_path):
+    vae = build_vae("tiny-f4d4")
+    ckpt = {"vae": vae.state_dict(), "discriminator": {}, "args": {"vae": "tiny-f4d4"},
+            "ema": {"bn.running_mean": torch.arange(4.0), "bn.running_var": torch.ones(4)}}
+    paths = save_vae_weights.export(tmp_path / "ckpt.pt", tmp_path, "e2e", ckpt)
+    desc = json.loads(paths["description"].read_text())
+    assert desc["kind"] == "kl" and desc["stats"] == "e2e-latents-stats.pt" and desc["model"]["embed_dim"] == 4
+    tok = load_tokenizer(tmp_path / "e2e.pt")
+    torch.testing.assert_close(tok.stats["latents_bias"].flatten(), torch.arange(4.0))
+
+
 def test_cpu_threads_leave_room_for_loader_workers(monkeypatch):
     old = torch.get_num_threads()
     try:
