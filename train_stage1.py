@@ -647,7 +647,7 @@ def main(args):
     def evaluate(at_step: int) -> dict:
         """Collective. PSNR / SSIM / LPIPS / rFID on the evaluation set through the shared code
         path (+ codebook usage and perplexity for VQ) and a reconstruction grid."""
-        from evaluation.metrics import local_indices, reconstruction_metrics
+        from evaluation.metrics import format_scores, local_indices, reconstruction_metrics
 
         net, tok = eval_tokenizer()
         was_training = net.training
@@ -672,8 +672,7 @@ def main(args):
         accelerator.wait_for_everyone()
         summary["evaluations"][str(at_step)] = res
         accelerator.log({f"eval/{k}": v for k, v in res.items()}, step=at_step)
-        logger.info(f"eval at step {at_step} ({'EMA' if ema is not None else 'model'}): "
-                    + " ".join(f"{k}={v:.4f}" for k, v in res.items()))
+        logger.info(f"eval at step {at_step} ({'EMA' if ema is not None else 'model'}): " + format_scores(res))
         return res
 
     # ---------------- loop

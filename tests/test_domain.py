@@ -235,17 +235,27 @@ def test_domain_pipeline_end_to_end(spectrograms, rgb_release, tmp_path):
          "vae-stats": tmp_path / "dit-stats.pt", "resolution": 32, "device": "cpu"}, {})), print)
     assert setup.info["vae"] == "vavae:doppler" and setup.latent_shape == (4, 8, 8)
     assert setup.decoder(torch.zeros(1, 4, 8, 8)).shape == (1, 1, 32, 32)  # 1-channel images
-    # 5. class fidelity: a classifier trained on the real data scores labelled samples per class
-    #    (here the real images themselves, written as generate.py writes samples: .npz + labels.npy)
-    real = linear_probe.build_image_dataset(spectrograms, 32, 1)
-    samples = tmp_path / "samples/doppler"
-    samples.mkdir(parents=True)
-    np.savez(samples.with_suffix(".npz"), arr_0=np.stack([real[i][0].permute(1, 2, 0).numpy() for i in range(len(real))]))
-    np.save(samples / "labels.npy", real.labels)
-    out = tmp_path / "probe.json"
-    result = linear_probe.main(to_argv({"data-dir": spectrograms, "vae-ckpt": export, "resolution": 32,
-                                        "score-samples": samples.with_suffix(".npz"), "optimizer": "lbfgs",
-                                        "epochs": 5, "output": out}, {}, ["--flatten"]))
+    # 5. labelled samples of chosen classes at CFG 4.0, 1-channel, labels beside the .npz
+    gen = generate.main(to_argv({"exp-dir": tmp_path / "doppler-dit", "classes": "user_01,user_00",
+                                 "samples-per-class": 3, "cfg-scale": 4.0, "sample-dir": tmp_path / "samples",
+                                 "num-steps": 2, "device": "cpu"}, {}))
+    npz = Path(gen["npz"])
+    with np.load(npz) as f:
+        assert f["arr_0"].shape == (6, 32, 32, 1)
+    assert np.load(npz.with_suffix("") / "labels.npy").tolist() == [1, 1, 1, 0, 0, 0]
+    # 6. class fidelity of the generated samples: the real-data classifier, per class
+    probe = {"data-dir": spectrograms, "vae-ckpt": export, "resolution": 32, "optimizer": "lbfgs", "epochs": 5}
+    out = tmp_path / "fidelity.json"
+    result = linear_probe.main(to_argv({**probe, "score-samples": npz, "output": out}, {}, ["--flatten"]))
     fid = json.loads(out.read_text())["metrics"]["class_fidelity"]
-    assert set(fid["per_class_accuracy"]) == {"user_00", "user_01"} and fid["num_samples"] == 16
-    assert fid == result["class_fidelity"] and fid["accuracy"] >= 0.75  # the training images themselves
+    assert fid == result["class_fidelity"] and fid["per_class_count"] == {"user_00": 3, "user_01": 3}
+    assert 0 <= fid["accuracy"] <= 1 and set(fid["per_class_accuracy"]) == {"user_00", "user_01"}
+    # the score means what it says: the real images, written as samples, are recognised
+    real = linear_probe.build_image_dataset(spectrograms, 32, 1)
+    fake = tmp_path / "real-as-samples"
+    fake.mkdir()
+    np.savez(fake.with_suffix(".npz"), arr_0=np.stack([real[i][0].permute(1, 2, 0).numpy() for i in range(len(real))]))
+    np.save(fake / "labels.npy", real.labels)
+    again = linear_probe.main(to_argv({**probe, "score-samples": fake.with_suffix(".npz"), "output": out}, {},
+                                      ["--flatten"]))
+    assert again["class_fidelity"]["num_samples"] == 16 and again["class_fidelity"]["accuracy"] >= 0.75
