@@ -248,11 +248,12 @@ def build_args(argv=None):
     p.add_argument("--vae-latents-name", type=str, default=None,
                    help="REPA-E's latents name: writes <output-dir>/<name>, found again by train_ldm_only.py "
                         "--data-dir <output-dir> --vae-latents-name <name>")
-    p.add_argument("--tokenizer", type=str, default="kl", choices=["kl", "vavae", "vq", "rae"], help="tokenizer kind")
+    p.add_argument("--tokenizer", type=str, default=None, choices=["kl", "vavae", "vq", "rae"],
+                   help="tokenizer kind (default: the one the --vae-ckpt export describes, else kl)")
     p.add_argument("--vae", "--vae-arch", dest="vae", type=str, default=None,
                    help="preset name (VAE_PRESETS / VQ_PRESETS / RAE_PRESETS; --vae-arch: REPA-E's name)")
     p.add_argument("--vae-ckpt", "--vae-ckpt-path", dest="vae_ckpt", type=str, default=None,
-                   help="weights (RAE: decoder weights); local path or hub file")
+                   help="weights (RAE: decoder weights); local path or hub file; an export with its NAME.json needs nothing else")
     p.add_argument("--vae-stats", type=str, default=None, help="latent statistics file that travels with the tokenizer")
     p.add_argument("--vae-config", type=str, default=None, help="LDM / taming model config (YAML / JSON) instead of --vae")
     p.add_argument("--rae-config", type=str, default=None, help="RAE config (YAML / JSON) or an RAE preset name")
@@ -323,7 +324,13 @@ def main(args) -> dict:
     if args.allow_tf32 and torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
+    if device.type == "cpu":
+        utils.limit_cpu_threads(args.num_workers, logger)
 
+    from models.tokenizers import read_export_description
+
+    if args.tokenizer is None and (args.vae_ckpt is None or read_export_description(args.vae_ckpt) is None):
+        args.tokenizer = "kl"  # a bare state_dict (the originals' layout) with a --vae preset
     tokenizer = build_tokenizer(args.tokenizer, name=args.vae, ckpt=args.vae_ckpt, stats=args.vae_stats,
                                 config=args.rae_config if args.tokenizer == "rae" else args.vae_config,
                                 random_init=args.random_init, seed=args.seed).to(device)

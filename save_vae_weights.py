@@ -18,6 +18,10 @@ release format, from the EMA weights when the run kept an EMA (--weights model f
               <name>-stats.pt               {mean, var} latent statistics, when the run had them
   all         <name>-discriminator-ckpt.pt  the loss module state (discriminator)
 
+Beside the weights, `<name>.json` describes them (kind, architecture with channels and VF width,
+statistics file): `--vae-ckpt <name>.pt` alone rebuilds the tokenizer in every consumer
+(`models.tokenizers.load_tokenizer`). The weights file itself stays in the original's layout.
+
   python save_vae_weights.py --exp-dir exps/NAME --step 400000 --name e2e-vae --output-dir pretrained
   python save_vae_weights.py --repae-ckpt exps/NAME/checkpoints/0400000.pt --vae-name e2e-vae --save-dir exps
       (REPA-E's names: writes exps/e2e-vae/e2e-vae.pt and its two companions)
@@ -34,9 +38,11 @@ from pathlib import Path
 import torch
 
 import utils
-from models.autoencoder import save_latents_stats
+from models.autoencoder import build_vae, save_latents_stats
 from models.discriminators import discriminator_state_dict_from_checkpoint
 from models.sit import bn_latent_stats
+from models.tokenizers import describe_model, write_export_description
+
 
 def save_weights(state: dict, path: Path, fmt: str = "pt", metadata: dict | None = None) -> Path:
     """Write a state dict as `path` (.pt, the originals' release format) or, with fmt
@@ -67,6 +73,12 @@ def latent_stats_from_ema(ema_state: dict) -> dict:
     return {k: stats[k] for k in ("latents_scale", "latents_bias")}
 
 
+def repae_description(ckpt: dict):
+    """The REPA-E VAE's description: its `--vae` preset (REPA-E VAEs are RGB KL-VAEs)."""
+    preset = (ckpt.get("args") or {}).get("vae")
+    return None if preset is None else describe_model("kl", build_vae(preset))
+
+
 def export(ckpt_path: str | Path, output_dir: str | Path, name: str, ckpt: dict | None = None, fmt: str = "pt") -> dict:
     ckpt = utils.load_checkpoint_file(ckpt_path) if ckpt is None else ckpt
     for key in ("vae", "ema", "discriminator"):
@@ -80,6 +92,7 @@ def export(ckpt_path: str | Path, output_dir: str | Path, name: str, ckpt: dict 
     }
     paths["vae"] = save_weights(ckpt["vae"], paths["vae"], fmt)
     save_latents_stats(paths["stats"], **latent_stats_from_ema(ckpt["ema"]))
+    paths["description"] = write_export_description(paths["vae"], repae_description(ckpt), stats=paths["stats"])
     # our checkpoints keep the whole loss module (keys `discriminator.main.*` + LeCam buffers); the
     # original's file is the bare discriminator state_dict
     disc = discriminator_state_dict_from_checkpoint(ckpt["discriminator"], f"{ckpt_path}['discriminator']")
@@ -114,6 +127,7 @@ def export_stage1(ckpt: dict, ckpt_path, output_dir: str | Path, name: str, weig
     else:
         raise KeyError(f"{ckpt_path}: unknown tokenizer kind {kind!r}")
     paths["discriminator"] = save_weights(ckpt["loss"], paths["discriminator"], fmt)
+    paths["description"] = write_export_description(paths["tokenizer"], ckpt.get("tokenizer_config"), paths.get("stats"))
     print(f"exported the {kind} tokenizer's {source} weights of step {ckpt['steps']}")
     return paths
 
@@ -154,7 +168,8 @@ def main(argv=None):
     except (FileNotFoundError, KeyError, RuntimeError, ValueError) as e:
         p.error(str(e))
     for kind, path in paths.items():
-        print(f"{kind}: {path}")
+        if path is not None:
+            print(f"{kind}: {path}")
 
 
 if __name__ == "__main__":

@@ -433,10 +433,27 @@ def init_from(args, model: nn.Module, logger) -> None:
     own = model.state_dict()
     conv = "encoder.conv_in.weight"
     if conv in sd and conv in own and sd[conv].shape[1] != own[conv].shape[1]:
-        raise SystemExit(f"{source} takes {sd[conv].shape[1]}-channel images but the model was built for "
-                         f"--in-channels {own[conv].shape[1]}; pass --in-channels {sd[conv].shape[1]}")
+        if (sd[conv].shape[1], own[conv].shape[1]) != (3, 1):
+            raise SystemExit(f"{source} takes {sd[conv].shape[1]}-channel images but the model was built for "
+                             f"--in-channels {own[conv].shape[1]}; pass --in-channels {sd[conv].shape[1]}")
+        sd = rgb_to_gray_state_dict(sd)
+        logger.info(f"{source}: RGB weights adapted to 1-channel images: encoder.conv_in sums its RGB kernels "
+                    f"(a grey image g seen as (g, g, g)), decoder.conv_out averages its RGB output rows and bias; "
+                    f"every other weight loads unchanged")
     utils.load_state_dict_strict(model, sd, source)
     logger.info(f"initialised from {path}")
+
+
+def rgb_to_gray_state_dict(sd: dict) -> dict:
+    """An RGB tokenizer's weights for 1-channel images. The first conv sees the grey image g as
+    the RGB image (g, g, g), so its kernels summed over the input channels give the same
+    response; the last conv's grey output is the mean of its R, G, B outputs (rows and bias)."""
+    sd = dict(sd)
+    sd["encoder.conv_in.weight"] = sd["encoder.conv_in.weight"].sum(dim=1, keepdim=True)  # [C, 3, k, k] -> [C, 1, k, k]
+    for key in ("decoder.conv_out.weight", "decoder.conv_out.bias"):
+        if key in sd:
+            sd[key] = sd[key].mean(dim=0, keepdim=True)  # [3, ...] -> [1, ...]
+    return sd
 
 
 def make_optimizer(params, lr: float, args) -> torch.optim.Optimizer:
@@ -662,11 +679,15 @@ def main(args):
     actnorm_pending = bool(actnorms)
     utils.broadcast_from_main(disc_state, accelerator)
 
+    from models.tokenizers import describe_model
+
+    description = describe_model(kind, model)  # what the export's NAME.json says (save_vae_weights.py)
+
     def save_checkpoint():
         def state():
             out = {"model": model.state_dict(), "loss": loss_fn.state_dict(), "opt": opt.optimizer.state_dict(),
                    "opt_disc": opt_disc.optimizer.state_dict(), "sched": sched.state_dict(),
-                   "sched_disc": sched_disc.state_dict(), "tokenizer": kind}
+                   "sched_disc": sched_disc.state_dict(), "tokenizer": kind, "tokenizer_config": description}
             if ema is not None:
                 out["ema"] = ema.state_dict()
             if kind == "rae" and model.latent_stats() is not None:
@@ -712,7 +733,7 @@ def main(args):
     def evaluate(at_step: int) -> dict:
         """Collective. PSNR / SSIM / LPIPS / rFID on the evaluation set through the shared code
         path (+ codebook usage and perplexity for VQ) and a reconstruction grid."""
-        from evaluation.metrics import local_indices, reconstruction_metrics
+        from evaluation.metrics import format_scores, local_indices, reconstruction_metrics
 
         net, tok = eval_tokenizer()
         was_training = net.training
@@ -738,8 +759,7 @@ def main(args):
         summary["evaluations"][str(at_step)] = res
         # The metrics may carry notes (e.g. a random Inception's): numbers go to the tracker.
         accelerator.log({f"eval/{k}": v for k, v in res.items() if isinstance(v, (int, float))}, step=at_step)
-        logger.info(f"eval at step {at_step} ({'EMA' if ema is not None else 'model'}): "
-                    + " ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in res.items()))
+        logger.info(f"eval at step {at_step} ({'EMA' if ema is not None else 'model'}): " + format_scores(res))
         return res
 
     # ---------------- loop

@@ -560,6 +560,23 @@ class TrainRun:
         return self.accelerator.is_main_process
 
 
+def limit_cpu_threads(num_workers: int, logger=None) -> int:
+    """CPU runs: share the cores between this machine's processes and their DataLoader workers
+    (each worker runs one thread: torch sets that in its worker loop), so the compute threads
+    do not oversubscribe. Only ever lowers the thread count; OMP_NUM_THREADS, when set, decides."""
+    if os.environ.get("OMP_NUM_THREADS"):
+        return torch.get_num_threads()
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    budget = max(1, (os.cpu_count() or 1) // max(local, 1) - max(num_workers, 0))
+    threads = min(torch.get_num_threads(), budget)
+    if threads != torch.get_num_threads():
+        torch.set_num_threads(threads)
+        if logger is not None:
+            logger.info(f"CPU threads: {threads} per process ({os.cpu_count()} cores, {local} process(es) here, "
+                        f"{num_workers} loader worker(s) each; OMP_NUM_THREADS overrides)")
+    return threads
+
+
 def start_run(args, name: str) -> TrainRun:
     """Accelerator (CPU/gloo when there is no GPU), experiment folder with args.json and log.txt,
     resume resolution (a fresh run refuses a folder that already has checkpoints), TF32, the
@@ -615,6 +632,8 @@ def start_run(args, name: str) -> TrainRun:
     for text in DEFAULT_NOTICES:
         logger.info(f"notice: {text}")
     DEFAULT_NOTICES.clear()
+    if accelerator.device.type == "cpu":
+        limit_cpu_threads(getattr(args, "num_workers", 0), logger)
     if args.allow_tf32 and torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
