@@ -658,12 +658,16 @@ def _load_sit(args, obj, sd, ckpt_path, info, logger, exp_stats: Optional[str] =
 
 def _load_release(args, sd, ckpt_path, info, logger) -> SamplingSetup:
     """A released LightningDiT (hustvl, RAE) or DiT^DH checkpoint with its tokenizer."""
+    from models.tokenizers import read_export_description
+
     family = model_family(args.model)
-    kind = args.tokenizer or ("rae" if family == "ddt" or "t_embedder.W" in sd else "vavae")
-    name = args.vae or ("vavae-f16d32" if kind == "vavae" else None)
+    described = args.vae_ckpt is not None and read_export_description(args.vae_ckpt) is not None  # NAME.json says
+    kind = args.tokenizer or (None if described else "rae" if family == "ddt" or "t_embedder.W" in sd else "vavae")
+    name = args.vae or ("vavae-f16d32" if kind == "vavae" and not described else None)
     seed = int(args.tokenizer_seed or 0)
     tok = _build_tokenizer(kind, name, args.vae_ckpt, args.vae_stats, args.rae_config, args.random_init_vae,
                            seed, f"--model {args.model}")
+    kind = tok.kind
     if tok.stats is None:
         raise SystemExit(f"tokenizer {kind}/{tok.name}: no latent statistics; pass --vae-stats "
                          f"({'{mean, var} per position' if kind == 'rae' else '{mean, std} [1, C, 1, 1]'})")
@@ -891,6 +895,7 @@ def check_or_write_config(folder: Path, identity: dict, extra: dict) -> None:
         raise SystemExit(f"{folder} holds PNG samples but no sampling_config.json: cannot tell their configuration; "
                          f"refusing to mix them (choose another --sample-dir/--folder-name)")
     folder.mkdir(parents=True, exist_ok=True)
+    utils.remove_stale_temp_files(folder)  # interrupted writes of an earlier run (rank 0, before any rank writes)
     utils.atomic_write_text(json.dumps(identity | extra, indent=2, sort_keys=True) + "\n", cfg_file)
 
 

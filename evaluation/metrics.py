@@ -641,8 +641,12 @@ def reconstruction_metrics(vae: nn.Module, dataset, reference=None, inception: O
     vae.eval()
     per_image: Dict[str, List[torch.Tensor]] = {k: [] for k in ("psnr", "ssim", "lpips") if k in metrics}
     feats_rec, feats_ref = [], []
+    from utils import ignore_stop_signals
+
+    # a stop signal during a trainer's evaluation is the trainer's to handle at the end of its step
     loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, idx), batch_size=batch_size,
-                                         num_workers=num_workers, shuffle=False)
+                                         num_workers=num_workers, shuffle=False,
+                                         worker_init_fn=ignore_stop_signals if num_workers > 0 else None)
     bar = None
     if progress and dist_info()[0] == 0:
         from tqdm.auto import tqdm
