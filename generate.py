@@ -2,6 +2,8 @@
 
   torchrun --nproc_per_node 8 generate.py --exp-dir exps/NAME --ckpt-step 400000 --recipe repae-sde-250 --eval --ref-batch VIRTUAL_imagenet256_labeled.npz
   accelerate launch --multi_gpu generate.py ...      |      python generate.py ...   (one process)
+  REPA-E's own command works as is: its names (--exp-path, --train-steps, --pproc-batch-size, --tf32)
+  are aliases of ours and its defaults hold (--cfg-scale 1.5, 128 per process, equal labels).
 
 Model sources
 * `--exp-dir` of `train_repae.py` (SiT + its tuned VAE and latent statistics) or of
@@ -46,11 +48,14 @@ come from a counter-based generator (splitmix64 + Box-Muller) of (seed, i, strea
 drawn for the whole batch at once. The images are therefore identical for any number of
 processes, any batch size and on CPU or GPU (up to the model's floating point).
 
-Output: `<sample-dir>/<folder>/{index:06d}.png` (written atomically), the folder's
-`sampling_config.json` (a folder holding samples of another configuration — sampler, model
-family, time convention, guide, tokenizer fingerprint... — is refused) and `<sample-dir>/<folder>.npz`
-with `arr_0` uint8 [N, H, W, 3] for the ADM evaluator. A restarted run only generates the missing
-indices. `--eval` computes FID/sFID/IS/KID/precision/recall in-process (evaluation.metrics, the
+Output: `<sample-dir>/<folder>/{index:06d}.png` (written atomically; `<folder>` is REPA-E's
+EXP_STEP_cfgS-LOW-HIGH-labelsampling-L for an experiment), the folder's `sampling_config.json` (a
+folder holding samples of another configuration — sampler, model family, time convention, guide,
+tokenizer fingerprint, uint8 conversion... — is refused), `labels.npy` / `labels.csv` (every
+sample's class) and `<sample-dir>/<folder>.npz` with `arr_0` uint8 [N, H, W, 3] (1-channel
+tokenizers: [N, H, W, 1]) for the ADM evaluator, exactly samples 0..N-1. Images are truncated to
+uint8 as the originals (`--uint8-conversion round` rounds). A restarted run only generates the
+missing indices. `--classes` / `--samples-per-class` choose the labels by class name or id. `--eval` computes FID/sFID/IS/KID/precision/recall in-process (evaluation.metrics, the
 same code the trainers call). Trainers sample for periodic FID through `sample_for_eval`, the
 function this script's loop runs.
 """
