@@ -1154,7 +1154,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="random-weight Inception (offline tests): every figure is labelled not comparable")
     g.add_argument("--metrics", type=str, default=",".join(ALL_METRICS), help=f"comma list of {ALL_METRICS}")
     g.add_argument("--eval-batch-size", type=int, default=100, help="Inception batch for --eval")
-    g.add_argument("--inception-image-size", type=int, default=299, help="299 is the protocol (smaller: tests only)")
+    g.add_argument("--inception-image-size", "--inception-size", dest="inception_image_size", type=int, default=299, help="299 is the protocol (smaller: tests only)")
     g.add_argument("--inception-chunk", type=int, default=50, help="fixed Inception batch (figures depend on it at ~1e-6)")
     return p
 
