@@ -1100,7 +1100,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--solver", type=str, default="euler", choices=["euler", "heun", "dopri5"], help="ODE solver")
     g.add_argument("--heun", action=argparse.BooleanOptionalAction, default=False,
                    help="same as --solver heun (REPA-E's flag; ODE only)")
-    g.add_argument("--num-steps", type=int, default=50, help="sampler steps (time points for --time-grid rae)")
+    g.add_argument("--num-steps", type=utils.positive_int, default=50, help="sampler steps (time points for --time-grid rae)")
     g.add_argument("--cfg-scale", type=float, default=1.5, help="guidance scale, 1 for none (REPA-E's default 1.5)")
     g.add_argument("--guidance-low", type=float, default=0.0, help="guidance only for noise times t >= this")
     g.add_argument("--guidance-high", type=float, default=1.0, help="guidance only for noise times t <= this (REPA-E's recipe: 0.75)")
@@ -1121,15 +1121,15 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--classes", type=str, default=None,
                    help="comma list of classes to sample, by name (the training data's class folders) or id; "
                         "cycled over --num-fid-samples unless --samples-per-class is given")
-    g.add_argument("--samples-per-class", type=int, default=None,
+    g.add_argument("--samples-per-class", type=utils.positive_int, default=None,
                    help="N samples of each class of --classes (or of every class), in class blocks; sets --num-fid-samples")
     g.add_argument("--class-to-idx", type=str, default=None,
                    help="JSON {class name: id} for --classes and labels.csv (default: the experiment's data, "
                         "archive or latents record)")
     g.add_argument("--global-seed", "--seed", dest="global_seed", type=int, default=0, help="seed of the index-keyed noise and labels")
     g = p.add_argument_group("output and speed")
-    g.add_argument("--num-fid-samples", type=int, default=50000, help="number of samples to generate")
-    g.add_argument("--pproc-batch-size", "--per-proc-batch-size", dest="per_proc_batch_size", type=int, default=128, metavar="N",
+    g.add_argument("--num-fid-samples", type=utils.positive_int, default=50000, help="number of samples to generate")
+    g.add_argument("--pproc-batch-size", "--per-proc-batch-size", dest="per_proc_batch_size", type=utils.positive_int, default=128, metavar="N",
                    help="sampling batch per process (--pproc-batch-size is REPA-E's name)")
     g.add_argument("--sample-dir", type=str, default="samples", help="parent folder of the sample folder and its .npz")
     g.add_argument("--folder-name", type=str, default=None,
@@ -1153,7 +1153,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--random-init-inception", action="store_true",
                    help="random-weight Inception (offline tests): every figure is labelled not comparable")
     g.add_argument("--metrics", type=str, default=",".join(ALL_METRICS), help=f"comma list of {ALL_METRICS}")
-    g.add_argument("--eval-batch-size", type=int, default=100, help="Inception batch for --eval")
+    g.add_argument("--eval-batch-size", type=utils.positive_int, default=100, help="Inception batch for --eval")
     g.add_argument("--inception-image-size", "--inception-size", dest="inception_image_size", type=int, default=299, help="299 is the protocol (smaller: tests only)")
     g.add_argument("--inception-chunk", type=int, default=50, help="fixed Inception batch (figures depend on it at ~1e-6)")
     return p
@@ -1200,7 +1200,8 @@ def parse_args(argv=None):
             if dest is None or dest in ("recipe", "config"):
                 raise SystemExit(f"{path}: unknown key '{k}' (not a flag of generate.py)")
             defaults[dest] = v
-        parser.set_defaults(**defaults)
+
+        parser.set_defaults(**typed_file_values(parser, defaults, path))
     args = parser.parse_args(argv)
     check_args(args)
     if args.heun:
@@ -1208,14 +1209,22 @@ def parse_args(argv=None):
     return args
 
 
+def typed_file_values(parser, values: dict, path) -> dict:
+    """{dest: value} of a --config / --recipe file checked as the flags themselves would be (a
+    YAML 0 or 2.5 for a count is refused); errors name the file and the flag."""
+    actions = {}
+    for action in parser._actions:  # a dest's main flag comes first (aliases such as --per-class-sampling after it)
+        if action.option_strings:
+            actions.setdefault(action.dest, action)
+    try:
+        return {dest: utils.config_value(actions[dest], v, dest, path) for dest, v in values.items()}
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
+
+
 def check_args(args) -> None:
-    """Refuse values that would run and write something useless, naming the flag."""
-    for flag, value in (("--num-fid-samples", args.num_fid_samples), ("--num-steps", args.num_steps),
-                        ("--pproc-batch-size", args.per_proc_batch_size), ("--eval-batch-size", args.eval_batch_size)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise SystemExit(f"{flag} must be a positive integer, got {value!r}")
-    if args.samples_per_class is not None and (not isinstance(args.samples_per_class, int) or args.samples_per_class < 1):
-        raise SystemExit(f"--samples-per-class must be a positive integer, got {args.samples_per_class!r}")
+    """Refuse combinations the flags' types cannot (counts are `utils.positive_int`, on the command
+    line and in --config / --recipe files alike)."""
     if args.heun and args.mode != "ode":
         raise SystemExit(f"--heun is an ODE solver: it cannot be combined with --mode {args.mode}")
 
