@@ -281,6 +281,29 @@ def test_signal_to_the_process_group_with_workers_saves_and_exits_128_plus_signa
     assert resumed["start_step"] == steps[0] and resumed["stopped"] is None
 
 
+def test_sigterm_to_a_two_process_launch_saves_once_and_exits_non_zero(latents, tmp_path):
+    from tests.cli import free_port
+
+    env = dict(os.environ, ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT))
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
+           free_port(), str(ROOT / "train_ldm_only.py")] + ldm_flags(latents, tmp_path, "ddp", 100000, batch_size=4,
+                                                                checkpointing_steps=100000, num_workers=1)
+    proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    log = tmp_path / "ddp/log.txt"
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None and not (log.is_file() and "step 0000003" in log.read_text()):
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGTERM)  # launcher, both ranks and their workers, as scancel does
+    out, _ = proc.communicate(timeout=240)
+    assert proc.returncode != 0 and "killed by signal" not in out, out[-3000:]
+    steps = utils.list_checkpoints(tmp_path / "ddp/checkpoints")
+    assert len(steps) == 1 and f"stopped by SIGTERM at step {steps[0]}" in log.read_text()
+    ckpt = torch.load(utils.checkpoint_path(tmp_path / "ddp/checkpoints", steps[0]), weights_only=True)
+    assert len(ckpt["rng"]) == 2 and ckpt["steps"] == steps[0]
+
+
 def test_truncated_latest_checkpoint_falls_back_and_names_the_file(latents, tmp_path):
     ldm_run(ldm_flags(latents, tmp_path, "cut", 4))
     ckpts = tmp_path / "cut/checkpoints"
