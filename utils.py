@@ -129,11 +129,8 @@ def atomic_write(path: str | os.PathLike, write, mode: str) -> None:
     """Write through `write(file)` into a temp file in the same folder, fsync, then rename over
     `path`: readers see the old file or the new one, never a half-written one."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = reserve_temp_file(path)
     try:
-        # mkstemp creates 0600; a file on a shared machine gets the mode open() would give it
-        os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, mode) as f:
             write(f)
             f.flush()
@@ -150,6 +147,22 @@ def atomic_write(path: str | os.PathLike, write, mode: str) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def reserve_temp_file(path: str | os.PathLike) -> tuple:
+    """(fd, name) of a new temp file beside `path` named `.NAME.XXXXXXXX.tmp` (the pattern
+    `remove_stale_temp_files` cleans), with the mode the umask gives any new file: mkstemp's
+    0600 would make checkpoints on a shared machine unreadable to the group."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.fchmod(fd, new_file_mode())
+    return fd, tmp
+
+
+def new_file_mode() -> int:
+    """The permission bits open() gives a new file under the current umask (e.g. 0644)."""
+    return 0o666 & ~_umask()
 
 
 def _umask() -> int:

@@ -234,7 +234,10 @@ def latents(tmp_path_factory):
 
 
 def test_cache_latents_rerun_removes_interrupted_writes(latents):
-    stale, mine = latents / ".latents-00000.safetensors.x1y2z3w4.tmp", latents / "notes.tmp"
+    from dataset import latent_shard_path
+
+    shards = latent_shard_path(latents, 0).parent
+    stale, mine = shards / ".latents-00000.safetensors.x1y2z3w4.tmp", shards / "notes.tmp"
     stale.write_bytes(b"half a shard")
     mine.write_text("a user's file")
     try:
@@ -242,6 +245,11 @@ def test_cache_latents_rerun_removes_interrupted_writes(latents):
         assert summary["encoded_shards"] == 0 and not stale.exists() and mine.exists()
     finally:
         mine.unlink()
+    # shards are written through the same temp-file naming and get the umask's mode too
+    assert latent_shard_path(latents, 0).stat().st_mode & 0o777 == utils.new_file_mode()
+    fd, name = utils.reserve_temp_file(latent_shard_path(latents, 0))
+    os.close(fd)
+    assert utils.remove_stale_temp_files(shards) == [Path(name)]
 
 
 def ldm_flags(latents, out, name, steps, **extra):
