@@ -115,6 +115,19 @@ def test_atomic_write_gives_the_umask_mode(tmp_path, umask):
         assert (tmp_path / name).stat().st_mode & 0o777 == 0o666 & ~umask
 
 
+def test_reference_stats_are_written_atomically_with_the_umask_mode(tmp_path):
+    from evaluation.inception import InceptionFeatures, build_inception
+    from evaluation.metrics import save_reference_stats
+
+    extractor = InceptionFeatures(build_inception(random_init=True), image_size=75, chunk_size=4)
+    images = np.random.default_rng(0).integers(0, 256, (4, 16, 16, 3), dtype=np.uint8)
+    save_reference_stats(tmp_path / "ref.npz", images, extractor, batch_size=4)
+    with np.load(tmp_path / "ref.npz") as ref:
+        assert sorted(ref.files) == ["mu", "mu_s", "sigma", "sigma_s"]
+    assert (tmp_path / "ref.npz").stat().st_mode & 0o777 == utils.new_file_mode()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ref.npz"]
+
+
 def test_only_our_temp_pattern_is_removed(tmp_path):
     ours = [tmp_path / ".0000003.pt.k2j_9xq1.tmp", tmp_path / ".latents-00001.safetensors.abcdefgh.tmp",
             tmp_path / ".sampling_config.json.0a1b2c3d.tmp"]
