@@ -168,6 +168,9 @@ def test_16_bit_png_is_scaled_not_clipped(tmp_path):
     assert np.abs(got - expected).max() <= 1 and (got == 255).mean() < 0.05
     rgb = load_image(tmp_path / "deep.png", 8, channels=3)
     assert torch.equal(rgb[0], rgb[2]) and abs(int(rgb[0].max()) - 255) <= 1
+    Image.fromarray(np.full((8, 8), 70000, dtype=np.int32)).save(tmp_path / "wide.tif")
+    with pytest.raises(OSError, match="wide.tif.*beyond 16 bit"):
+        load_image(tmp_path / "wide.tif", 8)
 
 
 def test_images_smaller_than_the_resolution_are_counted_and_reported(tmp_path, capsys):
