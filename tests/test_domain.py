@@ -153,6 +153,8 @@ def test_missing_pretrained_encoder_names_the_offline_options(monkeypatch):
     monkeypatch.setattr(encoders, "build_timm_vit", offline)
     with pytest.raises(RuntimeError, match="--encoder-weights-dir.*--random-init-encoders"):
         encoders.build_encoder("dinov2-vit-b", 224)
+    with pytest.raises(RuntimeError, match="local folder.*--random-init-encoders"):  # RAE's transformers encoders
+        encoders.build_rae_encoder("Dinov2withNorm", path=str(Path(__file__).parent / "no-such-encoder"))
 
 
 def test_rgb_networks_see_the_grey_channel_repeated():
