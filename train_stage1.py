@@ -723,7 +723,7 @@ def main(args):
         tok.eval()
         x = grid_images.to(device)
         rec = tok.reconstruct(x)  # [N, C, H, W] in about [-1, 1]
-        pairs = torch.cat([x.float() / 255, (rec.float().clamp(-1, 1) + 1) / 2], dim=3).expand(-1, 3, -1, -1)
+        pairs = torch.cat([x.float() / 255, (rec.float().clamp(-1, 1) + 1) / 2], dim=3)  # 1-channel data: grey PNG
         utils.save_image_grid(pairs.cpu(), exp_dir / "samples" / f"recon_{at_step:07d}.png")
         utils.log_images(accelerator, pairs.cpu(), at_step, "reconstructions")
         net.train(was_training)

@@ -833,13 +833,14 @@ def lr_scheduler(optimizer, **kw) -> torch.optim.lr_scheduler.LambdaLR:
 
 
 def save_image_grid(images: torch.Tensor, path: str | os.PathLike) -> None:
-    """Images [N, C, H, W] in [0, 1] -> one PNG grid, written atomically."""
+    """Images [N, C, H, W] in [0, 1] -> one PNG grid, written atomically; 1-channel images give
+    a 1-channel (greyscale) PNG."""
     from torchvision.utils import make_grid
 
     grid = make_grid(images.float().cpu(), nrow=int(math.ceil(math.sqrt(len(images)))), padding=2)
     # A diverged model gives NaN pixels: show them black rather than cast garbage.
     arr = (grid.nan_to_num(0.0).permute(1, 2, 0).numpy() * 255).round().clip(0, 255).astype("uint8")
-    atomic_save_png(arr, path)
+    atomic_save_png(arr[..., 0] if images.shape[1] == 1 else arr, path)  # make_grid repeats a grey channel
 
 
 def log_images(accelerator, images: torch.Tensor, step: int, tag: str = "samples") -> None:

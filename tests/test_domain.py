@@ -205,6 +205,7 @@ def test_domain_pipeline_end_to_end(spectrograms, rgb_release, tmp_path):
     _stage1(spectrograms, rgb_release, tmp_path)
     log = (tmp_path / "doppler/log.txt").read_text()
     assert "RGB weights adapted to 1-channel images" in log
+    assert Image.open(tmp_path / "doppler/samples/recon_0000002.png").mode == "L"  # 1-channel reconstructions
     # 2. export: the weights in the original layout plus doppler.json
     save_vae_weights.main(["--exp-dir", str(tmp_path / "doppler"), "--output-dir", str(tmp_path / "pretrained"),
                            "--name", "doppler"])
@@ -226,7 +227,7 @@ def test_domain_pipeline_end_to_end(spectrograms, rgb_release, tmp_path):
          "num-classes": 2, "output-dir": tmp_path, "exp-name": "doppler-dit", "model": "LightningDiT-N/1",
          "batch-size": 4, "max-train-steps": 2, "checkpointing-steps": 2, "sampling-steps": 2,
          "sample-num-steps": 2, "num-sample-images": 4, "num-workers": 0, "report-to": "none"}, {})))
-    assert summary["end_step"] == 2 and summary["samples"]
+    assert summary["end_step"] == 2 and all(Image.open(f).mode == "L" for f in summary["samples"])  # grey grids
     ldm_log = (tmp_path / "doppler-dit/log.txt").read_text()
     assert "--compile switched off" in ldm_log  # CPU: no torch.compile unless asked, and the log says so
     # 4b. the same network as a release (--ckpt --model): --vae-ckpt alone names the tokenizer too
