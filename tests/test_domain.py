@@ -94,6 +94,11 @@ def test_export_description_rebuilds_every_kind_and_keeps_the_original_layout(tm
     assert build_tokenizer("kl", ckpt=tmp_path / "spec.pt").kind == "kl"  # a VA-VAE used as a plain KL-VAE
     with pytest.raises(ValueError, match="describes a 'vavae' tokenizer"):
         build_tokenizer("vq", ckpt=tmp_path / "spec.pt")
+    from safetensors.torch import save_file  # save_vae_weights.py --format safetensors: NAME.json beside it too
+
+    save_file(vae.state_dict(), str(tmp_path / "st.safetensors"))
+    write_export_description(tmp_path / "st.safetensors", describe_model("vavae", vae))
+    assert load_tokenizer(tmp_path / "st.safetensors").fingerprint() == tok.fingerprint()
     # the weights file is the original's layout: the original loader (preset + overrides) still reads it
     load_vae("tiny-f4d4", tmp_path / "spec.pt", in_channels=1, out_ch=1, vf_dim=32)
     vq = build_vqgan("tiny-f4", quantizer="ema")
