@@ -119,7 +119,7 @@ def test_export_description_rebuilds_every_kind_and_keeps_the_original_layout(tm
 
 def test_repae_export_describes_its_preset_and_statistics(tmp_path):
     vae = build_vae("tiny-f4d4")
-    ckpt = {"vae": vae.state_dict(), "discriminator": {}, "args": {"vae": "tiny-f4d4"},
+    ckpt = {"vae": vae.state_dict(), "discriminator": {"discriminator.main.0.weight": torch.zeros(2, 3, 4, 4)}, "args": {"vae": "tiny-f4d4"},
             "ema": {"bn.running_mean": torch.arange(4.0), "bn.running_var": torch.ones(4)}}
     paths = save_vae_weights.export(tmp_path / "ckpt.pt", tmp_path, "e2e", ckpt)
     desc = json.loads(paths["description"].read_text())
