@@ -965,8 +965,16 @@ def parse_args(argv=None):
     if known.config:
         files.append(Path(known.config))
     for path in files:
+        cfg = utils.load_yaml(path)
+        try:
+            original = utils.original_config_defaults(cfg, path, parser, argv)
+        except ValueError as e:
+            raise SystemExit(str(e)) from None
+        if original is not None:
+            parser.set_defaults(**original)
+            continue
         defaults = {}
-        for k, v in utils.load_yaml(path).items():
+        for k, v in cfg.items():
             dest = "global_seed" if k in ("seed", "global-seed", "global_seed") else k.replace("-", "_")
             if dest not in dests or dest in ("recipe", "config"):
                 raise SystemExit(f"{path}: unknown key '{k}' (not a flag of generate.py)")

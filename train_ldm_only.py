@@ -83,7 +83,9 @@ def parse_args(argv=None):
     g.add_argument("--lr-schedule", type=str, default="constant", choices=["constant", "linear", "cosine"], help="LR schedule after warm-up")
     g.add_argument("--lr-warmup-steps", type=int, default=0, help="linear warm-up steps")
     g.add_argument("--lr-decay-start", type=int, default=0, help="linear schedule: step where the decay starts")
-    g.add_argument("--final-lr", type=float, default=0.0, help="LR at --max-train-steps (linear / cosine schedules)")
+    g.add_argument("--final-lr", type=float, default=0.0, help="LR at the end of the schedule (linear / cosine schedules)")
+    g.add_argument("--lr-total-steps", type=int, default=None,
+                   help="step where the linear / cosine decay reaches --final-lr (default: --max-train-steps)")
     g.add_argument("--ema-decay", type=float, default=0.9999, help="EMA decay")
     g = p.add_argument_group("sample grids")
     g.add_argument("--sample-num-steps", type=int, default=50, help="Euler steps for the sample grids")
@@ -219,8 +221,9 @@ def main(args):
                 f"latent normalisation per {norm_mode}; encoders {[e.name for e in encoders]}")
 
     opt = utils.adamw([p for p in net.parameters() if p.requires_grad], args.learning_rate, args)
+    utils.apply_config_epochs(args, max(sampler.batches_per_epoch // args.gradient_accumulation_steps, 1), logger)
     sched = utils.lr_scheduler(opt, schedule=args.lr_schedule, warmup_steps=args.lr_warmup_steps,
-                               decay_start=args.lr_decay_start, total_steps=args.max_train_steps,
+                               decay_start=args.lr_decay_start, total_steps=args.lr_total_steps or args.max_train_steps,
                                final_ratio=args.final_lr / args.learning_rate if args.learning_rate else 0.0)
 
     # ---------------- resume

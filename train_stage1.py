@@ -517,6 +517,7 @@ def main(args):
                         pin_memory=torch.cuda.is_available(), drop_last=True, persistent_workers=False,
                         generator=torch.Generator().manual_seed(args.seed))
     steps_per_epoch = max(sampler.batches_per_epoch // args.gradient_accumulation_steps, 1)
+    utils.apply_config_epochs(args, steps_per_epoch, logger)
     total_steps = args.lr_total_steps or min(args.max_train_steps, args.epochs * steps_per_epoch)
     unit = f"clips of {args.video_frames} frames" if args.video_frames else "images"
     logger.info(f"{kind} tokenizer {args.model_config and 'from --model-config' or args.model}: "
