@@ -5,6 +5,7 @@ and unsupported values are refused by name, and each family starts a few steps a
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -100,6 +101,7 @@ def test_published_values_arrive_translated():
     a = generate.parse_args(["--config", str(LIT)])
     assert (a.model, a.num_steps, a.cfg_scale, a.cfg_legacy_channels) == ("LightningDiT-XL/1", 250, 10.0, True)
     assert a.shift == pytest.approx(1 / 0.3) and a.guidance_high == pytest.approx(0.89)
+    assert generate.parse_args(["--config", str(LIT), "--no-cfg-legacy-channels"]).cfg_legacy_channels is False
     a = train_ldm_only.parse_args(["--config", str(LIT)])
     assert (a.weighting, a.direction_loss_weight, a.adam_beta2, a.max_train_steps, a.vae) == \
         ("logit-normal", 1.0, 0.95, 80000, "vavae-f16d32")
@@ -159,7 +161,8 @@ def _stage1(config, images, out, name, *extra):
 
 def test_rae_stage1_config_trains(data, tmp_path):
     images, _ = data
-    _stage1(RAE_S1, images, tmp_path, "rae", "--model", "tiny-dinov2", "--random-init-encoders", "--disc-config", "tiny")
+    _stage1(RAE_S1, images, tmp_path, "rae", "--model", "tiny-dinov2", "--random-init-encoders", "--disc-config", "tiny",
+            "--perceptual-weight", "0")
     ckpts = sorted(p.name for p in (tmp_path / "rae" / "checkpoints").glob("*.pt"))
     # checkpoint_interval: 1 epoch = 3 steps of 4 of the 12 images; and the last step
     assert ckpts == ["0000003.pt", "0000004.pt"], ckpts
@@ -215,8 +218,9 @@ SAMPLE_TINY = ["--device", "cpu", "--num-fid-samples", "2", "--per-proc-batch-si
 def test_rae_sampling_config_generates(tmp_path):
     main = _release(tmp_path, "main.pt", "DiTDH-N", (32, 4, 4), 0)
     guide = _release(tmp_path, "guide.pt", "DiTDH-N", (32, 4, 4), 1)
+    torch.save({"mean": torch.zeros(32, 4, 4), "var": torch.ones(32, 4, 4)}, tmp_path / "stat.pt")
     res = generate.main(["--config", str(RAE_AG), "--ckpt", main, "--model", "DiTDH-N", "--guide-ckpt", guide,
-                         "--guide-model", "DiTDH-N", "--rae-config", "tiny-dinov2", "--sample-dir", str(tmp_path / "s"),
+                         "--guide-model", "DiTDH-N", "--rae-config", "tiny-dinov2", "--vae-stats", str(tmp_path / "stat.pt"), "--sample-dir", str(tmp_path / "s"),
                          *SAMPLE_TINY])
     assert res["generated"] == 2
     cfg = json.loads((tmp_path / "s" / "run" / "sampling_config.json").read_text())
@@ -227,8 +231,10 @@ def test_rae_sampling_config_generates(tmp_path):
 def test_lightningdit_config_generates(tmp_path):
     ckpt = _release(tmp_path, "lit.pt", "LightningDiT-N/1", (4, 8, 8), 0)
     torch.save({"mean": torch.zeros(1, 4, 1, 1), "std": torch.ones(1, 4, 1, 1)}, tmp_path / "latents_stats.pt")
+    np.savez(tmp_path / "ref.npz", arr_0=np.zeros((2, 32, 32, 3), np.uint8))  # for data.fid_reference_file
     res = generate.main(["--config", str(LIT), "--ckpt", ckpt, "--model", "LightningDiT-N/1", "--tokenizer", "kl",
                          "--vae", "tiny-f4d4", "--vae-stats", str(tmp_path / "latents_stats.pt"),
+                         "--ref-batch", str(tmp_path / "ref.npz"),
                          "--sample-dir", str(tmp_path / "s"), *SAMPLE_TINY])
     assert res["generated"] == 2
     cfg = json.loads((tmp_path / "s" / "run" / "sampling_config.json").read_text())
