@@ -221,7 +221,8 @@ def main(args):
                 f"latent normalisation per {norm_mode}; encoders {[e.name for e in encoders]}")
 
     opt = utils.adamw([p for p in net.parameters() if p.requires_grad], args.learning_rate, args)
-    utils.apply_config_epochs(args, max(sampler.batches_per_epoch // args.gradient_accumulation_steps, 1), logger)
+    steps_per_epoch = max(sampler.batches_per_epoch // args.gradient_accumulation_steps, 1)
+    utils.apply_config_epochs(args, steps_per_epoch, logger)
     sched = utils.lr_scheduler(opt, schedule=args.lr_schedule, warmup_steps=args.lr_warmup_steps,
                                decay_start=args.lr_decay_start, total_steps=args.lr_total_steps or args.max_train_steps,
                                final_ratio=args.final_lr / args.learning_rate if args.learning_rate else 0.0)
@@ -276,7 +277,8 @@ def main(args):
 
     evaluations = {}
     model.train()
-    progress = tqdm(total=args.max_train_steps, initial=step, disable=not accelerator.is_main_process,
+    progress = tqdm(total=min(args.max_train_steps, args.epochs * steps_per_epoch), initial=step,
+                    disable=not accelerator.is_main_process,
                     desc="train_ldm_only", dynamic_ncols=True)
     data_iter = utils.infinite_epochs(loader, sampler, epoch, batch_pos)
     stop = utils.StopRequest().install()

@@ -662,7 +662,8 @@ def main(args):
     enc_last_layer = model.get_encoder_last_layer() if kind == "vavae" else None
     fwd.train()
     loss_fn.train()
-    progress = tqdm(total=args.max_train_steps, initial=step, disable=not accelerator.is_main_process,
+    progress = tqdm(total=min(args.max_train_steps, args.epochs * steps_per_epoch), initial=step,
+                    disable=not accelerator.is_main_process,
                     desc=f"train_stage1 {kind}", dynamic_ncols=True)
     data_iter = utils.infinite_epochs(loader, sampler, epoch, batch_pos)
     stop = utils.StopRequest().install()

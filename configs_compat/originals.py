@@ -4,7 +4,7 @@ Recognised (by their shape, see `detect_original`):
   rae-stage1       RAE `configs/stage1/{training,pretrained}/*.yaml`     -> train_stage1.py (--tokenizer rae)
   rae-stage2       RAE `configs/stage2/{training,sampling}/**/*.yaml`    -> train_ldm_only.py, generate.py
   lightningdit     LightningDiT `configs/*.yaml`                         -> train_ldm_only.py, generate.py
-  ldm-autoencoder  VA-VAE `vavae/configs/*.yaml` (LDM style)             -> train_stage1.py (vavae, or kl without use_vf)
+  ldm-autoencoder  VA-VAE `vavae/configs/*.yaml` (LDM style)             -> train_stage1.py (vavae; kl without use_vf)
   taming-vqgan     taming-transformers `configs/*_vqgan.yaml`            -> train_stage1.py (--tokenizer vqgan)
 
 Every leaf key of the file is accounted for, or the file is refused with the keys named:
@@ -107,7 +107,8 @@ class _Reader:
         return dict(node) if isinstance(node, dict) else {}
 
     def error(self, key: str, message: str):
-        raise OriginalConfigError(f"{self.path}: key '{key}' {message} ({self.out.original} config read by {self.prog})")
+        raise OriginalConfigError(f"{self.path}: key '{key}' {message} "
+                                  f"({self.out.original} config read by {self.prog})")
 
     def path_value(self, value) -> str:
         """A path from the file: as given when it exists from here, else under the folders above
@@ -242,7 +243,7 @@ def _rae_model(r: _Reader, keep_decoder_weights: bool) -> dict:
         params.pop("pretrained_decoder_path", None)
     model = {"params": params}
     dec = params.get("decoder_config_path")
-    if dec and (Path(dec) / "config.json").is_file() or dec and Path(dec).is_file():
+    if dec and ((Path(dec) / "config.json").is_file() or Path(dec).is_file()):
         from models.encoders import read_json_config
 
         model["decoder_config"] = read_json_config(dec)
@@ -376,7 +377,8 @@ def _rae_stage2_common(r: _Reader, sampling: bool):
     r.set("tokenizer", "rae")
     r.set("rae_config", _rae_model(r, keep_decoder_weights=True))
     sizes = r.subtree("stage_2.params")
-    r.fixed("stage_2.target", ("stage2.models.DDT.DiTwDDTHead",), "DiT^DH networks (our LightningDiT takes hustvl's configs)")
+    r.fixed("stage_2.target", ("stage2.models.DDT.DiTwDDTHead",),
+            "DiT^DH networks (our LightningDiT takes hustvl's configs)")
     from models.ddt import DDT_SIZES
 
     key = tuple(tuple(sizes.get(k, ())) for k in ("hidden_size", "depth", "num_heads"))
@@ -644,8 +646,11 @@ def _lightning_data(r: _Reader):
     devices = r.get("lightning.trainer.devices", 1) or 1
     nodes = r.get("lightning.trainer.num_nodes", 1) or 1
     devices = len(devices) if isinstance(devices, (list, tuple)) else int(devices)
+    accumulate = r.flag("lightning.trainer.accumulate_grad_batches", "gradient_accumulation_steps", int)
+    accumulate = 1 if accumulate is _MISSING else accumulate
     # the original's batch_size is per GPU: keep its global batch (the optimisation it published)
-    r.flag("data.params.batch_size", "batch_size", lambda v: int(v) * devices * int(nodes))
+    r.flag("data.params.batch_size", "batch_size", lambda v: int(v) * devices * int(nodes) * accumulate)
+    r.flag("lightning.trainer.gradient_clip_val", "max_grad_norm", float)
     r.flag("data.params.num_workers", "num_workers", int)
     r.fixed("data.params.wrap", (True, False), "epoch wrapping of the dataset")
     r.unused("lightning.trainer.strategy", "DDP through Accelerate")
@@ -680,7 +685,8 @@ def _ldm_autoencoder(r: _Reader):
     p = f"{lc}.params"
     for key, dest, conv in (("disc_start", "disc_start", int), ("kl_weight", "kl_weight", float),
                             ("disc_weight", "disc_weight", float), ("disc_factor", "disc_factor", float),
-                            ("disc_num_layers", "disc_num_layers", int), ("perceptual_weight", "perceptual_weight", float),
+                            ("disc_num_layers", "disc_num_layers", int),
+                            ("perceptual_weight", "perceptual_weight", float),
                             ("use_actnorm", "use_actnorm", bool), ("disc_loss", "disc_loss", str),
                             ("vf_weight", "vf_weight", float), ("adaptive_vf", "adaptive_vf", bool),
                             ("distmat_margin", "distmat_margin", float), ("cos_margin", "cos_margin", float),

@@ -88,7 +88,8 @@ def test_published_values_arrive_translated():
     a = train_stage1.parse_args(["--config", str(RAE_S1)])
     assert (a.tokenizer, a.batch_size, a.ema_decay, a.gan_weight, a.disc_start_epoch, a.disc_update_start_epoch) == \
         ("rae", 512, 0.9978, 0.75, 8, 6)
-    assert (a.lr_schedule, a.lr_warmup_epochs, a.lr_final_ratio, a.adam_beta2, a.optimizer) == ("cosine", 1.0, 0.1, 0.95, "adamw")
+    assert (a.lr_schedule, a.lr_warmup_epochs, a.lr_final_ratio, a.adam_beta2, a.optimizer) == \
+        ("cosine", 1.0, 0.1, 0.95, "adamw")
     assert a.model_config["decoder_config"]["decoder_hidden_size"] == 1152  # configs/decoder/ViTXL read in
     assert a.model_config["params"]["noise_tau"] == 0.8 and a.config_epochs == {"checkpointing_steps": 1.0}
     a = train_ldm_only.parse_args(["--config", str(RAE_S2), "--latents-dir", "x"])
@@ -109,7 +110,8 @@ def test_published_values_arrive_translated():
     assert (a.tokenizer, a.vf_model, a.vf_weight, a.disc_start, a.batch_size, a.epochs) == \
         ("vavae", "dinov2-vit-l", 0.1, 5001, 8 * 8 * 4, 50)  # per-GPU 8 x 8 GPUs x 4 nodes
     a = train_stage1.parse_args(["--config", str(VQGAN), "--data-dir", "x"])
-    assert (a.tokenizer, a.learning_rate, a.scale_lr, a.disc_start, a.disc_weight) == ("vqgan", 4.5e-6, True, 10000, 0.8)
+    assert (a.tokenizer, a.learning_rate, a.scale_lr, a.disc_start, a.disc_weight) == \
+        ("vqgan", 4.5e-6, True, 10000, 0.8)
     assert a.model_config["n_embed"] == 1024 and a.model_config["ddconfig"]["ch_mult"] == [1, 1, 2, 2, 4]
 
 
@@ -140,8 +142,20 @@ def test_unknown_keys_and_values_are_refused_by_name(tmp_path):
     bad = _edited(tmp_path, LIT, lambda c: c["model"].update(use_swiglu=False))
     with pytest.raises(OriginalConfigError, match=r"'model.use_swiglu'"):
         train_ldm_only.parse_args(["--config", str(bad)])
+    bad = _edited(tmp_path, VQGAN, lambda c: c["model"]["params"]["lossconfig"]["params"].update(disc_conditional=True))
+    with pytest.raises(OriginalConfigError, match=r"custom_vqgan.yaml: key 'model.params.lossconfig.params.disc_cond"):
+        train_stage1.parse_args(["--config", str(bad), "--data-dir", "x"])
+    bad = _edited(tmp_path, VAVAE, lambda c: c["lightning"]["trainer"].update(mystery_knob=1.0))
+    with pytest.raises(OriginalConfigError, match=r"'lightning.trainer.mystery_knob'"):
+        train_stage1.parse_args(["--config", str(bad)])
+    ok = _edited(tmp_path, VAVAE, lambda c: c["lightning"]["trainer"].update(accumulate_grad_batches=2,
+                                                                             gradient_clip_val=1.0))
+    a = train_stage1.parse_args(["--config", str(ok)])
+    assert (a.gradient_accumulation_steps, a.batch_size, a.max_grad_norm) == (2, 8 * 8 * 4 * 2, 1.0)
     with pytest.raises(OriginalConfigError, match="train_stage1.py does not read it"):
         train_stage1.parse_args(["--config", str(LIT)])
+    with pytest.raises(OriginalConfigError, match="train_ldm_only.py does not read it"):
+        train_ldm_only.parse_args(["--config", str(RAE_S1), "--latents-dir", "x"])
     # taming's image list file: our datasets are folders, so --data-dir must be given
     with pytest.raises(OriginalConfigError, match="training_images_list_file.*--data-dir"):
         train_stage1.parse_args(["--config", str(VQGAN)])
@@ -161,8 +175,8 @@ def _stage1(config, images, out, name, *extra):
 
 def test_rae_stage1_config_trains(data, tmp_path):
     images, _ = data
-    _stage1(RAE_S1, images, tmp_path, "rae", "--model", "tiny-dinov2", "--random-init-encoders", "--disc-config", "tiny",
-            "--perceptual-weight", "0")
+    _stage1(RAE_S1, images, tmp_path, "rae", "--model", "tiny-dinov2", "--random-init-encoders",
+            "--disc-config", "tiny", "--perceptual-weight", "0")
     ckpts = sorted(p.name for p in (tmp_path / "rae" / "checkpoints").glob("*.pt"))
     # checkpoint_interval: 1 epoch = 3 steps of 4 of the 12 images; and the last step
     assert ckpts == ["0000003.pt", "0000004.pt"], ckpts
@@ -220,8 +234,8 @@ def test_rae_sampling_config_generates(tmp_path):
     guide = _release(tmp_path, "guide.pt", "DiTDH-N", (32, 4, 4), 1)
     torch.save({"mean": torch.zeros(32, 4, 4), "var": torch.ones(32, 4, 4)}, tmp_path / "stat.pt")
     res = generate.main(["--config", str(RAE_AG), "--ckpt", main, "--model", "DiTDH-N", "--guide-ckpt", guide,
-                         "--guide-model", "DiTDH-N", "--rae-config", "tiny-dinov2", "--vae-stats", str(tmp_path / "stat.pt"), "--sample-dir", str(tmp_path / "s"),
-                         *SAMPLE_TINY])
+                         "--guide-model", "DiTDH-N", "--rae-config", "tiny-dinov2", "--vae-stats", str(tmp_path / "stat.pt"),
+                         "--sample-dir", str(tmp_path / "s"), *SAMPLE_TINY])
     assert res["generated"] == 2
     cfg = json.loads((tmp_path / "s" / "run" / "sampling_config.json").read_text())
     assert (cfg["guidance"], cfg["cfg_scale"], cfg["time_grid"]) == ("autoguidance", 1.42, "rae")
