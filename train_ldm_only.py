@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+from pathlib import Path
 
 import torch
 from torch.utils.data import DataLoader
@@ -98,6 +99,9 @@ def parse_args(argv=None):
         p.error("--latents-dir is required (a folder written by cache_latents.py)")
     if args.eval_every > 0 and not args.eval_reference:
         p.error("--eval-every needs --eval-reference (a reference .npz)")
+    if args.eval_every > 0 and not Path(args.eval_reference).exists():
+        # found now, not at the first evaluation hours into the run (config files carry such paths)
+        p.error(f"--eval-reference {args.eval_reference}: no such file (or pass --eval-every 0)")
     return args
 
 

@@ -250,7 +250,7 @@ def _rae_model(r: _Reader, keep_decoder_weights: bool) -> dict:
     return model
 
 
-def _rae_schedule(r: _Reader, prefix: str, stage: int, epochs_total):
+def _rae_schedule(r: _Reader, prefix: str, stage: int):
     """RAE's epoch-based scheduler, nested (`scheduler: {type, warmup_epochs, decay_end_epoch,
     base_lr, final_lr, warmup_from_zero}`) or flat (`schedule_type, decay_start_epoch, ...`)."""
     nested = r.has(f"{prefix}.scheduler")
@@ -292,7 +292,7 @@ def _rae_schedule(r: _Reader, prefix: str, stage: int, epochs_total):
     if decay_start is not None:
         r.out.epochs["lr_decay_start"] = float(decay_start)
     end = r.get(f"{s}decay_end_epoch", None)
-    if end is not None and (stage == 2 or epochs_total is None or not _same(end, epochs_total)):
+    if end is not None:  # RAE's horizon, whatever --epochs or --max-train-steps stop the run at
         r.out.epochs["lr_total_steps"] = float(end)
 
 
@@ -321,7 +321,7 @@ def _rae_stage1(r: _Reader):
     r.flag(f"{t}.optimizer.lr", "learning_rate", float)
     _betas(r, f"{t}.optimizer.betas")
     r.flag(f"{t}.optimizer.weight_decay", "adam_weight_decay", float)
-    _rae_schedule(r, t, 1, None if epochs is _MISSING else epochs)
+    _rae_schedule(r, t, 1)
 
     g = "gan.disc"
     if r.has(g):
@@ -479,7 +479,7 @@ def _rae_stage2_train(r: _Reader):
     r.flag(f"{t}.optimizer.weight_decay", "adam_weight_decay", float)
     _betas(r, f"{t}.beta")
     r.flag(f"{t}.wd", "adam_weight_decay", float)
-    _rae_schedule(r, t, 2, None)
+    _rae_schedule(r, t, 2)
 
 
 def _rae_stage2_sample(r: _Reader):

@@ -52,7 +52,7 @@ def data(tmp_path_factory):
 PARSE_CASES = [
     (RAE_S1, train_stage1.parse_args, "train_stage1.py", []),
     (RAE / "stage1" / "pretrained" / "DINOv2-B.yaml", train_stage1.parse_args, "train_stage1.py", []),
-    (RAE_S2, train_ldm_only.parse_args, "train_ldm_only.py", ["--latents-dir", "x"]),
+    (RAE_S2, train_ldm_only.parse_args, "train_ldm_only.py", ["--latents-dir", "x", "--eval-every", "0"]),
     (RAE / "stage2" / "training" / "ImageNet512" / "DiTDH-XL_DINOv2-B.yaml", train_ldm_only.parse_args,
      "train_ldm_only.py", ["--latents-dir", "x"]),
     (RAE_AG, generate.parse_args, "generate.py", []),
@@ -71,7 +71,8 @@ PARSE_CASES = [
 def test_every_translated_key_reaches_the_arguments(path, parse, prog, argv):
     args = parse(["--config", str(path), *argv])
     translation = translate_original(yaml.safe_load(path.read_text()), path, prog)
-    values = translation.defaults({a[2:].replace("-", "_") for a in argv if a.startswith("--")})
+    explicit = {a[2:].replace("-", "_") for a in argv if a.startswith("--")}
+    values = {d: v for d, v in translation.defaults(explicit).items() if d not in explicit}
     assert values, path
     for dest, value in values.items():
         assert getattr(args, dest) == value, (path.name, dest)
@@ -91,8 +92,9 @@ def test_published_values_arrive_translated():
     assert (a.lr_schedule, a.lr_warmup_epochs, a.lr_final_ratio, a.adam_beta2, a.optimizer) == \
         ("cosine", 1.0, 0.1, 0.95, "adamw")
     assert a.model_config["decoder_config"]["decoder_hidden_size"] == 1152  # configs/decoder/ViTXL read in
-    assert a.model_config["params"]["noise_tau"] == 0.8 and a.config_epochs == {"checkpointing_steps": 1.0}
-    a = train_ldm_only.parse_args(["--config", str(RAE_S2), "--latents-dir", "x"])
+    assert a.model_config["params"]["noise_tau"] == 0.8
+    assert a.config_epochs == {"checkpointing_steps": 1.0, "lr_total_steps": 16.0}
+    a = train_ldm_only.parse_args(["--config", str(RAE_S2), "--latents-dir", "x", "--eval-every", "0"])
     assert (a.model, a.weighting, a.time_shift, a.final_lr, a.seed, a.ema_decay) == \
         ("DiTDH-S", "logit-normal", "auto", 2e-5, 42, 0.9995)
     assert a.config_epochs == {"checkpointing_steps": 10.0, "lr_decay_start": 40.0, "lr_total_steps": 800.0}
@@ -119,7 +121,7 @@ def test_explicit_flags_win():
     a = train_stage1.parse_args(["--config", str(RAE_S1), "--ema-decay", "0.5", "--model", "tiny-dinov2",
                                  "--checkpointing-steps", "7"])
     assert (a.ema_decay, a.model, a.model_config, a.checkpointing_steps) == (0.5, "tiny-dinov2", None, 7)
-    assert not getattr(a, "config_epochs", None)
+    assert a.config_epochs == {"lr_total_steps": 16.0}  # the explicit flag replaced the epoch-valued one
     a = generate.parse_args(["--config", str(RAE_AG), "--cfg-scale", "2", "--guide-model", "DiTDH-N"])
     assert (a.cfg_scale, a.guide_model) == (2.0, "DiTDH-N")
 
@@ -132,7 +134,7 @@ def _edited(tmp_path, src, edit):
     return out
 
 
-def test_unknown_keys_and_values_are_refused_by_name(tmp_path):
+def test_unknown_keys_and_values_are_refused_by_name(tmp_path, capsys):
     bad = _edited(tmp_path, RAE_S1, lambda c: c["training"].update(mystery_knob=3))
     with pytest.raises(OriginalConfigError, match=r"DINOv2-B_decXL.yaml.*'training.mystery_knob'"):
         train_stage1.parse_args(["--config", str(bad)])
@@ -152,6 +154,10 @@ def test_unknown_keys_and_values_are_refused_by_name(tmp_path):
                                                                              gradient_clip_val=1.0))
     a = train_stage1.parse_args(["--config", str(ok)])
     assert (a.gradient_accumulation_steps, a.batch_size, a.max_grad_norm) == (2, 8 * 8 * 4 * 2, 1.0)
+    # a path of the file that does not exist here is named before any training
+    with pytest.raises(SystemExit):
+        train_ldm_only.parse_args(["--config", str(RAE_S2), "--latents-dir", "x"])
+    assert "--eval-reference data/imagenet/VIRTUAL_imagenet256_labeled.npz: no such file" in capsys.readouterr().err
     with pytest.raises(OriginalConfigError, match="train_stage1.py does not read it"):
         train_stage1.parse_args(["--config", str(LIT)])
     with pytest.raises(OriginalConfigError, match="train_ldm_only.py does not read it"):
