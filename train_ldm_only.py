@@ -99,9 +99,6 @@ def parse_args(argv=None):
         p.error("--latents-dir is required (a folder written by cache_latents.py)")
     if args.eval_every > 0 and not args.eval_reference:
         p.error("--eval-every needs --eval-reference (a reference .npz)")
-    if args.eval_every > 0 and not Path(args.eval_reference).exists():
-        # found now, not at the first evaluation hours into the run (config files carry such paths)
-        p.error(f"--eval-reference {args.eval_reference}: no such file (or pass --eval-every 0)")
     return args
 
 
@@ -153,6 +150,9 @@ def build_tokenizer_for_grids(args, dataset, logger):
 
 
 def main(args):
+    if args.eval_every > 0 and not Path(args.eval_reference).exists():
+        # named now, not at the first evaluation hours into the run (config files carry such paths)
+        raise SystemExit(f"--eval-reference {args.eval_reference}: no such file (or pass --eval-every 0)")
     run = utils.start_run(args, "train_ldm_only")
     accelerator, logger, device, world = run.accelerator, run.logger, run.device, run.world
     exp_dir, local_bs = run.exp_dir, run.local_batch_size

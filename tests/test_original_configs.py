@@ -134,7 +134,7 @@ def _edited(tmp_path, src, edit):
     return out
 
 
-def test_unknown_keys_and_values_are_refused_by_name(tmp_path, capsys):
+def test_unknown_keys_and_values_are_refused_by_name(tmp_path):
     bad = _edited(tmp_path, RAE_S1, lambda c: c["training"].update(mystery_knob=3))
     with pytest.raises(OriginalConfigError, match=r"DINOv2-B_decXL.yaml.*'training.mystery_knob'"):
         train_stage1.parse_args(["--config", str(bad)])
@@ -155,9 +155,8 @@ def test_unknown_keys_and_values_are_refused_by_name(tmp_path, capsys):
     a = train_stage1.parse_args(["--config", str(ok)])
     assert (a.gradient_accumulation_steps, a.batch_size, a.max_grad_norm) == (2, 8 * 8 * 4 * 2, 1.0)
     # a path of the file that does not exist here is named before any training
-    with pytest.raises(SystemExit):
-        train_ldm_only.parse_args(["--config", str(RAE_S2), "--latents-dir", "x"])
-    assert "--eval-reference data/imagenet/VIRTUAL_imagenet256_labeled.npz: no such file" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="--eval-reference data/imagenet/VIRTUAL_imagenet256_labeled.npz: no such"):
+        train_ldm_only.main(train_ldm_only.parse_args(["--config", str(RAE_S2), "--latents-dir", "x"]))
     with pytest.raises(OriginalConfigError, match="train_stage1.py does not read it"):
         train_stage1.parse_args(["--config", str(LIT)])
     with pytest.raises(OriginalConfigError, match="train_ldm_only.py does not read it"):
