@@ -215,6 +215,13 @@ def _betas(r: _Reader, key: str):
     r.set("adam_beta2", float(value[1]))
 
 
+def _init_from(r: _Reader, key: str):
+    """Released weights to start from: they belong to the file's model, so an explicit --model
+    (or --model-config) drops them too."""
+    if r.flag(key, "init_from", r.path_value) is not _MISSING:
+        r.out.yields["init_from"] = {"model", "model_config"}
+
+
 def _precision(value) -> str:
     return {"32": "no", "16": "fp16", "16-mixed": "fp16", "bf16": "bf16", "bf16-mixed": "bf16"}.get(str(value), None)
 
@@ -304,7 +311,7 @@ def _rae_stage1(r: _Reader):
     model = _rae_model(r, keep_decoder_weights=False)
     # an explicit --model (a preset) replaces the file's model, as any explicit flag wins
     r.set("model_config", model, yields=("model",))
-    r.flag("stage_1.params.pretrained_decoder_path", "init_from", r.path_value)
+    _init_from(r, "stage_1.params.pretrained_decoder_path")
     t = "training"
     epochs = r.flag(f"{t}.epochs", "epochs", int)
     if epochs is not _MISSING:
@@ -678,7 +685,7 @@ def _ldm_autoencoder(r: _Reader):
     r.set("model_config", model, yields=("model",))
     r.unused("model.params.monitor", "Lightning's best-checkpoint metric; every checkpoint is kept")
     r.unused("ckpt_path", "the original's test-time checkpoint")
-    r.flag("weight_init", "init_from", r.path_value)
+    _init_from(r, "weight_init")
     r.flag("model.base_learning_rate", "learning_rate", float)
     lc = "model.params.lossconfig"
     r.fixed(f"{lc}.target", ("ldm.modules.losses.LPIPSWithDiscriminator",), "LPIPS + KL + PatchGAN (+ VF) loss")
@@ -721,7 +728,7 @@ def _taming_vqgan(r: _Reader):
     model = _model_params(r, ("embed_dim", "n_embed", "ddconfig", "remap", "sane_index_shape"))
     r.set("model_config", model, yields=("model",))
     r.unused("model.params.monitor", "Lightning's best-checkpoint metric; every checkpoint is kept")
-    r.flag("model.params.ckpt_path", "init_from", r.path_value)
+    _init_from(r, "model.params.ckpt_path")
     # taming's main.py: lr = accumulate_grad_batches * n_gpus * batch_size * base_learning_rate
     if r.flag("model.base_learning_rate", "learning_rate", float) is not _MISSING:
         r.set("scale_lr", True)

@@ -122,6 +122,9 @@ def test_explicit_flags_win():
                                  "--checkpointing-steps", "7"])
     assert (a.ema_decay, a.model, a.model_config, a.checkpointing_steps) == (0.5, "tiny-dinov2", None, 7)
     assert a.config_epochs == {"lr_total_steps": 16.0}  # the explicit flag replaced the epoch-valued one
+    pretrained = RAE / "stage1" / "pretrained" / "DINOv2-B.yaml"
+    assert train_stage1.parse_args(["--config", str(pretrained)]).init_from.endswith("ViTXL_n08/model.pt")
+    assert train_stage1.parse_args(["--config", str(pretrained), "--model", "tiny-dinov2"]).init_from is None
     a = generate.parse_args(["--config", str(RAE_AG), "--cfg-scale", "2", "--guide-model", "DiTDH-N"])
     assert (a.cfg_scale, a.guide_model) == (2.0, "DiTDH-N")
 
