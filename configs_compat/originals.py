@@ -383,17 +383,10 @@ def _rae_stage1(r: _Reader):
 def _rae_stage2_common(r: _Reader, sampling: bool):
     r.set("tokenizer", "rae")
     r.set("rae_config", _rae_model(r, keep_decoder_weights=True))
-    sizes = r.subtree("stage_2.params")
     r.fixed("stage_2.target", ("stage2.models.DDT.DiTwDDTHead",),
             "DiT^DH networks (our LightningDiT takes hustvl's configs)")
-    from models.ddt import DDT_SIZES
-
-    key = tuple(tuple(sizes.get(k, ())) for k in ("hidden_size", "depth", "num_heads"))
-    name = next((n for n, s in DDT_SIZES.items() if s == key), None)
-    if name is None:
-        r.error("stage_2.params.hidden_size", f"/ depth / num_heads = {key} match no DiT^DH size "
-                                              f"({', '.join(f'{n}: {s}' for n, s in DDT_SIZES.items())})")
-    r.set("model", name)
+    sizes = r.subtree("stage_2.params")
+    r.set("model", _ddt_name(r, "stage_2.params", sizes))
     if "num_classes" in sizes:
         r.set("num_classes", int(sizes["num_classes"]))
     _check_ddt_options(r, "stage_2.params", sizes, sampling)
@@ -415,6 +408,18 @@ def _rae_stage2_common(r: _Reader, sampling: bool):
             r.error("misc.num_classes", f"= {n} differs from stage_2.params.num_classes {r.out.values['num_classes']}")
         r.set("num_classes", int(n))
     return shift
+
+
+def _ddt_name(r: _Reader, prefix: str, params: dict) -> str:
+    """Our DiT^DH preset with the sizes of `params` (hidden_size, depth, num_heads pairs)."""
+    from models.ddt import DDT_SIZES
+
+    key = tuple(tuple(params.get(k, ())) for k in ("hidden_size", "depth", "num_heads"))
+    name = next((n for n, s in DDT_SIZES.items() if s == key), None)
+    if name is None:
+        r.error(f"{prefix}.hidden_size", f"/ depth / num_heads = {key} match no DiT^DH size "
+                                         f"({', '.join(f'{n}: {s}' for n, s in DDT_SIZES.items())})")
+    return name
 
 
 def _check_ddt_options(r: _Reader, prefix: str, params: dict, sampling: bool):
@@ -518,13 +523,7 @@ def _rae_stage2_sample(r: _Reader):
         gm = "guidance.guidance_model"
         r.fixed(f"{gm}.target", ("stage2.models.DDT.DiTwDDTHead",), "DiT^DH guides")
         sizes = r.subtree(f"{gm}.params")
-        from models.ddt import DDT_SIZES
-
-        key = tuple(tuple(sizes.get(k, ())) for k in ("hidden_size", "depth", "num_heads"))
-        name = next((n for n, s in DDT_SIZES.items() if s == key), None)
-        if name is None:
-            r.error(f"{gm}.params.hidden_size", f"/ depth / num_heads = {key} match no DiT^DH size")
-        r.set("guide_model", name)
+        r.set("guide_model", _ddt_name(r, f"{gm}.params", sizes))
         _check_ddt_options(r, f"{gm}.params", sizes, sampling=True)
         r.flag(f"{gm}.ckpt", "guide_ckpt", r.path_value)
     r.unused("training", "training settings")

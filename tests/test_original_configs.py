@@ -144,6 +144,9 @@ def test_unknown_keys_and_values_are_refused_by_name(tmp_path):
     bad = _edited(tmp_path, RAE_AG, lambda c: c["transport"]["params"].update(prediction="noise"))
     with pytest.raises(SystemExit, match=r"'transport.params.prediction' = 'noise'"):
         generate.parse_args(["--config", str(bad)])
+    bad = _edited(tmp_path, RAE_AG, lambda c: c["stage_2"]["params"].update(hidden_size=[1000, 2048]))
+    with pytest.raises(SystemExit, match=r"'stage_2.params.hidden_size' / depth / num_heads .* match no DiT\^DH size"):
+        generate.parse_args(["--config", str(bad)])
     bad = _edited(tmp_path, LIT, lambda c: c["model"].update(use_swiglu=False))
     with pytest.raises(OriginalConfigError, match=r"'model.use_swiglu'"):
         train_ldm_only.parse_args(["--config", str(bad)])
