@@ -100,6 +100,7 @@ def build_inception(weights_path: Optional[str | os.PathLike] = None, random_ini
         net = fe.FeatureExtractorInceptionV3("inception-v3-compat", ["2048"])
     net = net.float().eval()
     net.requires_grad_(False)
+    net.random_weights = bool(random_init)  # metrics computed with it are labelled "not comparable"
     return net
 
 
@@ -120,6 +121,11 @@ class InceptionFeatures(nn.Module):
         self.net = net
         self.image_size = image_size
         self.chunk_size = chunk_size
+
+    @property
+    def random_weights(self) -> bool:
+        """True for a randomly initialised network (offline tests): its figures compare to nothing."""
+        return bool(getattr(self.net, "random_weights", False))
 
     @torch.no_grad()
     def forward(self, images: torch.Tensor, features: Sequence[str] = ("pool",)) -> Dict[str, torch.Tensor]:
