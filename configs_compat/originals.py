@@ -630,8 +630,10 @@ def _lightningdit_sample(r: _Reader):
     r.flag("sample.cfg_interval_start", "guidance_high", lambda v: 1.0 - float(v))
     # hustvl shifts data time by s: the same grid is noise-time shift 1 / s here
     r.flag("sample.timestep_shift", "shift", lambda v: 1.0 / float(v))
-    # the published FIDs of these configs were measured with hustvl's CFG on channels 0..2
+    # the published FIDs of these configs were measured with hustvl's CFG on channels 0..2 and
+    # with uniformly random labels (DiT's sampler)
     r.set("cfg_legacy_channels", True)
+    r.set("label_sampling", "random")
 
 
 # ------------------------------------------------------------------------------------------------

@@ -264,3 +264,4 @@ def test_lightningdit_config_generates(tmp_path):
     assert res["generated"] == 2
     cfg = json.loads((tmp_path / "s" / "run" / "sampling_config.json").read_text())
     assert cfg["cfg_scale"] == 10.0 and cfg["shift"] == pytest.approx(1 / 0.3)
+    assert (cfg["guidance_high"], cfg["cfg_channels"], cfg["label_sampling"]) == (pytest.approx(0.89), 3, "random")
