@@ -73,7 +73,8 @@ def parse_args(argv=None):
     p.set_defaults(adam_beta1=None, adam_beta2=None, max_grad_norm=0.0, compile=False, batch_size=32,
                    checkpointing_steps=5000, sampling_steps=1000)
     g = p.add_argument_group("tokenizer")
-    g.add_argument("--tokenizer", type=str, required=False, default=None, choices=TOKENIZERS, help="what to train")
+    g.add_argument("--tokenizer", type=str, required=False, default=None, choices=TOKENIZERS + ("vq",),
+                   help="what to train (vq: the same as vqgan, the other scripts' name of the kind)")
     g.add_argument("--model", type=str, default=None,
                    help="preset: VAE_PRESETS (kl/vavae), VQ_PRESETS (vqgan) or RAE_PRESETS (rae); default per kind")
     g.add_argument("--model-config", default=None,
@@ -167,6 +168,8 @@ def resolve_defaults(args):
     """Fill the flags left unset with the kind's published values (KIND_DEFAULTS) and check them."""
     if args.tokenizer is None:
         raise SystemExit("--tokenizer is required (kl, vavae, vqgan, rae)")
+    if args.tokenizer == "vq":
+        args.tokenizer = "vqgan"
     for k, v in KIND_DEFAULTS[args.tokenizer].items():
         if getattr(args, k) is None:
             setattr(args, k, v)

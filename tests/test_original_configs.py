@@ -111,7 +111,7 @@ def test_published_values_arrive_translated():
     a = train_stage1.parse_args(["--config", str(VAVAE)])
     assert (a.tokenizer, a.vf_model, a.vf_weight, a.disc_start, a.batch_size, a.epochs) == \
         ("vavae", "dinov2-vit-l", 0.1, 5001, 8 * 8 * 4, 50)  # per-GPU 8 x 8 GPUs x 4 nodes
-    a = train_stage1.parse_args(["--config", str(VQGAN), "--data-dir", "x"])
+    a = train_stage1.parse_args(["--config", str(VQGAN), "--data-dir", "x", "--tokenizer", "vq"])
     assert (a.tokenizer, a.learning_rate, a.scale_lr, a.disc_start, a.disc_weight) == \
         ("vqgan", 4.5e-6, True, 10000, 0.8)
     assert a.model_config["n_embed"] == 1024 and a.model_config["ddconfig"]["ch_mult"] == [1, 1, 2, 2, 4]
