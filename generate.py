@@ -309,11 +309,14 @@ def evaluate_generation(field, decode_fn, latent_shape, num_classes: int, args, 
                              args.eval_batch_size, kw, device, label_sampling=args.eval_label_sampling,
                              progress=accelerator.is_main_process)
     metrics = [m.strip() for m in args.eval_metrics.split(",") if m.strip()]
+    from evaluation.metrics import format_scores
+
     scores = evaluate_samples(images, args.eval_reference, inception=extractor, metrics=metrics, device=device)
-    scores = {k: v for k, v in scores.items() if isinstance(v, (int, float))}
-    accelerator.log({f"eval/{k}": v for k, v in scores.items()}, step=step)
-    logger.info(f"eval at step {step}: " + ", ".join(f"{k}={v:.4f}" for k, v in scores.items()))
-    return scores
+    numbers = {k: v for k, v in scores.items() if isinstance(v, (int, float))}
+    accelerator.log({f"eval/{k}": v for k, v in numbers.items()}, step=step)
+    logger.info(f"eval at step {step}: " + format_scores(scores))
+    # the random-Inception label travels into the trainers' summary.json with the figures
+    return numbers | ({"inception": scores["inception"]} if "inception" in scores else {})
 
 
 class LatentDecoder(nn.Module):
@@ -630,12 +633,16 @@ def _load_sit(args, obj, sd, ckpt_path, info, logger, exp_stats: Optional[str] =
 
 def _load_release(args, sd, ckpt_path, info, logger) -> SamplingSetup:
     """A released LightningDiT (hustvl, RAE) or DiT^DH checkpoint with its tokenizer."""
+    from models.tokenizers import read_export_description
+
     family = model_family(args.model)
-    kind = args.tokenizer or ("rae" if family == "ddt" or "t_embedder.W" in sd else "vavae")
-    name = args.vae or ("vavae-f16d32" if kind == "vavae" else None)
+    described = args.vae_ckpt is not None and read_export_description(args.vae_ckpt) is not None  # NAME.json says
+    kind = args.tokenizer or (None if described else "rae" if family == "ddt" or "t_embedder.W" in sd else "vavae")
+    name = args.vae or ("vavae-f16d32" if kind == "vavae" and not described else None)
     seed = int(args.tokenizer_seed or 0)
     tok = _build_tokenizer(kind, name, args.vae_ckpt, args.vae_stats, args.rae_config, args.random_init_vae,
                            seed, f"--model {args.model}")
+    kind = tok.kind
     if tok.stats is None:
         raise SystemExit(f"tokenizer {kind}/{tok.name}: no latent statistics; pass --vae-stats "
                          f"({'{mean, var} per position' if kind == 'rae' else '{mean, std} [1, C, 1, 1]'})")
@@ -863,6 +870,7 @@ def check_or_write_config(folder: Path, identity: dict, extra: dict) -> None:
         raise SystemExit(f"{folder} holds PNG samples but no sampling_config.json: cannot tell their configuration; "
                          f"refusing to mix them (choose another --sample-dir/--folder-name)")
     folder.mkdir(parents=True, exist_ok=True)
+    utils.remove_stale_temp_files(folder)  # interrupted writes of an earlier run (rank 0, before any rank writes)
     utils.atomic_write_text(json.dumps(identity | extra, indent=2, sort_keys=True) + "\n", cfg_file)
 
 
@@ -1076,6 +1084,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--atol", type=float, default=1e-5, help="dopri5 absolute tolerance")
     g.add_argument("--label-sampling", type=str, default="equal", choices=["random", "equal"],
                    help="random labels, or equal (REPA-E's default): the same count per class, exact for any world size")
+    g.add_argument("--per-class-sampling", dest="label_sampling", action="store_const", const="equal",
+                   default=argparse.SUPPRESS, help="earlier REPA-E name of --label-sampling equal")
+    g.add_argument("--no-per-class-sampling", dest="label_sampling", action="store_const", const="random",
+                   default=argparse.SUPPRESS, help="earlier REPA-E name of --label-sampling random")
     g.add_argument("--classes", type=str, default=None,
                    help="comma list of classes to sample, by name (the training data's class folders) or id; "
                         "cycled over --num-fid-samples unless --samples-per-class is given")
@@ -1180,6 +1192,8 @@ def check_args(args) -> None:
                         ("--pproc-batch-size", args.per_proc_batch_size), ("--eval-batch-size", args.eval_batch_size)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise SystemExit(f"{flag} must be a positive integer, got {value!r}")
+    if args.samples_per_class is not None and (not isinstance(args.samples_per_class, int) or args.samples_per_class < 1):
+        raise SystemExit(f"--samples-per-class must be a positive integer, got {args.samples_per_class!r}")
     if args.heun and args.mode != "ode":
         raise SystemExit(f"--heun is an ODE solver: it cannot be combined with --mode {args.mode}")
 

@@ -82,7 +82,9 @@ def build_inception(weights_path: Optional[str | os.PathLike] = None, random_ini
         from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
 
         net = _construct_without_weights()
-        sd = torch.load(path, map_location="cpu", weights_only=False)
+        from utils import torch_load_safe
+
+        sd = torch_load_safe(path, "--inception-weights file")
         if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
             sd = sd["state_dict"]
         from utils import load_state_dict_strict

@@ -180,7 +180,8 @@ def _check_image_array(arr, what: str) -> torch.Tensor:
     if t.dtype != torch.uint8:
         raise ValueError(f"{what}: expected uint8 images, got {t.dtype}")
     if t.ndim != 4 or (t.shape[-1] not in (1, 3) and t.shape[1] not in (1, 3)):
-        raise ValueError(f"{what}: expected images shaped [N, H, W, C] or [N, C, H, W] with C = 3 or 1, got {tuple(t.shape)}")
+        raise ValueError(f"{what}: expected images shaped [N, H, W, 3] or [N, 3, H, W] (1-channel: [N, H, W, 1] "
+                         f"or [N, 1, H, W]), got {tuple(t.shape)}")
     if t.shape[-1] in (1, 3) and t.shape[1] not in (1, 3):
         t = t.permute(0, 3, 1, 2)
     return t.contiguous().cpu()
@@ -640,8 +641,12 @@ def reconstruction_metrics(vae: nn.Module, dataset, reference=None, inception: O
     vae.eval()
     per_image: Dict[str, List[torch.Tensor]] = {k: [] for k in ("psnr", "ssim", "lpips") if k in metrics}
     feats_rec, feats_ref = [], []
+    from utils import ignore_stop_signals
+
+    # a stop signal during a trainer's evaluation is the trainer's to handle at the end of its step
     loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, idx), batch_size=batch_size,
-                                         num_workers=num_workers, shuffle=False)
+                                         num_workers=num_workers, shuffle=False,
+                                         worker_init_fn=ignore_stop_signals if num_workers > 0 else None)
     bar = None
     if progress and dist_info()[0] == 0:
         from tqdm.auto import tqdm

@@ -57,7 +57,7 @@ def _imagenet_vgg16_state_dict() -> Mapping[str, torch.Tensor]:
             f"(HF_HUB_OFFLINE/TORCH_HUB_OFFLINE). Give `--lpips-weights PATH` (train_repae.py, train_stage1.py) "
             f"a local torchvision VGG16 state dict (vgg16-397923af.pth), or `--lpips-weights random` for "
             f"offline tests; loss configs take `perceptual_vgg_weights: PATH`.")
-    return torch.hub.load_state_dict_from_url(url, map_location="cpu", progress=False, check_hash=True)
+    return torch.hub.load_state_dict_from_url(url, map_location="cpu", progress=False, check_hash=True, weights_only=True)
 
 
 _TEMPLATE: dict = {}

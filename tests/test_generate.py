@@ -238,7 +238,7 @@ def test_npz_holds_exactly_the_requested_samples_and_eval_reads_only_those(exp, 
 
 
 @pytest.mark.parametrize("flag,value", [("--num-fid-samples", "0"), ("--num-fid-samples", "-3"), ("--num-steps", "0"),
-                                        ("--pproc-batch-size", "0")])
+                                        ("--pproc-batch-size", "0"), ("--samples-per-class", "0")])
 def test_values_that_would_write_nothing_useful_are_refused(flag, value):
     with pytest.raises(SystemExit, match=flag):
         generate.parse_args([flag, value])
@@ -262,6 +262,8 @@ def test_help_lists_repae_names_with_one_default_each():
             a.guidance_low, a.guidance_high, a.allow_tf32, a.heun) == (1.5, 50, "ode", 128, 50000, "samples", "equal",
                                                                        0.0, 1.0, True, False)
     assert generate.parse_args(["--no-tf32"]).allow_tf32 is False
+    assert generate.parse_args(["--no-per-class-sampling"]).label_sampling == "random"
+    assert generate.parse_args(["--per-class-sampling"]).label_sampling == "equal"
     assert generate.parse_args(["--exp-path", "E", "--train-steps", "400000"]).ckpt_step == "400000"
 
 
@@ -631,3 +633,22 @@ def test_training_grid_rows_are_classes():
     assert generate.grid_row_labels(9, 3).tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2]
     assert generate.grid_row_labels(16, 1000).view(4, 4)[:, 0].tolist() == [0, 1, 2, 3]
     assert generate.grid_row_labels(4, 1).tolist() == [0, 0, 0, 0]
+
+
+def test_training_evaluation_labels_random_inception(exp, tmp_path):
+    """The trainers' periodic FID (evaluate_generation): the log line and the returned scores
+    (which go into summary.json) say the Inception was random."""
+    from types import SimpleNamespace
+
+    setup = generate.load_models(generate.parse_args(["--exp-dir", str(exp), "--device", "cpu"]), lambda m: None)
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "ref.npz", arr_0=rng.integers(0, 256, (6, 32, 32, 3), dtype=np.uint8))
+    args = SimpleNamespace(inception_weights=None, inception_size=75, random_init_inception=True, eval_num_steps=1,
+                           eval_cfg_scale=1.0, eval_samples=4, seed=0, eval_batch_size=4, eval_label_sampling="equal",
+                           eval_metrics="fid", eval_reference=str(tmp_path / "ref.npz"))
+    logged, lines = [], []
+    accelerator = SimpleNamespace(log=lambda d, step: logged.append(d), is_main_process=True)
+    scores = generate.evaluate_generation(setup.model, setup.decoder, setup.latent_shape, setup.num_classes, args, "cpu",
+                                          3, accelerator, SimpleNamespace(info=lines.append))
+    assert scores["inception"].startswith("random weights") and np.isfinite(scores["fid"])
+    assert "FID (random Inception: not comparable)=" in lines[0] and set(logged[0]) == {"eval/num_samples", "eval/fid"}
