@@ -343,7 +343,10 @@ def original_config_defaults(cfg: dict, path, parser, argv=None):
     if translation is None:
         return None
     defaults = translation.defaults(explicit_dests(parser, argv))
-    actions = {a.dest: a for a in parser._actions}
+    actions = {}
+    for action in parser._actions:  # of several flags of one dest, check with the one taking a value
+        if action.dest not in actions or (actions[action.dest].nargs == 0 and action.nargs != 0):
+            actions[action.dest] = action
     lacking = sorted(set(defaults) - set(actions) - {"config_epochs"})
     if lacking:  # a translator written for flags this script does not have
         raise ValueError(f"{path}: the {translation.original} config sets {lacking}, which {parser.prog} has no flag for")

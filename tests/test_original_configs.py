@@ -141,6 +141,9 @@ def test_unknown_keys_and_values_are_refused_by_name(tmp_path):
     bad = _edited(tmp_path, RAE_S1, lambda c: c["training"].update(mystery_knob=3))
     with pytest.raises(OriginalConfigError, match=r"DINOv2-B_decXL.yaml.*'training.mystery_knob'"):
         train_stage1.parse_args(["--config", str(bad)])
+    bad = _edited(tmp_path, RAE_S1, lambda c: c["gan"]["loss"].update(disc_loss="softplus"))
+    with pytest.raises(ValueError, match=r"DINOv2-B_decXL.yaml: key '-> --disc-loss'.*'softplus' is not one of"):
+        train_stage1.parse_args(["--config", str(bad)])
     bad = _edited(tmp_path, RAE_AG, lambda c: c["transport"]["params"].update(prediction="noise"))
     with pytest.raises(SystemExit, match=r"'transport.params.prediction' = 'noise'"):
         generate.parse_args(["--config", str(bad)])
