@@ -1093,7 +1093,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--guide-exp-dir", type=str, default=None, help="autoguidance: guide experiment folder")
     g.add_argument("--guide-ckpt-step", type=str, default=None, help="step in --guide-exp-dir (default: latest)")
     g.add_argument("--guide-time-convention", type=str, default="auto", choices=["auto", "data-at-1", "noise-at-1"], help="how the guide network reads t (as --time-convention)")
-    g.add_argument("--cfg-legacy-channels", action="store_true",
+    g.add_argument("--cfg-legacy-channels", action=argparse.BooleanOptionalAction, default=False,
                    help="hustvl LightningDiT's CFG on latent channels 0..2 only (reproduces its published FIDs)")
     g = p.add_argument_group("sampler")
     g.add_argument("--mode", type=str, default="ode", choices=["ode", "sde"], help="ode (probability flow) or sde (Euler-Maruyama)")
@@ -1194,8 +1194,16 @@ def parse_args(argv=None):
     if known.config:
         files.append(Path(known.config))
     for path in files:
+        cfg = utils.load_yaml(path)
+        try:
+            original = utils.original_config_defaults(cfg, path, parser, argv)
+        except ValueError as e:
+            raise SystemExit(str(e)) from None
+        if original is not None:
+            parser.set_defaults(**original)
+            continue
         defaults = {}
-        for k, v in utils.load_yaml(path).items():
+        for k, v in cfg.items():
             dest = dests.get(str(k).replace("-", "_"))
             if dest is None or dest in ("recipe", "config"):
                 raise SystemExit(f"{path}: unknown key '{k}' (not a flag of generate.py)")

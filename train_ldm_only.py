@@ -92,7 +92,9 @@ def parse_args(argv=None):
     g.add_argument("--lr-schedule", type=str, default="constant", choices=["constant", "linear", "cosine"], help="LR schedule after warm-up")
     g.add_argument("--lr-warmup-steps", type=int, default=0, help="linear warm-up steps")
     g.add_argument("--lr-decay-start", type=int, default=0, help="linear schedule: step where the decay starts")
-    g.add_argument("--final-lr", type=float, default=0.0, help="LR at --max-train-steps (linear / cosine schedules)")
+    g.add_argument("--final-lr", type=float, default=0.0, help="LR at the end of the schedule (linear / cosine schedules)")
+    g.add_argument("--lr-total-steps", type=int, default=None,
+                   help="step where the linear / cosine decay reaches --final-lr (default: --max-train-steps)")
     g.add_argument("--ema-decay", type=float, default=0.9999, help="EMA decay")
     g = p.add_argument_group("sample grids")
     g.add_argument("--sample-num-steps", type=int, default=50, help="Euler steps for the sample grids")
@@ -185,6 +187,9 @@ def build_tokenizer_for_grids(args, dataset, logger):
 
 
 def main(args):
+    if args.eval_every > 0 and not Path(args.eval_reference).exists():
+        # named now, not at the first evaluation hours into the run (config files carry such paths)
+        raise SystemExit(f"--eval-reference {args.eval_reference}: no such file (or pass --eval-every 0)")
     run = utils.start_run(args, "train_ldm_only")
     accelerator, logger, device, world = run.accelerator, run.logger, run.device, run.world
     exp_dir, local_bs = run.exp_dir, run.local_batch_size
@@ -256,8 +261,10 @@ def main(args):
                 f"latent normalisation per {norm_mode} from {stats_source}; encoders {[e.name for e in encoders]}")
 
     opt = utils.adamw([p for p in net.parameters() if p.requires_grad], args.learning_rate, args)
+    steps_per_epoch = max(sampler.batches_per_epoch // args.gradient_accumulation_steps, 1)
+    utils.apply_config_epochs(args, steps_per_epoch, logger)
     sched = utils.lr_scheduler(opt, schedule=args.lr_schedule, warmup_steps=args.lr_warmup_steps,
-                               decay_start=args.lr_decay_start, total_steps=args.max_train_steps,
+                               decay_start=args.lr_decay_start, total_steps=args.lr_total_steps or args.max_train_steps,
                                final_ratio=args.final_lr / args.learning_rate if args.learning_rate else 0.0)
 
     # ---------------- resume
@@ -310,7 +317,8 @@ def main(args):
 
     evaluations = {}
     model.train()
-    progress = tqdm(total=args.max_train_steps, initial=step, disable=not accelerator.is_main_process,
+    progress = tqdm(total=min(args.max_train_steps, args.epochs * steps_per_epoch), initial=step,
+                    disable=not accelerator.is_main_process,
                     desc="train_ldm_only", dynamic_ncols=True)
     data_iter = utils.infinite_epochs(loader, sampler, epoch, batch_pos)
     stop = utils.StopRequest().install()

@@ -73,7 +73,8 @@ def parse_args(argv=None):
     p.set_defaults(adam_beta1=None, adam_beta2=None, max_grad_norm=0.0, compile=False, batch_size=32,
                    checkpointing_steps=5000, sampling_steps=1000)
     g = p.add_argument_group("tokenizer")
-    g.add_argument("--tokenizer", type=str, required=False, default=None, choices=TOKENIZERS, help="what to train")
+    g.add_argument("--tokenizer", type=str, required=False, default=None, choices=TOKENIZERS + ("vq",),
+                   help="what to train (vq: the same as vqgan, the other scripts' name of the kind)")
     g.add_argument("--model", type=str, default=None,
                    help="preset: VAE_PRESETS (kl/vavae), VQ_PRESETS (vqgan) or RAE_PRESETS (rae); default per kind")
     g.add_argument("--model-config", default=None,
@@ -184,6 +185,8 @@ def resolve_defaults(args):
     """Fill the flags left unset with the kind's published values (KIND_DEFAULTS) and check them."""
     if args.tokenizer is None:
         raise SystemExit("--tokenizer is required (kl, vavae, vqgan, rae)")
+    if args.tokenizer == "vq":
+        args.tokenizer = "vqgan"
     for k, v in KIND_DEFAULTS[args.tokenizer].items():
         if getattr(args, k) is None:
             setattr(args, k, v)
@@ -614,6 +617,7 @@ def main(args):
                         pin_memory=torch.cuda.is_available(), drop_last=True, persistent_workers=False,
                         generator=torch.Generator().manual_seed(args.seed))
     steps_per_epoch = max(sampler.batches_per_epoch // args.gradient_accumulation_steps, 1)
+    utils.apply_config_epochs(args, steps_per_epoch, logger)
     total_steps = args.lr_total_steps or min(args.max_train_steps, args.epochs * steps_per_epoch)
     logger.info(f"{kind} tokenizer {args.model_config and 'from --model-config' or args.model}: "
                 f"{sum(p.numel() for p in trainable) / 1e6:.2f}M trainable params, discriminator "
@@ -723,7 +727,7 @@ def main(args):
         tok.eval()
         x = grid_images.to(device)
         rec = tok.reconstruct(x)  # [N, C, H, W] in about [-1, 1]
-        pairs = torch.cat([x.float() / 255, (rec.float().clamp(-1, 1) + 1) / 2], dim=3).expand(-1, 3, -1, -1)
+        pairs = torch.cat([x.float() / 255, (rec.float().clamp(-1, 1) + 1) / 2], dim=3)  # 1-channel data: grey PNG
         utils.save_image_grid(pairs.cpu(), exp_dir / "samples" / f"recon_{at_step:07d}.png")
         utils.log_images(accelerator, pairs.cpu(), at_step, "reconstructions")
         net.train(was_training)
@@ -768,7 +772,8 @@ def main(args):
     enc_last_layer = model.get_encoder_last_layer() if kind == "vavae" else None
     fwd.train()
     loss_fn.train()
-    progress = tqdm(total=args.max_train_steps, initial=step, disable=not accelerator.is_main_process,
+    progress = tqdm(total=min(args.max_train_steps, args.epochs * steps_per_epoch), initial=step,
+                    disable=not accelerator.is_main_process,
                     desc=f"train_stage1 {kind}", dynamic_ncols=True)
     data_iter = utils.infinite_epochs(loader, sampler, epoch, batch_pos)
     stop = utils.StopRequest().install()

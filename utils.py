@@ -10,6 +10,7 @@ import os
 import random
 import re
 import signal
+import sys
 import tempfile
 import time
 from collections import OrderedDict
@@ -129,11 +130,8 @@ def atomic_write(path: str | os.PathLike, write, mode: str) -> None:
     """Write through `write(file)` into a temp file in the same folder, fsync, then rename over
     `path`: readers see the old file or the new one, never a half-written one."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = reserve_temp_file(path)
     try:
-        # mkstemp creates 0600; a file on a shared machine gets the mode open() would give it
-        os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, mode) as f:
             write(f)
             f.flush()
@@ -150,6 +148,22 @@ def atomic_write(path: str | os.PathLike, write, mode: str) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def reserve_temp_file(path: str | os.PathLike) -> tuple:
+    """(fd, name) of a new temp file beside `path` named `.NAME.XXXXXXXX.tmp` (the pattern
+    `remove_stale_temp_files` cleans), with the mode the umask gives any new file: mkstemp's
+    0600 would make checkpoints on a shared machine unreadable to the group."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.fchmod(fd, new_file_mode())
+    return fd, tmp
+
+
+def new_file_mode() -> int:
+    """The permission bits open() gives a new file under the current umask (e.g. 0644)."""
+    return 0o666 & ~_umask()
 
 
 def _umask() -> int:
@@ -301,6 +315,10 @@ def parse_args_with_config(parser, argv=None):
     known, _ = pre.parse_known_args(argv)
     if known.config:
         cfg = load_yaml(known.config)
+        original = original_config_defaults(cfg, known.config, parser, argv)
+        if original is not None:
+            parser.set_defaults(**original)
+            return parser.parse_args(argv)
         actions = {a.dest: a for a in parser._actions}
         defaults = {}
         for k, v in cfg.items():
@@ -310,6 +328,58 @@ def parse_args_with_config(parser, argv=None):
             defaults[dest] = config_value(actions[dest], v, k, known.config)
         parser.set_defaults(**defaults)
     return parser.parse_args(argv)
+
+
+def explicit_dests(parser, argv=None) -> set:
+    """The dests of the flags written on the command line `argv` (argparse's unique prefixes too)."""
+    argv = sys.argv[1:] if argv is None else argv
+    options = parser._option_string_actions
+    out = set()
+    for token in argv:
+        if not token.startswith("--"):
+            continue
+        name = token.split("=", 1)[0]
+        hits = {options[name].dest} if name in options else \
+            {a.dest for o, a in options.items() if parser.allow_abbrev and o.startswith(name)}
+        if len(hits) == 1:
+            out |= hits
+    return out
+
+
+def original_config_defaults(cfg: dict, path, parser, argv=None):
+    """When `cfg` is one of the originals' own YAML files (RAE, LightningDiT / VA-VAE, taming), its
+    translation for this script (configs_compat) as argparse defaults; None for our own
+    {flag: value} files. Explicit flags win over every value the file gives."""
+    from configs_compat import translate_original
+
+    translation = translate_original(cfg, path, parser.prog)
+    if translation is None:
+        return None
+    defaults = translation.defaults(explicit_dests(parser, argv))
+    actions = {}
+    for action in parser._actions:  # of several flags of one dest, check with the one taking a value
+        if action.dest not in actions or (actions[action.dest].nargs == 0 and action.nargs != 0):
+            actions[action.dest] = action
+    lacking = sorted(set(defaults) - set(actions) - {"config_epochs"})
+    if lacking:  # a translator written for flags this script does not have
+        raise ValueError(f"{path}: the {translation.original} config sets {lacking}, which {parser.prog} has no flag for")
+    for dest in set(defaults) & set(actions):  # checked as the flag itself would check them (choices)
+        defaults[dest] = config_value(actions[dest], defaults[dest], f"-> --{dest.replace('_', '-')}", path)
+    if translation.unused and os.environ.get("RANK", "0") == "0":
+        print(f"{path}: read as the original's {translation.original} config; without effect on {parser.prog}: "
+              f"{'; '.join(translation.unused)}", file=sys.stderr)
+    return defaults
+
+
+def apply_config_epochs(args, steps_per_epoch: int, logger=None) -> None:
+    """Turn the settings an original's config counts in epochs (RAE: checkpoint interval, LR
+    schedule; `args.config_epochs`) into steps, once the trainer knows the epoch length."""
+    for dest, epochs in (getattr(args, "config_epochs", None) or {}).items():
+        steps = round(float(epochs) * steps_per_epoch)
+        setattr(args, dest, max(steps, 1) if dest == "checkpointing_steps" else steps)
+        if logger is not None:
+            logger.info(f"--{dest.replace('_', '-')} {getattr(args, dest)} ({epochs:g} epochs of {steps_per_epoch} steps, "
+                        f"from --config)")
 
 
 def write_args_json(args, path: str | os.PathLike) -> None:
@@ -833,13 +903,14 @@ def lr_scheduler(optimizer, **kw) -> torch.optim.lr_scheduler.LambdaLR:
 
 
 def save_image_grid(images: torch.Tensor, path: str | os.PathLike) -> None:
-    """Images [N, C, H, W] in [0, 1] -> one PNG grid, written atomically."""
+    """Images [N, C, H, W] in [0, 1] -> one PNG grid, written atomically; 1-channel images give
+    a 1-channel (greyscale) PNG."""
     from torchvision.utils import make_grid
 
     grid = make_grid(images.float().cpu(), nrow=int(math.ceil(math.sqrt(len(images)))), padding=2)
     # A diverged model gives NaN pixels: show them black rather than cast garbage.
     arr = (grid.nan_to_num(0.0).permute(1, 2, 0).numpy() * 255).round().clip(0, 255).astype("uint8")
-    atomic_save_png(arr, path)
+    atomic_save_png(arr[..., 0] if images.shape[1] == 1 else arr, path)  # make_grid repeats a grey channel
 
 
 def log_images(accelerator, images: torch.Tensor, step: int, tag: str = "samples") -> None:

@@ -349,7 +349,9 @@ def _from_pretrained(cls, name_or_path: str, what: str, **kwargs):
         model, info = cls.from_pretrained(name_or_path, output_loading_info=True, **kwargs)
     except Exception as e:  # noqa: BLE001 - re-raised with the encoder and path named
         raise RuntimeError(f"RAE encoder {what}: could not load weights from '{name_or_path}' "
-                           f"(hub id or local folder; HF_HUB_OFFLINE={os.environ.get('HF_HUB_OFFLINE', '0')}): {e}") from e
+                           f"(hub id or local folder; HF_HUB_OFFLINE={os.environ.get('HF_HUB_OFFLINE', '0')}): {e}. "
+                           f"Offline: point the config's encoder path at a local folder holding the model "
+                           f"(config.json + weights), or pass --random-init-encoders (tests only)") from e
     bad = list(info.get("missing_keys") or []) + [str(k) for k in info.get("mismatched_keys") or []]
     if bad:
         raise RuntimeError(f"RAE encoder {what}: weights in '{name_or_path}' do not cover the model; "
