@@ -1208,7 +1208,6 @@ def parse_args(argv=None):
             if dest is None or dest in ("recipe", "config"):
                 raise SystemExit(f"{path}: unknown key '{k}' (not a flag of generate.py)")
             defaults[dest] = v
-
         parser.set_defaults(**typed_file_values(parser, defaults, path))
     args = parser.parse_args(argv)
     check_args(args)
