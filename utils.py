@@ -173,6 +173,77 @@ def update_ema(ema: nn.Module, model: nn.Module, decay: float = 0.9999) -> None:
             ema_bufs[name].copy_(b)
 
 
+def _bit_checksums(tensors: list) -> torch.Tensor:
+    """[n, 2] int64: two wrap-around sums of each tensor's raw bits (plain and position-weighted),
+    on the tensors' device. Equal bits give equal sums on any rank; a single differing bit changes
+    them (float reductions could hide it)."""
+    int_of_size = {8: torch.int64, 4: torch.int32, 2: torch.int16, 1: torch.uint8}
+    rows = []
+    for t in tensors:
+        flat = t.detach().contiguous().reshape(-1)
+        if flat.dtype == torch.bool:
+            flat = flat.to(torch.uint8)
+        bits = flat.view(int_of_size[flat.element_size()]).to(torch.int64)
+        weights = torch.arange(bits.numel(), device=bits.device, dtype=torch.int64) % 65521 + 1
+        rows.append(torch.stack([bits.sum(), (bits * weights).sum()]))
+    return torch.stack(rows) if rows else torch.zeros(0, 2, dtype=torch.int64)
+
+
+@torch.no_grad()
+def check_ranks_identical(accelerator, named: Mapping[str, torch.Tensor], step: int) -> None:
+    """Collective. Raise on every rank, naming the tensors, unless every rank holds bit-identical
+    `named` tensors (model and EMA weights, buffers, optimiser moments...). A debugging check of
+    multi-process runs (`--check-ranks-every`); one all-gather of 16 bytes per tensor."""
+    if accelerator.num_processes == 1:
+        return
+    names = list(named)
+    local = _bit_checksums([named[k] for k in names]).to(accelerator.device)
+    every = accelerator.gather(local.unsqueeze(0)).view(accelerator.num_processes, len(names), 2).cpu()
+    differ = [names[i] for i in range(len(names)) if not bool((every[:, i] == every[0, i]).all())]
+    if differ:
+        raise RuntimeError(f"step {step}: ranks hold different values of {len(differ)} of {len(names)} tensors: "
+                           + ", ".join(differ[:20]) + (" ..." if len(differ) > 20 else ""))
+
+
+def training_state_tensors(**parts) -> Dict[str, torch.Tensor]:
+    """{'<part>.<key>': tensor} over modules (state_dict: parameters and buffers) and optimizers
+    (per-parameter state), for `check_ranks_identical`."""
+    out: Dict[str, torch.Tensor] = {}
+    for part, obj in parts.items():
+        if isinstance(obj, nn.Module):
+            out.update({f"{part}.{k}": v for k, v in obj.state_dict().items() if torch.is_tensor(v)})
+        else:  # an optimizer (or accelerate's wrapper of one)
+            opt = getattr(obj, "optimizer", obj)
+            for i, group in enumerate(opt.param_groups):
+                for j, p in enumerate(group["params"]):
+                    for k, v in opt.state.get(p, {}).items():
+                        if torch.is_tensor(v):
+                            out[f"{part}.{i}.{j}.{k}"] = v
+    return out
+
+
+@torch.no_grad()
+def broadcast_buffers_from_main(accelerator, module: nn.Module) -> None:
+    """Collective. Copy the main process's buffers of `module` to every rank (one broadcast per
+    dtype). DDP does this before each forward of a wrapped module; calling it at the end of a step
+    makes every rank hold the same state between steps too (e.g. a discriminator's BatchNorm
+    statistics, which each rank updates from its own batch)."""
+    if accelerator.num_processes == 1:
+        return
+    import torch.distributed as dist
+
+    by_dtype: Dict[torch.dtype, list] = {}
+    for b in module.buffers():
+        by_dtype.setdefault(b.dtype, []).append(b)
+    for bufs in by_dtype.values():
+        flat = torch.cat([b.reshape(-1) for b in bufs])
+        dist.broadcast(flat, src=0)
+        offset = 0
+        for b in bufs:
+            b.copy_(flat[offset:offset + b.numel()].view_as(b))
+            offset += b.numel()
+
+
 def unwrap(module: nn.Module) -> nn.Module:
     """Strip DDP / torch.compile wrappers."""
     while True:
@@ -344,6 +415,7 @@ def start_run(args, name: str) -> TrainRun:
         cpu=not torch.cuda.is_available(),
     )
     resume_path = resolve_resume(ckpt_dir, args.resume)
+    existed = exp_dir.is_dir()
     if accelerator.is_main_process:
         if resume_path is None and list_checkpoints(ckpt_dir):
             raise SystemExit(f"{ckpt_dir} already holds checkpoints {list_checkpoints(ckpt_dir)}; "
@@ -355,6 +427,8 @@ def start_run(args, name: str) -> TrainRun:
     world = accelerator.num_processes
     logger.info(f"experiment {exp_dir} | {world} process(es) on {accelerator.device} | "
                 f"mixed precision {args.mixed_precision}")
+    if resume_path is None and str(args.resume) == "latest":
+        logger.warning(no_checkpoint_to_resume(exp_dir, existed))
     if args.allow_tf32 and torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
@@ -368,6 +442,22 @@ def start_run(args, name: str) -> TrainRun:
     return TrainRun(args, accelerator, exp_dir, ckpt_dir, resume_path, logger, args.batch_size // denom)
 
 
+def no_checkpoint_to_resume(exp_dir: Path, existed: bool) -> str:
+    """What `--resume latest` says when there is nothing to resume: which folder it looked in, and
+    experiments with checkpoints beside it whose names are close (a misspelled --exp-name)."""
+    import difflib
+
+    why = "the experiment folder did not exist" if not existed else "it holds no checkpoint yet"
+    msg = f"--resume latest: nothing to resume in {exp_dir / 'checkpoints'} ({why}); starting from step 0"
+    parent = exp_dir.parent
+    if parent.is_dir():
+        others = [p.name for p in parent.iterdir() if p.is_dir() and p != exp_dir and list_checkpoints(p / "checkpoints")]
+        close = difflib.get_close_matches(exp_dir.name, others, n=3, cutoff=0.6)
+        if close:
+            msg += f". Experiments with checkpoints under {parent} with similar names: {', '.join(close)}"
+    return msg
+
+
 def load_resume_checkpoint(run: TrainRun) -> Optional[dict]:
     """The checkpoint to resume from, loaded on the CPU (never onto the GPU: no OOM at resume)."""
     if run.resume_path is None:
@@ -376,8 +466,36 @@ def load_resume_checkpoint(run: TrainRun) -> Optional[dict]:
 
 
 def resume_position(run: TrainRun, ckpt: dict) -> tuple:
-    """(step, epoch, batch) where the checkpoint stopped: the loop continues with the next micro-batch."""
+    """(step, epoch, batch) where the checkpoint stopped: the loop continues with the next micro-batch.
+
+    The data position counts micro-batches of the checkpoint's global micro-batch (--batch-size /
+    --gradient-accumulation-steps images over all processes). Another --batch-size is refused (the
+    step count, the data position and the optimiser's trajectory all belong to the old size);
+    another accumulation split of the same batch converts the position when it falls on a whole
+    new micro-batch and is refused otherwise. Another number of processes with the same split
+    needs nothing (the data order is index-keyed)."""
     step, epoch, batch = int(ckpt["steps"]), int(ckpt["data"]["epoch"]), int(ckpt["data"]["batch"])
+    old = ckpt.get("args") or {}
+    args = run.args
+    if "batch_size" in old and int(old["batch_size"]) != int(args.batch_size):
+        raise SystemExit(f"--batch-size {args.batch_size}: {run.resume_path} was trained with --batch-size "
+                         f"{old['batch_size']} (its step count and data position are in batches of that size); "
+                         f"resume with --batch-size {old['batch_size']}, or start a new experiment from its "
+                         f"weights")
+    old_micro = int(old.get("batch_size", args.batch_size)) // int(old.get("gradient_accumulation_steps", 1) or 1)
+    new_micro = int(args.batch_size) // int(args.gradient_accumulation_steps)
+    if "batch_size" in old and old_micro != new_micro:
+        seen = batch * old_micro  # images of this epoch already used, over all processes
+        if seen % new_micro:
+            raise SystemExit(
+                f"--gradient-accumulation-steps {args.gradient_accumulation_steps}: {run.resume_path} stopped "
+                f"{seen} images into epoch {epoch} with --gradient-accumulation-steps "
+                f"{old.get('gradient_accumulation_steps', 1)}, which is not a whole number of the new micro-batches "
+                f"of {new_micro} images; resume with --gradient-accumulation-steps "
+                f"{old.get('gradient_accumulation_steps', 1)}")
+        run.logger.info(f"data position converted from micro-batches of {old_micro} to {new_micro} images: "
+                        f"batch {batch} -> {seen // new_micro}")
+        batch = seen // new_micro
     run.logger.info(f"resumed from {run.resume_path} at step {step} (epoch {epoch}, batch {batch})")
     return step, epoch, batch
 
