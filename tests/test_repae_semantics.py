@@ -4,7 +4,6 @@ the bit-level rank check, the loss config that reproduces the published runs and
 numerics under mixed precision."""
 from pathlib import Path
 
-import pytest
 import torch
 import torch.nn as nn
 

@@ -1,9 +1,6 @@
 """End-to-end tests of train_ldm_only.py on latents cached by cache_latents.py from a tiny generated
 dataset: every family trains and writes its artefacts, resume is exact, the SiT's latent
 normalisation stays fixed, a 2-process gloo run works, and bad input gets clear errors."""
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -14,7 +11,8 @@ import train_ldm_only
 import utils
 from dataset import make_procedural_dataset
 from models.diffusion import LatentNormalizer, VelocityModel, flow_matching_loss
-from tests.cli import free_port, to_argv
+from tests.cli import to_argv
+from tests.multiprocess_runs import differing_tensors, launch_two_processes
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -101,8 +99,6 @@ def test_two_processes_resume_is_exact_and_ranks_stay_identical(data, tmp_path):
     """2 gloo processes with gradient accumulation across an epoch boundary: 4 steps == 2 steps +
     resume + 2 steps, bit for bit, and after every step every rank holds bit-identical model, EMA
     and optimizer states (--check-ranks-every 1). Today the EMA differs between ranks from the start."""
-    from tests.test_train_repae import compare_checkpoints, launch_two_processes
-
     _, latents = data
     common = dict(model="LightningDiT-N/1", batch_size=8, gradient_accumulation_steps=2, check_ranks_every=1,
                   direction_loss_weight=1.0, weighting="logit-normal")
@@ -115,7 +111,7 @@ def test_two_processes_resume_is_exact_and_ranks_stay_identical(data, tmp_path):
     assert (tmp_path / "full/samples/0000004.png").is_file()
     a, b = load(tmp_path / "full/checkpoints/0000004.pt"), load(tmp_path / "split/checkpoints/0000004.pt")
     assert len(a["rng"]) == 2 and a["data"] == b["data"] and a["data"]["epoch"] == 1  # crossed an epoch
-    assert compare_checkpoints(a, b, ("model", "ema"), ("opt",)) == []
+    assert differing_tensors(a, b, ("model", "ema"), ("opt",)) == []
     assert not torch.equal(a["ema"]["final_layer.linear.weight"], a["model"]["final_layer.linear.weight"])
 
 

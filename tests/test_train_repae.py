@@ -13,7 +13,8 @@ import save_vae_weights
 import train_repae
 import utils
 from dataset import make_procedural_dataset
-from tests.cli import free_port, to_argv
+from tests.cli import to_argv
+from tests.multiprocess_runs import differing_tensors, launch_two_processes
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -131,27 +132,6 @@ def test_export_and_reload_into_a_new_run(data_dir, tmp_path):
     assert first["steps"] == 1 and src["steps"] == 3
 
 
-def compare_checkpoints(a, b, parts, optimizers):
-    """Names of every tensor that differs between two checkpoints (models and optimizer states)."""
-    bad = [f"{part}.{k}" for part in parts for k, v in a[part].items() if not torch.equal(v, b[part][k])]
-    for name in optimizers:
-        for pid, st in a[name]["state"].items():
-            bad += [f"{name}.{pid}.{k}" for k, v in st.items() if not torch.equal(v, b[name]["state"][pid][k])]
-    return bad
-
-
-def launch_two_processes(trainer, runs, tmp_path):
-    """Run `trainer` once per argv of `runs`, in order, inside one 2-process gloo launch."""
-    spec = tmp_path / "runs.json"
-    spec.write_text(json.dumps([[str(a) for a in argv] for argv in runs]))
-    env = dict(os.environ, ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT))
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", free_port(),
-           str(ROOT / "tests/multiprocess_runs.py"), trainer, str(spec)]
-    res = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=900)
-    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-5000:]
-
-
 def test_two_processes_resume_is_exact_and_ranks_stay_identical(data_dir, tmp_path):
     """2 gloo processes: 4 steps == 2 steps + resume + 2 steps, bit for bit, and after EVERY step
     every rank holds bit-identical SiT (pos_embed and BatchNorm statistics included), EMA, VAE,
@@ -172,7 +152,7 @@ def test_two_processes_resume_is_exact_and_ranks_stay_identical(data_dir, tmp_pa
     a = torch.load(tmp_path / "full/checkpoints/0000004.pt", map_location="cpu", weights_only=False)
     b = torch.load(tmp_path / "split/checkpoints/0000004.pt", map_location="cpu", weights_only=False)
     assert len(a["rng"]) == 2 and a["steps"] == 4 and "resumed from" in (tmp_path / "split/log.txt").read_text()
-    assert compare_checkpoints(a, b, ("model", "ema", "vae", "discriminator"), ("opt", "opt_vae", "opt_disc")) == []
+    assert differing_tensors(a, b, ("model", "ema", "vae", "discriminator"), ("opt", "opt_vae", "opt_disc")) == []
     assert a["opt_disc"]["state"] and float(a["discriminator"]["ema_real_logits_mean"]) != 0  # D really trained
     # pos_embed trains in REPA-E (as the original), with its gradient averaged over the ranks
     first = torch.load(tmp_path / "split/checkpoints/0000002.pt", map_location="cpu", weights_only=False)
