@@ -242,7 +242,11 @@ def build_encoder(name: str, resolution: int = 256, random_init: bool = False,
     if resolution < TOKEN_STRIDE or resolution % TOKEN_STRIDE:
         raise ValueError(f"--resolution {resolution}: encoders need a multiple of {TOKEN_STRIDE}")
     if random_init or spec.random_only:
-        return RepresentationEncoder(spec, build_timm_vit(spec, resolution), resolution)
+        # One fixed random network per name, drawn without touching the global RNG: every process
+        # of a multi-process run (each seeded differently) aligns to the same encoder.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            return RepresentationEncoder(spec, build_timm_vit(spec, resolution), resolution)
     if weights_dir is not None:
         path = _find_weight_file(spec, weights_dir)
         if path is None:
