@@ -198,7 +198,8 @@ class GuidedVelocity:
 
     def inference(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         # every sampler passes one time for the whole batch: t[0] decides (as the originals)
-        if not self.is_guided(float(t[0])):
+        # unguided fields never read t to the host (a device wait per step on CUDA)
+        if self.scale <= 1.0 or not self.is_guided(float(t[0])):
             return self.model.inference(x, t, y)
         if self.guide is not None:
             m = self.model.inference(x, t, y).double()  # [n, C, h, w]

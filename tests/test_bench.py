@@ -1,0 +1,189 @@
+"""The bench scripts in their tiny CPU modes (one JSON line each, with the machine-independent
+counts), the counters they rely on, and the step changes those counts judge: foreach EMA, no host
+read of the losses between logged steps, one read of the log values, projector-free inference and
+host-side time grids (each checked to leave the results unchanged)."""
+import copy
+import json
+import logging
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.nn as nn
+
+import utils
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+from common import HostReadCounter, OpCounter, SavedBytes  # noqa: E402
+
+
+def count_syncs(fn):
+    with OpCounter() as ops, HostReadCounter() as reads:
+        out = fn()
+    return ops.syncs + reads.reads, ops.kernels, out
+
+
+# ------------------------------------------------------------------------------------------ counters
+def test_counters_see_kernels_syncs_and_saved_bytes():
+    lin = nn.Linear(8, 8)
+    x = torch.randn(4, 8, requires_grad=True)
+    syncs, kernels, _ = count_syncs(lambda: (lin(x).view(-1).sum().backward(), float(x.detach().sum()), x.tolist()))
+    assert syncs == 2  # float() and tolist(); the view is no kernel
+    assert kernels >= 4  # addmm, sum, and the backward's mm / sum
+    with SavedBytes() as saved:
+        y = torch.relu(lin(x))
+    assert saved.total == 2 * 4 * 8 * 4  # x (for the weight's grad) and relu's output; never the weight
+    y.sum().backward()
+
+
+# ------------------------------------------------------------------------------------------ EMA
+def _ema_per_tensor(ema, model, decay):
+    """The per-tensor loop the foreach update replaced (reference)."""
+    with torch.no_grad():
+        params = dict(ema.named_parameters())
+        for name, p in model.named_parameters():
+            params[name].mul_(decay).add_(p.detach().to(params[name].dtype), alpha=1 - decay)
+        bufs = dict(ema.named_buffers())
+        for name, b in model.named_buffers():
+            if b.dtype.is_floating_point:
+                bufs[name].mul_(decay).add_(b.to(bufs[name].dtype), alpha=1 - decay)
+            else:
+                bufs[name].copy_(b)
+
+
+def test_foreach_ema_is_bit_identical_to_the_per_tensor_loop():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.Flatten(), nn.LazyLinear(5))
+    model(torch.randn(2, 3, 6, 6))
+    a, b = copy.deepcopy(model), copy.deepcopy(model)
+    for _ in range(3):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p))
+        model(torch.randn(4, 3, 6, 6))  # moves the BatchNorm statistics and its step counter
+        utils.update_ema(a, model, 0.9)
+        _ema_per_tensor(b, model, 0.9)
+    for (name, x), y in zip(a.state_dict().items(), b.state_dict().values()):
+        assert torch.equal(x, y), name
+    assert a[1].num_batches_tracked.item() == 4  # copied, not averaged
+
+
+# ------------------------------------------------------------------------------------------ StepMonitor
+def _monitor(log_every_unused=None, checkpointing_steps=100, max_train_steps=1000):
+    accelerator = SimpleNamespace(reduce=lambda t, reduction: t)
+    run = SimpleNamespace(accelerator=accelerator, world=1, logger=logging.getLogger("test_bench"),
+                          ckpt_dir=Path("/nonexistent"),
+                          args=SimpleNamespace(checkpointing_steps=checkpointing_steps, max_train_steps=max_train_steps))
+    return utils.StepMonitor(run, utils.StopRequest())
+
+
+def test_step_monitor_reads_the_host_only_on_logged_and_checkpoint_steps():
+    monitor = _monitor(checkpointing_steps=4)
+    loss = {"loss": torch.tensor(1.5)}
+    syncs, _, (vals, stop) = count_syncs(lambda: monitor(loss, 1, record=False))
+    assert syncs == 0 and vals == {} and stop is False
+    syncs, _, (vals, _) = count_syncs(lambda: monitor(loss, 2, record=True))
+    assert syncs == 1 and vals == {"loss": 1.5}
+    syncs, _, (vals, _) = count_syncs(lambda: monitor(loss, 4, record=False))  # a checkpoint step: read
+    assert syncs == 1 and vals == {"loss": 1.5}
+    assert monitor.history == {"loss": [1.5]}  # only logged steps are recorded
+
+
+def test_step_monitor_catches_a_nan_of_an_unread_step_at_the_next_read():
+    monitor = _monitor()
+    monitor({"a": torch.tensor(1.0), "b": torch.tensor(float("nan"))}, 5, record=False)
+    monitor({"a": torch.tensor(1.0), "b": torch.tensor(2.0)}, 6, record=False)
+    with pytest.raises(utils.NonFiniteLossError, match="non-finite b at steps 5-7"):
+        monitor({"a": torch.tensor(1.0), "b": torch.tensor(2.0)}, 7, record=True)
+
+
+def test_scalars_to_host_reads_once():
+    logs = {"a": torch.tensor(1.0), "b": torch.tensor([2.0]), "image": torch.zeros(2, 2), "n": 3}
+    syncs, _, out = count_syncs(lambda: utils.scalars_to_host(logs))
+    assert out == {"a": 1.0, "b": 2.0} and syncs == 1
+
+
+def test_training_loader_keeps_workers_unless_the_dataset_chooses_per_epoch():
+    class Plain(torch.utils.data.Dataset):
+        def __len__(self):
+            return 4
+
+        def __getitem__(self, i):
+            return i
+
+    class PerEpoch(Plain):
+        def set_epoch(self, epoch):
+            pass
+
+    args = SimpleNamespace(num_workers=1, seed=0)
+    assert utils.training_loader(Plain(), 2, None, args).persistent_workers
+    assert not utils.training_loader(PerEpoch(), 2, None, args).persistent_workers
+    assert utils.training_loader(Plain(), 2, None, SimpleNamespace(num_workers=0, seed=0)).prefetch_factor is None
+
+
+# ------------------------------------------------------------------------------------------ sampling
+def test_sit_inference_skips_the_projectors_with_the_same_velocity():
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from models.sit import build_sit
+
+    torch.manual_seed(0)
+    sit = build_sit("SiT-N/2", input_size=8, in_channels=4, num_classes=10, z_dims=[32], encoder_depth=2,
+                    projector_dim=64).eval()
+    x, t, y = torch.randn(2, 4, 8, 8), torch.rand(2), torch.tensor([1, 2])
+    with torch.no_grad(), FlopCounterMode(display=False) as full:
+        reference, zs = sit._network(x, t, y)
+    with torch.no_grad(), FlopCounterMode(display=False) as lean:
+        v = sit.inference(x, t, y)
+    assert len(zs) == 1 and torch.equal(v, reference)
+    assert lean.get_total_flops() < full.get_total_flops()
+
+
+class _Field:
+    """A velocity field with no host reads of its own: v = -x + t."""
+    num_classes = 3
+
+    def inference(self, x, t, y):
+        return -x + t.view(-1, *([1] * (x.dim() - 1))).to(x.dtype)
+
+
+def test_samplers_keep_the_time_grid_on_the_host_with_unchanged_results():
+    from samplers import euler_maruyama_sampler, euler_sampler, time_grid
+
+    z, y = torch.randn(2, 1, 2, 2), torch.zeros(2, dtype=torch.long)
+    syncs, _, out = count_syncs(lambda: euler_sampler(_Field(), z, y, num_steps=5, heun=True, shift=2.0))
+    assert syncs == 1  # the one read of the host grid (free on CUDA too); it was two per step
+    # the per-step .item() loop it replaced
+    ts, x = time_grid(5, 2.0), z.double()
+    for i in range(5):
+        t_cur, t_next = ts[i].item(), ts[i + 1].item()
+        d = _Field().inference(x, torch.full((2,), t_cur, dtype=torch.float64), y).double()
+        x_next = x + (t_next - t_cur) * d
+        if i < 4:
+            d2 = _Field().inference(x_next, torch.full((2,), t_next, dtype=torch.float64), y).double()
+            x_next = x + (t_next - t_cur) * (0.5 * d + 0.5 * d2)
+        x = x_next
+    assert torch.equal(out, x)
+    syncs, _, _ = count_syncs(lambda: euler_maruyama_sampler(_Field(), z, y, num_steps=4))
+    assert syncs == 1
+
+
+def test_rae_grid_sampler_reads_the_grid_once_with_unchanged_results():
+    import transport
+
+    sampler = transport.Sampler(transport.Transport(time_dist_shift=3.0))
+    z = torch.randn(2, 1, 2, 2, dtype=torch.float64)
+
+    def velocity(x, t, y=None):
+        return -x * t.view(-1, 1, 1, 1)
+
+    syncs, _, traj = count_syncs(lambda: sampler.sample_ode("euler", 6)(z, velocity))
+    assert syncs == 1  # the one read of the grid
+    ts, x = sampler.time_grid(6), z
+    for k in range(5):  # the per-step tensor loop it replaced
+        dt = ts[k + 1] - ts[k]
+        x = x + dt * velocity(x, torch.full((2,), float(ts[k])))
+    assert torch.equal(traj[-1], x)
