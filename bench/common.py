@@ -66,12 +66,13 @@ class OpCounter(TorchDispatchMode):
 
     def __init__(self):
         super().__init__()
-        self.kernels, self.syncs, self.by_op = 0, 0, Counter()
+        self.kernels, self.syncs, self.by_op, self.sync_ops = 0, 0, Counter(), Counter()
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         if func in _SYNC_OPS or (func in (aten.index.Tensor, aten.index_put_.default, aten.index_put.default)
                                  and _has_bool_index(args)):
             self.syncs += 1
+            self.sync_ops[func.overloadpacket.__name__] += 1
         if not (func.is_view or func in _NO_KERNEL or func is aten._local_scalar_dense.default):
             self.kernels += 1
             self.by_op[func.overloadpacket.__name__] += 1
@@ -84,11 +85,12 @@ class HostReadCounter(TorchFunctionMode):
 
     def __init__(self):
         super().__init__()
-        self.reads = 0
+        self.reads, self.ops = 0, Counter()
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         if func in _HOST_READS:
             self.reads += 1
+            self.ops[func.__name__] += 1
         return func(*args, **(kwargs or {}))
 
 
@@ -209,7 +211,7 @@ class StepProbe:
         elif phase == "ops":
             ops, reads = self._open
             self.results.update(kernels_per_step=ops.kernels, syncs_per_step=ops.syncs + reads.reads,
-                                top_ops=dict(ops.by_op.most_common(8)))
+                                top_ops=dict(ops.by_op.most_common(8)), sync_ops=dict(ops.sync_ops + reads.ops))
         elif phase == "saved":
             self.results["saved_activation_bytes"] = self._open.total
         elif phase == "profile":
@@ -287,7 +289,7 @@ def record(bench: str, config: str, batch: int, probe: StepProbe, **extra) -> di
         "kernels_per_step": r.get("kernels_per_step"), "syncs_per_step": r.get("syncs_per_step"),
         "saved_activation_bytes": r.get("saved_activation_bytes"),
         "cuda_kernels_per_step": r.get("cuda_kernels_per_step"), "cuda_syncs_per_step": r.get("cuda_syncs_per_step"),
-        "top_ops": r.get("top_ops"),
+        "top_ops": r.get("top_ops"), "sync_ops": r.get("sync_ops"),
     }
     line.update(extra)
     print(json.dumps(line), flush=True)

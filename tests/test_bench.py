@@ -158,12 +158,16 @@ def test_samplers_keep_the_time_grid_on_the_host_with_unchanged_results():
     assert syncs == 1  # the one read of the host grid (free on CUDA too); it was two per step
     # the per-step .item() loop it replaced
     ts, x = time_grid(5, 2.0), z.double()
+
+    def v(x, t):  # the model runs in the latents' dtype, the state stays float64
+        return _Field().inference(x.float(), torch.full((2,), t, dtype=torch.float64).float(), y).double()
+
     for i in range(5):
         t_cur, t_next = ts[i].item(), ts[i + 1].item()
-        d = _Field().inference(x, torch.full((2,), t_cur, dtype=torch.float64), y).double()
+        d = v(x, t_cur)
         x_next = x + (t_next - t_cur) * d
         if i < 4:
-            d2 = _Field().inference(x_next, torch.full((2,), t_next, dtype=torch.float64), y).double()
+            d2 = v(x_next, t_next)
             x_next = x + (t_next - t_cur) * (0.5 * d + 0.5 * d2)
         x = x_next
     assert torch.equal(out, x)
@@ -181,9 +185,57 @@ def test_rae_grid_sampler_reads_the_grid_once_with_unchanged_results():
         return -x * t.view(-1, 1, 1, 1)
 
     syncs, _, traj = count_syncs(lambda: sampler.sample_ode("euler", 6)(z, velocity))
-    assert syncs == 1  # the one read of the grid
+    assert syncs == 2  # the host grid and its steps, read once each (it was one device read per step)
     ts, x = sampler.time_grid(6), z
     for k in range(5):  # the per-step tensor loop it replaced
         dt = ts[k + 1] - ts[k]
         x = x + dt * velocity(x, torch.full((2,), float(ts[k])))
     assert torch.equal(traj[-1], x)
+
+
+# ------------------------------------------------------------------------------------------ the benches
+KEYS = {"bench", "config", "device", "commit", "date", "batch", "s_per_step_median", "images_per_s",
+        "peak_memory_gib", "flops_per_image", "mfu", "kernels_per_step", "syncs_per_step", "saved_activation_bytes"}
+FAST = ["--warmup", "0", "--steps", "1"]
+
+
+def _check_lines(lines, capsys):
+    printed = [json.loads(x) for x in capsys.readouterr().out.splitlines() if x.startswith("{")]
+    assert printed == lines
+    for line in lines:
+        assert KEYS <= set(line), line
+        assert line["device"] == "cpu" and line["flops_per_image"] > 0 and line["kernels_per_step"] > 0
+        assert line["s_per_step_median"] > 0 and line["steps_timed"] == 1
+
+
+def test_train_repae_step_tiny_and_checkpointing_cuts_saved_bytes(capsys):
+    import train_repae_step
+
+    base = ["--preset", "tiny", "--batch-size", "2", "--num-workers", "0", *FAST]
+    plain = train_repae_step.main(base)
+    ckpt = train_repae_step.main(base + ["--grad-checkpointing", "sit,vae"])
+    _check_lines([plain, ckpt], capsys)
+    assert plain["syncs_per_step"] <= 3  # the losses' one read at --log-every 1, and two from the loss module
+    assert ckpt["saved_activation_bytes"] < 0.7 * plain["saved_activation_bytes"]
+    assert ckpt["flops_per_image"] > plain["flops_per_image"]  # the recomputation
+
+
+@pytest.mark.parametrize("model", ["SiT-XL/2", "DiTDH-XL"])
+def test_train_ldm_step_tiny(model, capsys):
+    import train_ldm_step
+
+    _check_lines([train_ldm_step.main(["--model", model, "--num-workers", "0", *FAST])], capsys)
+
+
+def test_sample_tiny(capsys):
+    import sample
+
+    lines = sample.main(["--model", "SiT-XL/2", "--recipe", "repae-ode-50", "--batch-size", "2", *FAST])
+    _check_lines(lines, capsys)
+    assert lines[0]["syncs_per_step"] <= 51  # the host grid, then only the guidance decision per step
+
+
+def test_train_stage1_step_tiny(capsys):
+    import train_stage1_step
+
+    _check_lines(train_stage1_step.main(["--recipe", "tiny-rae", "--batch-size", "2", "--num-workers", "0", *FAST]), capsys)
