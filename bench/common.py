@@ -234,9 +234,14 @@ class StepProbe:
     def wrap(self, batches: Iterable) -> Iterator:
         """A trainer's batch iterator with the plan applied; the trainer must run
         `steps_needed + 1` steps (the last one, with its final checkpoint, is not measured)."""
-        for batch in batches:
-            if self._stack is not None:
+        batches = iter(batches)
+        while True:
+            if self._stack is not None:  # closed before the fetch: an epoch's new loader iterator is no step's work
                 self.end()
+            try:
+                batch = next(batches)
+            except StopIteration:
+                return
             if self.step < len(self.plan):
                 self.begin()
             else:
