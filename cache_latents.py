@@ -2,6 +2,8 @@
 
     accelerate launch cache_latents.py --data-dir DATA --output-dir LATENTS --tokenizer kl \
         --vae f8d4 --vae-ckpt e2e-vae.pt --resolution 256 --flip --dtype float16
+    accelerate launch cache_latents.py --vae-arch f16d32 --vae-ckpt-path P --vae-latents-name NAME \
+        --pproc-batch-size 128      (REPA-E's names: reads data/, writes data/NAME/)
 
 Output folder:
 * `shards/latents-KKKKK.safetensors`: shard k holds dataset indices [k*S, (k+1)*S): `mean`
@@ -40,6 +42,7 @@ from dataset import (
     LATENT_INFO_FILE,
     LATENT_STATS_FILE,
     build_image_dataset,
+    is_archive,
     latent_shard_path,
     latent_shard_range,
     load_class_to_idx,
@@ -238,34 +241,57 @@ def encode_batch(tokenizer, images: torch.Tensor, flip: bool, autocast) -> Dict[
 def build_args(argv=None):
     p = argparse.ArgumentParser(description="Encode a dataset into latent shards with exact statistics.")
     p.add_argument("--config", type=str, default=None, help="YAML whose keys are defaults for these flags")
-    p.add_argument("--data-dir", type=str, default=None, help="images to encode (folder, archive, REPA-E h5 or EDM zip)")
-    p.add_argument("--output-dir", type=str, required=False, default=None, help="latent folder to write (shards, tokenizer.json, latents_stats.pt)")
-    p.add_argument("--tokenizer", type=str, default="kl", choices=["kl", "vavae", "vq", "rae"], help="tokenizer kind")
-    p.add_argument("--vae", type=str, default=None, help="preset name (VAE_PRESETS / VQ_PRESETS / RAE_PRESETS)")
-    p.add_argument("--vae-ckpt", type=str, default=None, help="weights (RAE: decoder weights); local path or hub file")
+    p.add_argument("--data-dir", type=str, default="data", help="images to encode (folder, archive, REPA-E h5 or EDM zip)")
+    p.add_argument("--output-dir", type=str, required=False, default=None,
+                   help="latent folder to write (shards, tokenizer.json, latents_stats.pt); with --vae-latents-name "
+                        "the folder that holds it (default data, as REPA-E)")
+    p.add_argument("--vae-latents-name", type=str, default=None,
+                   help="REPA-E's latents name: writes <output-dir>/<name>, found again by train_ldm_only.py "
+                        "--data-dir <output-dir> --vae-latents-name <name>")
+    p.add_argument("--tokenizer", type=str, default=None, choices=["kl", "vavae", "vq", "rae"],
+                   help="tokenizer kind (default: the one the --vae-ckpt export describes, else kl)")
+    p.add_argument("--vae", "--vae-arch", dest="vae", type=str, default=None,
+                   help="preset name (VAE_PRESETS / VQ_PRESETS / RAE_PRESETS; --vae-arch: REPA-E's name)")
+    p.add_argument("--vae-ckpt", "--vae-ckpt-path", dest="vae_ckpt", type=str, default=None,
+                   help="weights (RAE: decoder weights); local path or hub file; an export with its NAME.json needs nothing else")
     p.add_argument("--vae-stats", type=str, default=None, help="latent statistics file that travels with the tokenizer")
     p.add_argument("--vae-config", type=str, default=None, help="LDM / taming model config (YAML / JSON) instead of --vae")
     p.add_argument("--rae-config", type=str, default=None, help="RAE config (YAML / JSON) or an RAE preset name")
     p.add_argument("--random-init", action="store_true", help="random tokenizer weights (tests, demos)")
     p.add_argument("--seed", type=int, default=0, help="seed of --random-init")
-    p.add_argument("--resolution", type=int, default=256, help="image size the tokenizer encodes (ADM center crop)")
-    p.add_argument("--batch-size", type=int, default=64, help="per process")
+    p.add_argument("--resolution", type=utils.positive_int, default=None,
+                   help="image size the tokenizer encodes (ADM center crop); default: the archive's (index.json), else 256")
+    p.add_argument("--batch-size", "--pproc-batch-size", dest="batch_size", type=utils.positive_int, default=128,
+                   help="images per encoder batch, per process")
     p.add_argument("--flip", action="store_true", help="also store the latents of the mirrored images")
-    p.add_argument("--shard-size", type=int, default=4096, help="images per shard file (RAE: 1024 keeps a shard's memory small)")
+    p.add_argument("--shard-size", type=utils.positive_int, default=4096, help="images per shard file (RAE: 1024 keeps a shard's memory small)")
     p.add_argument("--dtype", type=str, default="float16", choices=sorted(DTYPES), help="storage dtype of the latents (statistics are computed in float64 before the cast)")
-    p.add_argument("--num-workers", type=int, default=4, help="data loader worker processes per rank")
+    p.add_argument("--num-workers", type=utils.non_negative_int, default=4, help="data loader worker processes per rank")
     p.add_argument("--mixed-precision", type=str, default="no", choices=["no", "bf16", "fp16"], help="autocast precision of the encoder")
     p.add_argument("--allow-tf32", action="store_true", help="allow TF32 matmuls and convolutions on Ampere+ GPUs")
     p.add_argument("--class-to-idx", type=str, default=None, help="JSON {class folder: id} remapping the labels (custom data)")
     p.add_argument("--stats-only", action="store_true", help="only recompute latents_stats.pt from the shards")
     args = utils.parse_args_with_config(p, argv)
+    if args.vae_latents_name:
+        args.output_dir = str(Path(args.output_dir or "data") / args.vae_latents_name)
     if not args.output_dir:
-        p.error("--output-dir is required")
+        p.error("--output-dir (or --vae-latents-name) is required")
     if not args.stats_only and not args.data_dir:
         p.error("--data-dir is required (except with --stats-only)")
-    if args.shard_size < 1 or args.batch_size < 1:
-        p.error("--shard-size and --batch-size must be positive")
+    if args.resolution is None:
+        args.resolution = archive_resolution(args.data_dir) or 256
     return args
+
+
+def archive_resolution(data_dir) -> Optional[int]:
+    """The resolution a preprocessing.py archive was written at (its index.json), else None."""
+    if not data_dir or not is_archive(data_dir):
+        return None
+    index = Path(data_dir) / "index.json"
+    try:
+        return int(json.loads(index.read_text())["resolution"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise SystemExit(f"{index}: cannot read the archive's resolution ({e}); pass --resolution")
 
 
 def stats_only(args) -> dict:
@@ -298,7 +324,13 @@ def main(args) -> dict:
     if args.allow_tf32 and torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
+    if device.type == "cpu":
+        utils.limit_cpu_threads(args.num_workers, logger)
 
+    from models.tokenizers import read_export_description
+
+    if args.tokenizer is None and (args.vae_ckpt is None or read_export_description(args.vae_ckpt) is None):
+        args.tokenizer = "kl"  # a bare state_dict (the originals' layout) with a --vae preset
     tokenizer = build_tokenizer(args.tokenizer, name=args.vae, ckpt=args.vae_ckpt, stats=args.vae_stats,
                                 config=args.rae_config if args.tokenizer == "rae" else args.vae_config,
                                 random_init=args.random_init, seed=args.seed).to(device)
@@ -311,6 +343,11 @@ def main(args) -> dict:
                 class_to_idx=getattr(dataset, "class_to_idx", None), shard_size=S,
                 num_shards=num_latent_shards(N, S), data_dir=str(Path(args.data_dir).resolve()), format=1)
     check_existing_info(root, info)  # every rank, before anything is written
+    if accelerator.is_main_process:
+        # before the barrier: no rank writes into root yet, so only dead writes' temp files go
+        stale = utils.remove_stale_temp_files(root)
+        if stale:
+            logger.info(f"removed {len(stale)} temp file(s) of interrupted writes in {root}")
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         write_info(root, info)

@@ -23,6 +23,7 @@ import io
 import json
 import math
 import os
+import warnings
 import zipfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -51,6 +52,40 @@ def center_crop_arr(pil_image: Image.Image, image_size: int) -> np.ndarray:
     return arr[crop_y: crop_y + image_size, crop_x: crop_x + image_size]
 
 
+HIGH_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+
+
+def convert_image(img: Image.Image, channels: int) -> Image.Image:
+    """RGB (or L for 1 channel). 16-bit images (16-bit grayscale PNG / TIFF: modes I;16 and I) are
+    scaled to 8 bit first (v * 255 / 65535, rounded): Pillow's own convert would clip every value
+    above 255 to white. Float images and integers beyond 16 bits are refused: their range is unknown."""
+    if img.mode in HIGH_BIT_MODES:
+        arr = np.asarray(img)
+        if arr.size and (int(arr.min()) < 0 or int(arr.max()) > 65535):
+            raise ValueError(f"{img.mode} image with values in [{int(arr.min())}, {int(arr.max())}], beyond 16 bit; "
+                             f"convert it to 8 bit first")
+        img = Image.fromarray(((arr.astype(np.uint32) * 255 + 32767) // 65535).astype(np.uint8), "L")
+    elif img.mode == "F":
+        raise ValueError("floating-point image (mode F) of unknown range; convert it to 8 bit first")
+    return img.convert("RGB" if channels == 3 else "L")
+
+
+# Images smaller than the target resolution are upsampled by the crop; the count is kept per
+# process, the first one is reported once (preprocessing.py totals the counts over its workers).
+UPSAMPLED = {"count": 0}
+
+
+def note_upsampled(name, size: Tuple[int, int], resolution: int) -> None:
+    """Count an image whose short side is below `resolution` (it gets upsampled); warn once."""
+    if min(size) >= resolution:
+        return
+    UPSAMPLED["count"] += 1
+    if UPSAMPLED["count"] == 1:
+        warnings.warn(f"{name} is {size[0]}x{size[1]}, smaller than the resolution {resolution}: it is upsampled "
+                      f"(BICUBIC); said once, later ones are only counted (preprocessing.py reports the total)",
+                      stacklevel=2)
+
+
 def _to_chw(arr: np.ndarray, channels: int) -> torch.Tensor:
     if arr.ndim == 2:
         arr = arr[:, :, None]
@@ -76,7 +111,8 @@ def load_image(path: str | os.PathLike, resolution: int, channels: int = 3, crop
     kept: [C, resolution, W'] or [C, H', resolution]); returns uint8 [C, H, W]."""
     try:
         with Image.open(path) as img:
-            img = img.convert("RGB" if channels == 3 else "L")
+            img = convert_image(img, channels)
+            note_upsampled(path, img.size, resolution)
             arr = CROP_MODES[crop](img, resolution)
     except Exception as e:  # noqa: BLE001 - re-raised with the file name
         raise OSError(f"cannot read image {path}: {e}") from e
@@ -194,7 +230,9 @@ class H5ArchiveDataset(Dataset):
         name = self.files[idx]
         try:
             with Image.open(io.BytesIO(np.array(self._h5[name]).tobytes())) as img:
-                img = img.convert("RGB" if self.channels == 3 else "L")
+                img = convert_image(img, self.channels)
+                if self.resolution is not None:
+                    note_upsampled(f"{self.h5_path}:{name}", img.size, self.resolution)
                 arr = np.array(img) if self.resolution is None or img.size == (self.resolution,) * 2 \
                     else center_crop_arr(img, self.resolution)
         except Exception as e:  # noqa: BLE001
@@ -218,11 +256,13 @@ def write_h5_archive(image_dir: str | os.PathLike, out_dir: str | os.PathLike) -
 # --------------------------------------------------------------------------------------------
 # EDM / REPA dataset_tool output: a folder or .zip of images + dataset.json
 # --------------------------------------------------------------------------------------------
-def _decode_image(data: bytes, resolution: Optional[int], channels: int) -> np.ndarray:
+def _decode_image(data: bytes, resolution: Optional[int], channels: int, name: str = "image") -> np.ndarray:
     """Decode encoded image bytes, convert to RGB / L, ADM-crop (skipped when already square at
     `resolution`, which is what the crop would return anyway). Returns uint8 [H, W] or [H, W, C]."""
     with Image.open(io.BytesIO(data)) as img:
-        img = img.convert("RGB" if channels == 3 else "L")
+        img = convert_image(img, channels)
+        if resolution is not None:
+            note_upsampled(name, img.size, resolution)
         if resolution is None or img.size == (resolution, resolution):
             return np.array(img)
         return center_crop_arr(img, resolution)
@@ -288,7 +328,7 @@ class EDMImageDataset(Dataset):
     def __getitem__(self, idx: int):
         name = self.files[idx]
         try:
-            arr = _decode_image(self._read_bytes(name), self.resolution, self.channels)
+            arr = _decode_image(self._read_bytes(name), self.resolution, self.channels, f"{self.path}/{name}")
         except Exception as e:  # noqa: BLE001 - re-raised with the file name
             raise OSError(f"cannot read image {name} from {self.path}: {e}") from e
         return _to_chw(arr, self.channels), int(self.labels[idx])
@@ -682,7 +722,8 @@ class VideoClipDataset(Dataset):
         """One stored frame [H, W(, C)] -> uint8 [R, R, channels] through the load_image pipeline."""
         if frame.ndim == 3 and frame.shape[2] == 1:
             frame = frame[:, :, 0]
-        img = Image.fromarray(np.ascontiguousarray(frame)).convert("RGB" if self.channels == 3 else "L")
+        img = convert_image(Image.fromarray(np.ascontiguousarray(frame)), self.channels)
+        note_upsampled("a clip frame", img.size, self.resolution)
         arr = center_crop_arr(img, self.resolution)
         return arr[:, :, None] if arr.ndim == 2 else arr
 

@@ -71,7 +71,8 @@ import torch.distributed as dist
 import torch.nn as nn
 
 import utils
-from evaluation.metrics import ALL_METRICS, barrier, broadcast_object, dist_info, evaluate_samples
+from evaluation.metrics import ALL_METRICS, UINT8_CONVERSIONS, barrier, broadcast_object, dist_info, evaluate_samples, \
+    images_to_uint8
 from models.autoencoder import VAE_PRESETS, build_vae, denormalize_latents, load_latents_stats, load_vae, \
     vae_state_dict_from_checkpoint
 from models.diffusion import DIFFUSION_MODELS, VelocityModel, build_diffusion_model, default_time_convention, \
@@ -199,7 +200,12 @@ class GuidedVelocity:
     def inference(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         # every sampler passes one time for the whole batch: t[0] decides (as the originals)
         # unguided fields never read t to the host (a device wait per step on CUDA)
-        if self.scale <= 1.0 or not self.is_guided(float(t[0])):
+        return self.guided_inference(x, t, y, self.scale > 1.0 and self.is_guided(float(t[0])))
+
+    def guided_inference(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, guided: bool) -> torch.Tensor:
+        """The velocity with the guidance decision made by the caller: samplers.py decides once per
+        step at t_cur and Heun's corrector at t_next reuses it (REPA-E's euler_sampler)."""
+        if not guided:
             return self.model.inference(x, t, y)
         if self.guide is not None:
             m = self.model.inference(x, t, y).double()  # [n, C, h, w]
@@ -272,13 +278,20 @@ def euler_kwargs(num_steps: int, cfg_scale: float, shift: float = 1.0) -> dict:
     return dict(mode="ode", solver="euler", num_steps=num_steps, cfg_scale=cfg_scale, shift=shift)
 
 
+def grid_row_labels(n: int, num_classes: int) -> torch.Tensor:
+    """Labels [n] that give each row of `utils.save_image_grid`'s layout (ceil(sqrt(n)) images per
+    row) one class: row r shows class r (classes 0..rows-1 when there are more classes than rows)."""
+    cols = max(1, math.ceil(math.sqrt(n)))
+    return (torch.arange(n) // cols) % max(1, int(num_classes))
+
+
 @torch.no_grad()
 def training_sample_grid(field, decode_fn, latent_shape, num_classes: int, n: int, seed: int, num_steps: int,
                          cfg_scale: float, device, shift: float = 1.0) -> torch.Tensor:
-    """Samples 0..n-1 as images [n, 3, H, W] in [0, 1] for the trainers' grids: index-keyed, so
-    every grid of a run shows the same noise and labels."""
+    """Samples 0..n-1 as images [n, C, H, W] in [0, 1] for the trainers' grids, one class per grid
+    row (`grid_row_labels`): index-keyed, so every grid of a run shows the same noise and labels."""
     images = sample_batch(field, decode_fn, latent_shape, num_classes, torch.arange(n), seed,
-                          euler_kwargs(num_steps, cfg_scale, shift), device)
+                          euler_kwargs(num_steps, cfg_scale, shift), device, labels=grid_row_labels(n, num_classes))
     return images.float().cpu() / 255
 
 
@@ -297,11 +310,14 @@ def evaluate_generation(field, decode_fn, latent_shape, num_classes: int, args, 
                              args.eval_batch_size, kw, device, label_sampling=args.eval_label_sampling,
                              progress=accelerator.is_main_process)
     metrics = [m.strip() for m in args.eval_metrics.split(",") if m.strip()]
+    from evaluation.metrics import format_scores
+
     scores = evaluate_samples(images, args.eval_reference, inception=extractor, metrics=metrics, device=device)
-    scores = {k: v for k, v in scores.items() if isinstance(v, (int, float))}
-    accelerator.log({f"eval/{k}": v for k, v in scores.items()}, step=step)
-    logger.info(f"eval at step {step}: " + ", ".join(f"{k}={v:.4f}" for k, v in scores.items()))
-    return scores
+    numbers = {k: v for k, v in scores.items() if isinstance(v, (int, float))}
+    accelerator.log({f"eval/{k}": v for k, v in numbers.items()}, step=step)
+    logger.info(f"eval at step {step}: " + format_scores(scores))
+    # the random-Inception label travels into the trainers' summary.json with the figures
+    return numbers | ({"inception": scores["inception"]} if "inception" in scores else {})
 
 
 class LatentDecoder(nn.Module):
@@ -321,18 +337,24 @@ class LatentDecoder(nn.Module):
 @torch.no_grad()
 def sample_batch(model, decode_fn: Callable[[torch.Tensor], torch.Tensor], latent_shape: Sequence[int],
                  num_classes: int, indices: torch.Tensor, seed: int, sampler_kwargs: dict, device,
-                 label_sampling: str = "random", autocast_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
-    """uint8 images [B, 3, H, W] for sample indices [B]; depends only on (seed, indices, config)."""
+                 label_sampling: str = "random", autocast_dtype: Optional[torch.dtype] = None,
+                 uint8_conversion: str = "truncate", labels: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """uint8 images [B, C, H, W] for sample indices [B]; depends only on (seed, indices, config).
+    `uint8_conversion`: see evaluation.metrics.images_to_uint8 (truncate: the originals');
+    `labels`: a label per sample index (e.g. `class_label_table`) instead of `label_sampling`."""
     device = torch.device(device)
     indices = indices.to(device=device, dtype=torch.int64)
     z = index_normal(seed, indices, STREAM_NOISE, tuple(int(v) for v in latent_shape)).to(device)
-    y = index_labels(seed, indices, num_classes, label_sampling).to(device)
+    if labels is not None:
+        y = labels.to(torch.int64)[indices.cpu()].to(device)
+    else:
+        y = index_labels(seed, indices, num_classes, label_sampling).to(device)
     noise = IndexedSDENoise(seed, indices) if sampler_kwargs.get("mode") == "sde" else None
     use_amp = autocast_dtype is not None
     with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=use_amp):
         latents = run_sampler(model, z, y, sampler_kwargs, noise)  # float64 [B, C, h, w], normalised
     images = decode_fn(latents.float()).float()  # [B, 3, H, W] in [-1, 1]
-    return ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return images_to_uint8(images, uint8_conversion)
 
 
 @torch.no_grad()
@@ -341,7 +363,8 @@ def sample_for_eval(model, decode_fn: Callable[[torch.Tensor], torch.Tensor], la
                     label_sampling: str = "random", autocast_dtype: Optional[torch.dtype] = None,
                     indices: Optional[Sequence[int]] = None,
                     on_batch: Optional[Callable[[List[int], np.ndarray], None]] = None,
-                    gather: bool = True, progress: bool = False) -> Optional[np.ndarray]:
+                    gather: bool = True, progress: bool = False, uint8_conversion: str = "truncate",
+                    labels: Optional[torch.Tensor] = None) -> Optional[np.ndarray]:
     """Samples 0..n-1 (or `indices`) as uint8 [n, H, W, 3] in index order, on every rank.
 
     `model`: a VelocityModel-like object (`.inference(x, t, y)`, `.num_classes`) in the toolkit's
@@ -365,7 +388,7 @@ def sample_for_eval(model, decode_fn: Callable[[torch.Tensor], torch.Tensor], la
         chunk = mine[start:start + batch_size]
         idx = torch.tensor(chunk + [chunk[-1]] * (batch_size - len(chunk)), dtype=torch.int64)
         images = sample_batch(model, decode_fn, latent_shape, num_classes, idx, seed, sampler_kwargs, device,
-                              label_sampling, autocast_dtype)
+                              label_sampling, autocast_dtype, uint8_conversion, labels)
         arr = images[:len(chunk)].permute(0, 2, 3, 1).contiguous().cpu()  # [b, H, W, 3]
         if on_batch is not None:
             on_batch(chunk, arr.numpy())
@@ -542,8 +565,9 @@ def _build_tokenizer(kind, name, ckpt, stats, config, random_init, seed, what):
                            seed=int(seed))
 
 
-def _load_sit(args, obj, sd, ckpt_path, info, logger) -> SamplingSetup:
-    """REPA-E SiT (experiment or release) and the original learn_sigma SiT releases, with a VAE."""
+def _load_sit(args, obj, sd, ckpt_path, info, logger, exp_stats: Optional[str] = None) -> SamplingSetup:
+    """REPA-E SiT (experiment or release) and the original learn_sigma SiT releases, with a VAE.
+    `exp_stats`: the experiment's initial statistics file, used only when the checkpoint has none."""
     if args.vae not in VAE_PRESETS:
         raise KeyError(f"--vae {args.vae!r} unknown; choose one of {sorted(VAE_PRESETS)}")
     # Tokenizer: the checkpoint's own (REPA-E end-to-end) or --vae-ckpt.
@@ -553,7 +577,7 @@ def _load_sit(args, obj, sd, ckpt_path, info, logger) -> SamplingSetup:
         stats = None
         info["vae"] = f"{ckpt_path}['vae']"
     elif args.vae_ckpt:
-        vae, stats = load_vae(args.vae, ckpt_path=args.vae_ckpt, stats_path=args.vae_stats)
+        vae, stats = load_vae(args.vae, ckpt_path=args.vae_ckpt, stats_path=args.vae_stats or exp_stats)
         info["vae"] = str(args.vae_ckpt)
     elif args.random_init_vae:
         seed = int(args.tokenizer_seed or 0)
@@ -564,7 +588,8 @@ def _load_sit(args, obj, sd, ckpt_path, info, logger) -> SamplingSetup:
     else:
         raise SystemExit(f"{ckpt_path} holds no VAE: pass --vae-ckpt (and --vae-stats)")
 
-    # Latent statistics: explicit file > --latent-scale > the checkpoint's > the VAE's file > the SiT's BatchNorm.
+    # Latent statistics: explicit file > --latent-scale > the checkpoint's > the run's initial file or
+    # the VAE's file > the SiT's BatchNorm.
     if args.vae_stats:
         stats = load_latents_stats(args.vae_stats, channels=vae.latent_channels)
         info["latent_stats"] = str(args.vae_stats)
@@ -575,6 +600,12 @@ def _load_sit(args, obj, sd, ckpt_path, info, logger) -> SamplingSetup:
     elif isinstance(obj, dict) and isinstance(obj.get("latent_stats"), dict):
         stats = {k: torch.as_tensor(v).float() for k, v in obj["latent_stats"].items()}
         info["latent_stats"] = f"{ckpt_path}['latent_stats']"
+    elif isinstance(obj, dict) and isinstance(obj.get("vae"), dict) and "bn.running_var" in sd:
+        stats = bn_latent_stats(sd["bn.running_mean"], sd["bn.running_var"])  # REPA-E: the EMA SiT's BatchNorm
+        info["latent_stats"] = "SiT BatchNorm"
+    elif exp_stats:
+        stats = load_latents_stats(exp_stats, channels=vae.latent_channels)
+        info["latent_stats"] = str(exp_stats)
     elif stats is not None:
         info["latent_stats"] = "beside --vae-ckpt"
     elif "bn.running_var" in sd:
@@ -603,12 +634,16 @@ def _load_sit(args, obj, sd, ckpt_path, info, logger) -> SamplingSetup:
 
 def _load_release(args, sd, ckpt_path, info, logger) -> SamplingSetup:
     """A released LightningDiT (hustvl, RAE) or DiT^DH checkpoint with its tokenizer."""
+    from models.tokenizers import read_export_description
+
     family = model_family(args.model)
-    kind = args.tokenizer or ("rae" if family == "ddt" or "t_embedder.W" in sd else "vavae")
-    name = args.vae or ("vavae-f16d32" if kind == "vavae" else None)
+    described = args.vae_ckpt is not None and read_export_description(args.vae_ckpt) is not None  # NAME.json says
+    kind = args.tokenizer or (None if described else "rae" if family == "ddt" or "t_embedder.W" in sd else "vavae")
+    name = args.vae or ("vavae-f16d32" if kind == "vavae" and not described else None)
     seed = int(args.tokenizer_seed or 0)
     tok = _build_tokenizer(kind, name, args.vae_ckpt, args.vae_stats, args.rae_config, args.random_init_vae,
                            seed, f"--model {args.model}")
+    kind = tok.kind
     if tok.stats is None:
         raise SystemExit(f"tokenizer {kind}/{tok.name}: no latent statistics; pass --vae-stats "
                          f"({'{mean, var} per position' if kind == 'rae' else '{mean, std} [1, C, 1, 1]'})")
@@ -691,7 +726,7 @@ def _experiment_checkpoint(exp_dir, step, flag: str):
 
 def load_models(args, logger) -> SamplingSetup:
     """The sampling setup from --exp-dir/--ckpt-step or --ckpt/--model (see the module docstring)."""
-    info = {}
+    info, exp_stats = {}, None
     if args.exp_dir:
         exp_args, ckpt_path = _experiment_checkpoint(args.exp_dir, args.ckpt_step, "--exp-dir")
         info["step"] = int(ckpt_path.stem)
@@ -704,8 +739,9 @@ def load_models(args, logger) -> SamplingSetup:
                 setattr(args, k, exp_args[k])
         if args.vae_ckpt is None:
             args.vae_ckpt = exp_args.get("vae_ckpt")
-        if args.vae_stats is None:
-            args.vae_stats = exp_args.get("vae_stats")
+        # the run's --vae-stats file only initialised training: the checkpoint's trained (EMA
+        # BatchNorm) statistics win over it, as in REPA-E's generate.py; an explicit flag wins over both
+        exp_stats = exp_args.get("vae_stats")
     else:
         if not args.ckpt:
             raise SystemExit("give --exp-dir (with --ckpt-step) or --ckpt")
@@ -724,7 +760,7 @@ def load_models(args, logger) -> SamplingSetup:
     if model_family(args.model) != "sit":
         return _load_release(args, sd, ckpt_path, info, logger)
     args.vae = args.vae or "f8d4"
-    return _load_sit(args, obj, sd, ckpt_path, info, logger)
+    return _load_sit(args, obj, sd, ckpt_path, info, logger, exp_stats)
 
 
 def load_guide(args, setup: SamplingSetup, logger) -> Tuple[VelocityModel, dict]:
@@ -773,6 +809,8 @@ def sampling_identity(args, info) -> dict:
         "cfg_scale": args.cfg_scale, "guidance_low": args.guidance_low, "guidance_high": args.guidance_high,
         "shift": args.shift, "path_type": args.path_type, "label_sampling": args.label_sampling, "seed": args.global_seed,
         "mixed_precision": args.mixed_precision, "rng": RNG_VERSION,
+        # always written: folders from before truncation became the default hold rounded images
+        "uint8_conversion": args.uint8_conversion,
     }
     if args.mode == "sde":
         cfg["t_last"] = args.t_last
@@ -791,17 +829,30 @@ def sampling_identity(args, info) -> dict:
     if info.get("guide"):
         cfg["guidance"] = "autoguidance"
         cfg["guide"] = info["guide"]
+    if args.classes or args.samples_per_class:  # a label table replaces label_sampling
+        cfg["classes"] = list(args.classes) if args.classes else "all"
+        cfg["samples_per_class"] = args.samples_per_class
     return cfg
 
 
 def default_folder_name(args, info) -> str:
+    """REPA-E's name for an experiment folder (`--exp-path`), so the `.npz` lands where its users'
+    scripts look; for a checkpoint file, a name that spells out the sampler."""
+    labels = f"labelsampling-{args.label_sampling}"
+    if args.classes or args.samples_per_class:
+        chosen = list(args.classes) if args.classes else []
+        ids = "-".join(str(c) for c in chosen) if len(chosen) <= 8 else f"{len(chosen)}"
+        labels = f"classes-{ids or 'all'}" + (f"-per-class-{args.samples_per_class}" if args.samples_per_class else "")
+    if args.exp_dir and "step" in info:
+        return (f"{Path(args.exp_dir).resolve().name}_{info['step']:07d}_cfg{float(args.cfg_scale)}"
+                f"-{float(args.guidance_low)}-{float(args.guidance_high)}-{labels}")
     ckpt = f"{info['step']:07d}" if "step" in info else Path(info["checkpoint"]).stem
     solver = args.solver if args.mode == "ode" else "sde"
     guide = f"-ag-{info['guide']['model']}" if info.get("guide") else ""
     name = (f"{args.model.replace('/', '-')}-{ckpt}-size-{args.resolution}-{solver}-{args.num_steps}"
             f"{'-raegrid' if args.time_grid == 'rae' else ''}"
             f"-cfg-{args.cfg_scale}-{args.guidance_low}-{args.guidance_high}{guide}-shift-{args.shift:g}"
-            f"-{args.label_sampling}-seed-{args.global_seed}")
+            f"-{labels.replace('labelsampling-', '')}-seed-{args.global_seed}")
     return re.sub(r"[^A-Za-z0-9._-]", "_", name)
 
 
@@ -820,6 +871,7 @@ def check_or_write_config(folder: Path, identity: dict, extra: dict) -> None:
         raise SystemExit(f"{folder} holds PNG samples but no sampling_config.json: cannot tell their configuration; "
                          f"refusing to mix them (choose another --sample-dir/--folder-name)")
     folder.mkdir(parents=True, exist_ok=True)
+    utils.remove_stale_temp_files(folder)  # interrupted writes of an earlier run (rank 0, before any rank writes)
     utils.atomic_write_text(json.dumps(identity | extra, indent=2, sort_keys=True) + "\n", cfg_file)
 
 
@@ -832,8 +884,110 @@ def finished_indices(folder: Path, n: int) -> set:
     return done
 
 
+def npz_image_count(path: Path) -> Optional[int]:
+    """Number of images in an `.npz`'s arr_0, read from its header; None when there is no
+    readable file."""
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as zf, zf.open("arr_0.npy") as f:
+            major, _ = np.lib.format.read_magic(f)
+            read = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
+            shape = read(f)[0]
+            return int(shape[0]) if shape else None
+    except (OSError, KeyError, ValueError, zipfile.BadZipFile):
+        return None
+
+
+def reference_for_eval(args, sample_file: Path):
+    """--ref-batch as given, or --ref-dir read as a dataset at the resolution of the samples
+    (`sample_file`) through the training readers (a folder of class folders, an archive)."""
+    if args.ref_batch:
+        return args.ref_batch
+    from PIL import Image
+
+    from dataset import build_image_dataset, image_channels_on_disk
+
+    with Image.open(sample_file) as im:
+        resolution = im.size[0]
+    return build_image_dataset(args.ref_dir, resolution, channels=image_channels_on_disk(Path(args.ref_dir)) or 3)
+
+
+def experiment_class_names(args, num_classes: int) -> Dict[int, str]:
+    """{id: name} of the classes the model was trained on: --class-to-idx, else what the run's data
+    records (latents' tokenizer.json, an archive's index.json, or the sorted class folders of an
+    image folder, numbered as the dataset numbers them); ids without a name are named by their id."""
+    from dataset import LATENT_INFO_FILE, is_archive, load_class_to_idx
+
+    mapping = load_class_to_idx(args.class_to_idx, "--class-to-idx") if args.class_to_idx else None
+    run = {}
+    if mapping is None and args.exp_dir and (Path(args.exp_dir) / "args.json").is_file():
+        run = json.loads((Path(args.exp_dir) / "args.json").read_text())
+        if run.get("class_to_idx"):
+            mapping = load_class_to_idx(run["class_to_idx"], f"{args.exp_dir}/args.json class_to_idx")
+    roots = [run.get("latents_dir")]
+    if run.get("data_dir") and run.get("vae_latents_name"):
+        roots.append(str(Path(run["data_dir"]) / run["vae_latents_name"]))
+    roots.append(run.get("data_dir"))
+    for root in (Path(r) for r in roots if r and mapping is None):
+        if (root / LATENT_INFO_FILE).is_file():
+            mapping = json.loads((root / LATENT_INFO_FILE).read_text()).get("class_to_idx")
+        elif is_archive(root):
+            mapping = json.loads((root / "index.json").read_text()).get("class_to_idx")
+        elif root.is_dir():
+            dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+            mapping = {d.name: i for i, d in enumerate(dirs)} or None
+    names = {}
+    for name, i in sorted((mapping or {}).items(), key=lambda kv: (int(kv[1]), kv[0])):
+        names.setdefault(int(i), str(name))  # several names merged into one id: the first names it
+    return {i: names.get(i, str(i)) for i in range(int(num_classes))}
+
+
+def resolve_classes(spec: str, names: Dict[int, str], num_classes: int) -> List[int]:
+    """--classes "user_03,user_17" or "3,17" -> ids; an unknown name is refused, listing the known ones."""
+    by_name = {v: k for k, v in sorted(names.items(), reverse=True)}
+    ids = []
+    for token in (t.strip() for t in str(spec).split(",")):
+        if not token:
+            continue
+        if token in by_name:
+            ids.append(by_name[token])
+        elif token.lstrip("-").isdigit() and 0 <= int(token) < num_classes:
+            ids.append(int(token))
+        else:
+            known = ", ".join(names[i] for i in sorted(names)[:20]) + (" ..." if len(names) > 20 else "")
+            raise SystemExit(f"--classes: unknown class {token!r} (the model has {num_classes} classes: {known}; "
+                             f"--class-to-idx FILE names them)")
+    if not ids:
+        raise SystemExit(f"--classes {spec!r}: no class given")
+    return ids
+
+
+def class_label_table(classes: Sequence[int], n: int, per_class: Optional[int]) -> torch.Tensor:
+    """The label of each sample index [n]: blocks of `per_class` per class, or the classes cycled."""
+    c = torch.as_tensor(list(classes), dtype=torch.int64)
+    idx = torch.arange(n)
+    return c[idx // per_class] if per_class else c[idx % len(c)]
+
+
+def write_labels(folder: Path, labels: np.ndarray, names: Dict[int, str]) -> None:
+    """`labels.npy` (int64 [N]) and `labels.csv` (index, class id, class name, file) beside the
+    PNGs, so the samples can serve as labelled training data."""
+    import csv
+    import io
+
+    utils.atomic_write(folder / "labels.npy", lambda f: np.save(f, np.asarray(labels, dtype=np.int64)), "wb")
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["index", "class_id", "class_name", "file"])
+    for i, y in enumerate(labels.tolist()):
+        w.writerow([i, y, names.get(int(y), str(y)), f"{i:06d}.png"])
+    utils.atomic_write_text(buf.getvalue(), folder / "labels.csv")
+
+
 def write_npz(folder: Path, n: int) -> Path:
-    """Stack {0..n-1}.png into `<folder>.npz` (arr_0 uint8 [N, H, W, 3]), atomically."""
+    """Stack {0..n-1}.png into `<folder>.npz` (arr_0 uint8 [N, H, W, C], C = 3, or 1 for
+    1-channel tokenizers), atomically."""
     from PIL import Image
     from tqdm.auto import tqdm
 
@@ -841,7 +995,9 @@ def write_npz(folder: Path, n: int) -> Path:
     arr = None
     for i in tqdm(range(n), desc="building .npz", dynamic_ncols=True):
         with Image.open(folder / f"{i:06d}.png") as im:
-            a = np.asarray(im.convert("RGB"))
+            a = np.asarray(im if im.mode in ("L", "RGB") else im.convert("RGB"))
+        if a.ndim == 2:
+            a = a[..., None]
         if arr is None:
             arr = np.empty((n, *a.shape), dtype=np.uint8)
         arr[i] = a
@@ -855,15 +1011,28 @@ def write_npz(folder: Path, n: int) -> Path:
 # ------------------------------------------------------------------------------------------------
 # CLI
 # ------------------------------------------------------------------------------------------------
+class OneDefaultHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """`--help` states each option's default once: options whose help already says what the
+    default is (or whose default is None, i.e. resolved at run time) get no second '(default: X)'."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if action.default is None or "default" in text.lower():
+            return text
+        return super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="generate.py", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=OneDefaultHelpFormatter)
     p.add_argument("--config", type=str, default=None, help="YAML of flag values (explicit flags win)")
     p.add_argument("--recipe", type=str, default=None,
                    help=f"named sampling recipe: configs/sampling/NAME.yaml ({', '.join(list_recipes()) or 'none'})")
     g = p.add_argument_group("model source")
-    g.add_argument("--exp-dir", type=str, default=None, help="experiment folder (args.json + checkpoints/)")
-    g.add_argument("--ckpt-step", type=str, default=None, help="checkpoint step in --exp-dir (default: latest)")
+    g.add_argument("--exp-path", "--exp-dir", dest="exp_dir", type=str, default=None, metavar="DIR",
+                   help="experiment folder (args.json + checkpoints/); --exp-path is REPA-E's name")
+    g.add_argument("--train-steps", "--ckpt-step", dest="ckpt_step", type=str, default=None, metavar="STEP",
+                   help="training step of the checkpoint in --exp-path (default: latest); --train-steps is REPA-E's name")
     g.add_argument("--ckpt", type=str, default=None, help="explicit checkpoint (state_dict or dict with ema/model) of --model")
     g.add_argument("--no-ema", action="store_true", help="use the raw 'model' weights instead of 'ema'")
     g.add_argument("--model", type=str, default=None,
@@ -895,14 +1064,15 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--guide-exp-dir", type=str, default=None, help="autoguidance: guide experiment folder")
     g.add_argument("--guide-ckpt-step", type=str, default=None, help="step in --guide-exp-dir (default: latest)")
     g.add_argument("--guide-time-convention", type=str, default="auto", choices=["auto", "data-at-1", "noise-at-1"], help="how the guide network reads t (as --time-convention)")
-    g.add_argument("--cfg-legacy-channels", action="store_true",
+    g.add_argument("--cfg-legacy-channels", action=argparse.BooleanOptionalAction, default=False,
                    help="hustvl LightningDiT's CFG on latent channels 0..2 only (reproduces its published FIDs)")
     g = p.add_argument_group("sampler")
     g.add_argument("--mode", type=str, default="ode", choices=["ode", "sde"], help="ode (probability flow) or sde (Euler-Maruyama)")
     g.add_argument("--solver", type=str, default="euler", choices=["euler", "heun", "dopri5"], help="ODE solver")
-    g.add_argument("--heun", action="store_true", help="same as --solver heun (REPA-E's flag)")
+    g.add_argument("--heun", action=argparse.BooleanOptionalAction, default=False,
+                   help="same as --solver heun (REPA-E's flag; ODE only)")
     g.add_argument("--num-steps", type=int, default=50, help="sampler steps (time points for --time-grid rae)")
-    g.add_argument("--cfg-scale", type=float, default=1.0, help="guidance scale (1: none)")
+    g.add_argument("--cfg-scale", type=float, default=1.5, help="guidance scale, 1 for none (REPA-E's default 1.5)")
     g.add_argument("--guidance-low", type=float, default=0.0, help="guidance only for noise times t >= this")
     g.add_argument("--guidance-high", type=float, default=1.0, help="guidance only for noise times t <= this (REPA-E's recipe: 0.75)")
     g.add_argument("--shift", type=_shift_value, default=None,
@@ -913,22 +1083,46 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--t-last", type=float, default=0.04, help="SDE: last stochastic time before the final mean step")
     g.add_argument("--rtol", type=float, default=1e-5, help="dopri5 relative tolerance")
     g.add_argument("--atol", type=float, default=1e-5, help="dopri5 absolute tolerance")
-    g.add_argument("--label-sampling", type=str, default="random", choices=["random", "equal"], help="random labels, or equal: the same count per class (exact for any world size)")
+    g.add_argument("--label-sampling", type=str, default="equal", choices=["random", "equal"],
+                   help="random labels, or equal (REPA-E's default): the same count per class, exact for any world size")
+    g.add_argument("--per-class-sampling", dest="label_sampling", action="store_const", const="equal",
+                   default=argparse.SUPPRESS, help="earlier REPA-E name of --label-sampling equal")
+    g.add_argument("--no-per-class-sampling", dest="label_sampling", action="store_const", const="random",
+                   default=argparse.SUPPRESS, help="earlier REPA-E name of --label-sampling random")
+    g.add_argument("--classes", type=str, default=None,
+                   help="comma list of classes to sample, by name (the training data's class folders) or id; "
+                        "cycled over --num-fid-samples unless --samples-per-class is given")
+    g.add_argument("--samples-per-class", type=int, default=None,
+                   help="N samples of each class of --classes (or of every class), in class blocks; sets --num-fid-samples")
+    g.add_argument("--class-to-idx", type=str, default=None,
+                   help="JSON {class name: id} for --classes and labels.csv (default: the experiment's data, "
+                        "archive or latents record)")
     g.add_argument("--global-seed", "--seed", dest="global_seed", type=int, default=0, help="seed of the index-keyed noise and labels")
     g = p.add_argument_group("output and speed")
     g.add_argument("--num-fid-samples", type=int, default=50000, help="number of samples to generate")
-    g.add_argument("--per-proc-batch-size", type=int, default=64, help="sampling batch per process")
-    g.add_argument("--sample-dir", type=str, default=None, help="default: <exp-dir>/fid_samples or ./samples")
-    g.add_argument("--folder-name", type=str, default=None, help="default: derived from the configuration")
+    g.add_argument("--pproc-batch-size", "--per-proc-batch-size", dest="per_proc_batch_size", type=int, default=128, metavar="N",
+                   help="sampling batch per process (--pproc-batch-size is REPA-E's name)")
+    g.add_argument("--sample-dir", type=str, default="samples", help="parent folder of the sample folder and its .npz")
+    g.add_argument("--folder-name", type=str, default=None,
+                   help="sample folder name (default: REPA-E's EXP_STEP_cfgS-LOW-HIGH-labelsampling-L for --exp-path, "
+                        "else derived from the configuration)")
     g.add_argument("--no-npz", action="store_true", help="do not write the .npz of all samples")
+    g.add_argument("--uint8-conversion", type=str, default="truncate", choices=list(UINT8_CONVERSIONS),
+                   help="decoded [-1, 1] -> uint8: truncate as the originals (published FIDs) or round to the nearest level")
     g.add_argument("--mixed-precision", type=str, default="no", choices=["no", "fp16", "bf16"], help="autocast precision of the network")
-    g.add_argument("--allow-tf32", action=argparse.BooleanOptionalAction, default=True, help="allow TF32 matmuls and convolutions on Ampere+ GPUs")
+    g.add_argument("--allow-tf32", "--tf32", action=argparse.BooleanOptionalAction, default=True,
+                   help="allow TF32 matmuls and convolutions on Ampere+ GPUs (--tf32 is REPA-E's name)")
     g.add_argument("--compile", action="store_true", help="torch.compile the SiT")
     g.add_argument("--device", type=str, default=None, help="default: cuda when available")
     g = p.add_argument_group("evaluation")
     g.add_argument("--eval", action="store_true", help="compute metrics of the samples against --ref-batch")
     g.add_argument("--ref-batch", type=str, default=None, help="reference .npz (arr_0 images and/or mu, sigma)")
+    g.add_argument("--ref-dir", type=str, default=None,
+                   help="reference images for --eval: an image folder (class folders too) or a preprocessing.py "
+                        "archive, read at the samples' resolution (instead of --ref-batch)")
     g.add_argument("--inception-weights", type=str, default=None, help="local torch-fidelity Inception weights (.pth)")
+    g.add_argument("--random-init-inception", action="store_true",
+                   help="random-weight Inception (offline tests): every figure is labelled not comparable")
     g.add_argument("--metrics", type=str, default=",".join(ALL_METRICS), help=f"comma list of {ALL_METRICS}")
     g.add_argument("--eval-batch-size", type=int, default=100, help="Inception batch for --eval")
     g.add_argument("--inception-image-size", type=int, default=299, help="299 is the protocol (smaller: tests only)")
@@ -956,7 +1150,12 @@ def parse_args(argv=None):
     pre.add_argument("--recipe", type=str, default=None, help="named sampling recipe from configs/sampling/")
     pre.add_argument("--config", type=str, default=None, help="YAML file of flag values (explicit flags win)")
     known, _ = pre.parse_known_args(argv)
-    dests = {a.dest for a in parser._actions}
+    # config keys may use any of a flag's names (REPA-E's or ours), hyphens or underscores
+    dests = {a.dest: a.dest for a in parser._actions}
+    for action in parser._actions:
+        for opt in action.option_strings:
+            if opt.startswith("--") and not opt.startswith("--no-"):
+                dests[opt[2:].replace("-", "_")] = action.dest
     files = []
     if known.recipe:
         path = Path(known.recipe) if known.recipe.endswith(".yaml") else RECIPE_DIR / f"{known.recipe}.yaml"
@@ -966,17 +1165,38 @@ def parse_args(argv=None):
     if known.config:
         files.append(Path(known.config))
     for path in files:
+        cfg = utils.load_yaml(path)
+        try:
+            original = utils.original_config_defaults(cfg, path, parser, argv)
+        except ValueError as e:
+            raise SystemExit(str(e)) from None
+        if original is not None:
+            parser.set_defaults(**original)
+            continue
         defaults = {}
-        for k, v in utils.load_yaml(path).items():
-            dest = "global_seed" if k in ("seed", "global-seed", "global_seed") else k.replace("-", "_")
-            if dest not in dests or dest in ("recipe", "config"):
+        for k, v in cfg.items():
+            dest = dests.get(str(k).replace("-", "_"))
+            if dest is None or dest in ("recipe", "config"):
                 raise SystemExit(f"{path}: unknown key '{k}' (not a flag of generate.py)")
             defaults[dest] = v
         parser.set_defaults(**defaults)
     args = parser.parse_args(argv)
+    check_args(args)
     if args.heun:
         args.solver = "heun"
     return args
+
+
+def check_args(args) -> None:
+    """Refuse values that would run and write something useless, naming the flag."""
+    for flag, value in (("--num-fid-samples", args.num_fid_samples), ("--num-steps", args.num_steps),
+                        ("--pproc-batch-size", args.per_proc_batch_size), ("--eval-batch-size", args.eval_batch_size)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise SystemExit(f"{flag} must be a positive integer, got {value!r}")
+    if args.samples_per_class is not None and (not isinstance(args.samples_per_class, int) or args.samples_per_class < 1):
+        raise SystemExit(f"--samples-per-class must be a positive integer, got {args.samples_per_class!r}")
+    if args.heun and args.mode != "ode":
+        raise SystemExit(f"--heun is an ODE solver: it cannot be combined with --mode {args.mode}")
 
 
 def setup_distributed(device_arg: Optional[str]):
@@ -1028,10 +1248,13 @@ def main(argv=None) -> dict:
     if device.type == "cuda" and args.allow_tf32:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    if args.eval and not args.ref_batch:
-        raise SystemExit("--eval needs --ref-batch (a reference .npz)")
-    if args.ref_batch and not Path(args.ref_batch).exists():
-        raise SystemExit(f"--ref-batch {args.ref_batch}: no such file")
+    if args.eval and not (args.ref_batch or args.ref_dir):
+        raise SystemExit("--eval needs --ref-batch (a reference .npz) or --ref-dir (an image folder or archive)")
+    if args.ref_batch and args.ref_dir:
+        raise SystemExit("give one reference: --ref-batch or --ref-dir, not both")
+    for flag, path in (("--ref-batch", args.ref_batch), ("--ref-dir", args.ref_dir)):
+        if path and not Path(path).exists():
+            raise SystemExit(f"{flag} {path}: no such file or folder")
     has_guide = bool(args.guide_ckpt or args.guide_exp_dir)
     if args.guidance == "autoguidance" and not has_guide:
         raise SystemExit("--guidance autoguidance needs a guide: --guide-ckpt FILE --guide-model NAME or --guide-exp-dir DIR")
@@ -1049,6 +1272,17 @@ def main(argv=None) -> dict:
 
         args.shift = shift_from_dims(int(np.prod(setup.latent_shape)))
     args.path_type = args.path_type or "linear"
+    class_names = experiment_class_names(args, setup.num_classes)
+    label_table = None
+    if args.classes or args.samples_per_class:
+        chosen = resolve_classes(args.classes, class_names, setup.num_classes) if args.classes \
+            else list(range(setup.num_classes))
+        if args.samples_per_class:
+            args.num_fid_samples = args.samples_per_class * len(chosen)
+        label_table = class_label_table(chosen, args.num_fid_samples, args.samples_per_class)
+        args.classes = chosen  # ids: part of the folder's identity
+        log(f"classes {', '.join(f'{c} ({class_names.get(c, c)})' for c in chosen)}: "
+            f"{args.num_fid_samples} samples" + (f", {args.samples_per_class} per class" if args.samples_per_class else ""))
     model, decoder = setup.model.to(device), setup.decoder.to(device)
     field = _CompiledField(model) if args.compile else model
     if guide is not None:
@@ -1057,7 +1291,7 @@ def main(argv=None) -> dict:
     amp = {"no": None, "fp16": torch.float16, "bf16": torch.bfloat16}[args.mixed_precision]
 
     # ---- output folder (rank 0 decides; everyone scans before anyone writes)
-    sample_dir = Path(args.sample_dir or (Path(args.exp_dir) / "fid_samples" if args.exp_dir else "samples"))
+    sample_dir = Path(args.sample_dir)
     folder = sample_dir / (args.folder_name or default_folder_name(args, setup.info))
     identity = sampling_identity(args, setup.info)
     error = None
@@ -1074,7 +1308,7 @@ def main(argv=None) -> dict:
     done = finished_indices(folder, n)
     barrier()
     todo = [i for i in range(n) if i not in done]
-    if args.label_sampling == "equal" and n % args.num_classes:
+    if label_table is None and args.label_sampling == "equal" and n % args.num_classes:
         log(f"note: {n} samples over {args.num_classes} classes: counts differ by one between classes")
     guidance = (f"autoguidance {args.cfg_scale}" if guide is not None else f"cfg {args.cfg_scale}") + \
         f" in [{args.guidance_low}, {args.guidance_high}]"
@@ -1086,40 +1320,50 @@ def main(argv=None) -> dict:
     kw["guide"] = guide
     made = []
 
-    def write_pngs(chunk, arr):  # [b, H, W, 3] uint8
+    def write_pngs(chunk, arr):  # [b, H, W, C] uint8, C = 3 or 1 (written as a grayscale PNG)
         for i, a in zip(chunk, arr):
-            utils.atomic_save_png(a, folder / f"{i:06d}.png")
+            utils.atomic_save_png(a[..., 0] if a.shape[-1] == 1 else a, folder / f"{i:06d}.png")
         made.extend(chunk)
 
     t0 = time.time()
     sample_for_eval(field, decoder, setup.latent_shape, setup.num_classes, n, args.global_seed,
                     args.per_proc_batch_size, kw, device, label_sampling=args.label_sampling, autocast_dtype=amp,
-                    indices=todo, on_batch=write_pngs, gather=False, progress=rank == 0)
+                    labels=label_table,
+                    indices=todo, on_batch=write_pngs, gather=False, progress=rank == 0,
+                    uint8_conversion=args.uint8_conversion)
     elapsed = time.time() - t0
     barrier()
     result = {"folder": str(folder), "generated": len(todo), "existing": len(done), "seconds": elapsed,
               "samples_per_s": len(todo) / max(elapsed, 1e-9)}
     npz = folder.with_name(folder.name + ".npz")
-    if rank == 0 and not args.no_npz and (todo or not npz.is_file()):
+    # a folder may hold more samples than asked for (an earlier, larger run): the .npz holds exactly
+    # samples 0..n-1, rewritten whenever it holds another count
+    if rank == 0 and not args.no_npz and (todo or npz_image_count(npz) != n):
         npz = write_npz(folder, n)
-        log(f"wrote {npz} (arr_0 [{n}, H, W, 3])")
+        log(f"wrote {npz} (arr_0 [{n}, H, W, C])")
+    if rank == 0:
+        labels = label_table[:n] if label_table is not None else \
+            index_labels(args.global_seed, torch.arange(n), setup.num_classes, args.label_sampling)
+        write_labels(folder, labels.numpy(), class_names)
+        log(f"wrote {folder / 'labels.npy'} and {folder / 'labels.csv'} (class of every sample)")
     barrier()
     if not args.no_npz:
         result["npz"] = str(npz)
     if args.eval:
         from evaluation.inception import InceptionFeatures, build_inception
+        from evaluation.metrics import format_scores
 
-        extractor = InceptionFeatures(build_inception(args.inception_weights), args.inception_image_size,
-                                      args.inception_chunk).to(device)
+        extractor = InceptionFeatures(build_inception(args.inception_weights, random_init=args.random_init_inception),
+                                      args.inception_image_size, args.inception_chunk).to(device)
         metrics = [m.strip() for m in args.metrics.split(",") if m.strip()]
-        images = str(npz) if not args.no_npz else str(folder)
-        scores = evaluate_samples(images, args.ref_batch, inception=extractor, metrics=metrics,
+        images = str(npz) if not args.no_npz else [folder / f"{i:06d}.png" for i in range(n)]
+        scores = evaluate_samples(images, reference_for_eval(args, folder / "000000.png"), inception=extractor, metrics=metrics,
                                   batch_size=args.eval_batch_size, device=device, progress=rank == 0)
         result["metrics"] = scores
         if rank == 0:
-            utils.atomic_write_text(json.dumps({"ref_batch": str(args.ref_batch), **scores}, indent=2) + "\n",
-                                    folder / "metrics.json")
-            log("metrics: " + ", ".join(f"{k}={v:.4f}" for k, v in scores.items() if isinstance(v, float)))
+            ref = {"ref_batch": str(args.ref_batch)} if args.ref_batch else {"ref_dir": str(args.ref_dir)}
+            utils.atomic_write_text(json.dumps({**ref, **scores}, indent=2) + "\n", folder / "metrics.json")
+            log("metrics: " + format_scores(scores))
     log(f"done: {result['generated']} generated in {elapsed:.1f}s ({result['samples_per_s']:.2f} samples/s)")
     return result
 

@@ -10,8 +10,14 @@ Feature sources (`--encoder`):
     id / local folder (pretrained), or a transformers config.json (with `--random-init`); input
     bicubic-resized to `--rae-input-size` and normalised as RAE does; tokens mean-pooled;
   * a KL / VA-VAE preset of `models/autoencoder.py` (`f8d4`, `f16d32`, `vavae-f16d32`,
-    `tiny-f4d4`, ...) with `--tokenizer-ckpt` (or `--random-init`): the posterior mean
-    [B, E, h, w], spatially mean-pooled -> [B, E], or flattened -> [B, E*h*w] with `--flatten`.
+    `tiny-f4d4`, ...) with `--tokenizer-ckpt` (or `--random-init`), or `--vae-ckpt EXPORT.pt`
+    alone for a tokenizer exported by save_vae_weights.py (its NAME.json describes it; 1-channel
+    tokenizers read 1-channel images): the posterior mean [B, E, h, w], spatially mean-pooled
+    -> [B, E], or flattened -> [B, E*h*w] with `--flatten`.
+
+Class fidelity (`--score-samples SAMPLES.npz`): the classifier trained on the real data scores
+generated samples, each against the class it was generated for (`labels.npy` written by
+generate.py); overall and per-class accuracy are printed and stored under "class_fidelity".
 
 Classifier: nn.Linear on standardised features (train-set mean / std), trained with AdamW
 (mini-batches, cosine learning rate, `--epochs`) or full-batch L-BFGS (`--optimizer lbfgs`).
@@ -19,6 +25,7 @@ Everything random (split, init, batch order) is driven by `--seed`, so a run is 
 
     python linear_probe.py --data-dir DATA --encoder dinov2-vit-b --val-fraction 0.2
     python linear_probe.py --data-dir TRAIN --val-dir VAL --encoder f16d32 --tokenizer-ckpt vae.pt
+    python linear_probe.py --data-dir DATA --vae-ckpt pretrained/doppler.pt --flatten --score-samples S.npz
     python linear_probe.py --config probe.yaml --epochs 50
 
 Writes the resolved arguments and the metrics as JSON to `--output` and prints the metrics.
@@ -29,6 +36,7 @@ import argparse
 import json
 import math
 import os
+from pathlib import Path
 from typing import Dict, Optional, Tuple
 
 import numpy as np
@@ -38,7 +46,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from dataset import ImageFolderDataset
+from dataset import RGBView, build_image_dataset, image_channels_on_disk
 from utils import atomic_write_text, parse_args_with_config
 
 
@@ -94,21 +102,22 @@ class RAEEncoderFeatures(nn.Module):
 
 
 class VAEFeatures(nn.Module):
-    """A KL / VA-VAE encoder: posterior mean, spatially pooled (or flattened)."""
+    """A tokenizer's encoder (a KL / VA-VAE preset, or an export rebuilt from its description):
+    posterior mean, spatially pooled (or flattened)."""
 
-    def __init__(self, preset: str, ckpt: Optional[str], random_init: bool, flatten: bool):
+    def __init__(self, preset: Optional[str], ckpt: Optional[str], random_init: bool, flatten: bool, seed: int = 0):
         super().__init__()
-        from models.autoencoder import build_vae, load_vae
+        from models.tokenizers import build_tokenizer, preset_kind
 
         if ckpt is None and not random_init:
             raise ValueError(f"--encoder {preset} (a VAE preset) needs --tokenizer-ckpt, or --random-init")
-        self.vae = build_vae(preset) if random_init else load_vae(preset, ckpt)[0]
-        self.vae.eval().requires_grad_(False)
+        self.tokenizer = build_tokenizer(preset_kind(preset) if preset else None, name=preset, ckpt=ckpt,
+                                         random_init=random_init, seed=seed)
+        self.in_channels = self.tokenizer.in_channels
         self.flatten = flatten
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        x = images.float() / 127.5 - 1.0  # [-1, 1], the tokenizers' input range
-        mean = self.vae.encode(x).mode().float()  # [B, E, h, w]
+        mean = self.tokenizer.encode_moments(images)[0]  # [B, E, h, w]; uint8 in, the tokenizer converts
         return mean.flatten(1) if self.flatten else mean.mean(dim=(2, 3))
 
 
@@ -117,11 +126,13 @@ def build_feature_extractor(args) -> nn.Module:
     from models.encoders import ENCODER_SPECS, RAE_ENCODERS
 
     name = args.encoder
+    if args.tokenizer_ckpt is not None and name is None:  # an export that describes itself
+        return VAEFeatures(None, args.tokenizer_ckpt, False, args.flatten)
     if args.tokenizer_ckpt is not None and name not in VAE_PRESETS:
         raise ValueError(f"--tokenizer-ckpt is given, so --encoder must be a VAE preset ({', '.join(VAE_PRESETS)}); "
                          f"got {name!r}")
     if name in VAE_PRESETS:
-        return VAEFeatures(name, args.tokenizer_ckpt, args.random_init, args.flatten)
+        return VAEFeatures(name, args.tokenizer_ckpt, args.random_init, args.flatten, args.seed)
     if args.flatten:
         raise ValueError("--flatten applies to VAE tokenizers only (encoder tokens are mean-pooled)")
     if name in RAE_ENCODERS:
@@ -142,6 +153,18 @@ def extract_features(model: nn.Module, dataset, batch_size: int, device: torch.d
         feats.append(model(images.to(device)).float().cpu())
         labels.append(torch.as_tensor(y).long())
     return torch.cat(feats), torch.cat(labels)
+
+
+def load_probe_data(path: str, resolution: int, channels: int, class_to_idx=None, what: str = "--data-dir"):
+    """(labelled dataset, the view the feature network reads): any dataset the trainers read;
+    1-channel data for an RGB network is read as stored and repeated to 3 channels (said once)."""
+    on_disk = image_channels_on_disk(Path(path)) if Path(path).is_dir() else None
+    if on_disk == 1 and channels == 3:
+        print(f"{what} {path}: 1-channel images, repeated to 3 channels for the RGB feature network")
+        data = build_image_dataset(path, resolution, 1, class_to_idx=class_to_idx)
+        return data, RGBView(data)
+    data = build_image_dataset(path, resolution, channels, class_to_idx=class_to_idx)
+    return data, data
 
 
 # --------------------------------------------------------------------------------------------
@@ -225,18 +248,23 @@ def train_linear(x: torch.Tensor, y: torch.Tensor, num_classes: int, epochs: int
 
 
 def probe(train_x: torch.Tensor, train_y: torch.Tensor, val_x: Optional[torch.Tensor], val_y: Optional[torch.Tensor],
-          num_classes: int, **train_kwargs) -> Dict[str, float]:
-    """Standardise, train, evaluate: {'train_top1', 'train_top5', 'val_top1', 'val_top5'}."""
+          num_classes: int, score_x: Optional[torch.Tensor] = None, **train_kwargs) -> Dict[str, float]:
+    """Standardise, train, evaluate: {'train_top1', 'train_top5', 'val_top1', 'val_top5'}; with
+    `score_x` (features of generated samples) also 'score_logits', the classifier's logits on them."""
+    others = [t for t in (val_x, score_x) if t is not None]
+    train_x, *others = standardize(train_x, *others)
     if val_x is not None:
-        train_x, val_x = standardize(train_x, val_x)
-    else:
-        (train_x,) = standardize(train_x)
+        val_x = others.pop(0)
+    if score_x is not None:
+        score_x = others.pop(0)
     clf = train_linear(train_x, train_y, num_classes, **train_kwargs)
     device = clf.weight.device
     with torch.no_grad():
         result = {f"train_{k}": v for k, v in topk_accuracy(clf(train_x.to(device)).cpu(), train_y).items()}
         if val_x is not None:
             result.update({f"val_{k}": v for k, v in topk_accuracy(clf(val_x.to(device)).cpu(), val_y).items()})
+        if score_x is not None:
+            result["score_logits"] = clf(score_x.to(device)).cpu()
     return result
 
 
@@ -246,7 +274,8 @@ def probe(train_x: torch.Tensor, train_y: torch.Tensor, val_x: Optional[torch.Te
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="linear_probe.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--config", type=str, default=None, help="YAML file whose keys are defaults for these flags")
-    p.add_argument("--data-dir", type=str, default=None, help="image folder, one subfolder per class")
+    p.add_argument("--data-dir", type=str, default=None,
+                   help="image folder (one subfolder per class) or any archive the trainers read (preprocessing.py, h5, EDM)")
     p.add_argument("--val-dir", type=str, default=None, help="separate validation folder (same class names)")
     p.add_argument("--val-fraction", type=float, default=0.2, help="held-out share of --data-dir without --val-dir")
     p.add_argument("--encoder", type=str, default=None,
@@ -254,7 +283,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rae-config", type=str, default=None,
                    help="RAE encoder: hub id / local folder (pretrained) or config.json (--random-init)")
     p.add_argument("--rae-input-size", type=int, default=None, help="RAE encoder input size (default 16 x patch)")
-    p.add_argument("--tokenizer-ckpt", type=str, default=None, help="KL / VA-VAE checkpoint (with a VAE preset)")
+    p.add_argument("--tokenizer-ckpt", "--vae-ckpt", dest="tokenizer_ckpt", type=str, default=None,
+                   help="KL / VA-VAE checkpoint (with a VAE preset), or a save_vae_weights.py export alone")
     p.add_argument("--encoder-weights-dir", type=str, default=None, help="local official encoder checkpoints")
     p.add_argument("--flatten", action="store_true", help="VAE: flatten the posterior mean instead of pooling")
     p.add_argument("--random-init", action="store_true", help="random weights (baseline / tests)")
@@ -269,30 +299,39 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of the split, the classifier init and the batches")
     p.add_argument("--num-workers", type=int, default=0, help="data loader workers for feature extraction")
     p.add_argument("--device", type=str, default=None, help="default: cuda when available, else cpu")
+    p.add_argument("--score-samples", type=str, default=None,
+                   help="class fidelity: generated samples (.npz or PNG folder) scored per class by the real-data classifier")
+    p.add_argument("--sample-labels", type=str, default=None,
+                   help="labels.npy of --score-samples (default: the one generate.py writes beside them)")
     p.add_argument("--output", type=str, default="linear_probe.json", help="JSON file for arguments and metrics")
     return p
 
 
 def main(argv=None) -> Dict[str, float]:
     args = parse_args_with_config(build_parser(), argv)
-    missing = [f for f, v in (("--data-dir", args.data_dir), ("--encoder", args.encoder)) if not v]
+    missing = [f for f, v in (("--data-dir", args.data_dir), ("--encoder or --vae-ckpt",
+                                                             args.encoder or args.tokenizer_ckpt)) if not v]
     if missing:
         raise SystemExit(f"linear_probe.py: {' and '.join(missing)} required (on the command line or in --config)")
     torch.manual_seed(args.seed)  # random-init encoders are seeded too
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
 
-    train_set = ImageFolderDataset(args.data_dir, args.resolution)
+    model = build_feature_extractor(args).to(device).eval()
+    channels = getattr(model, "in_channels", 3)  # representation encoders are RGB networks
+    train_set, train_view = load_probe_data(args.data_dir, args.resolution, channels)
     if args.val_dir is not None:
-        val_set = ImageFolderDataset(args.val_dir, args.resolution, class_to_idx=train_set.class_to_idx)
+        val_set, val_view = load_probe_data(args.val_dir, args.resolution, channels, train_set.class_to_idx, "--val-dir")
         train_idx = val_idx = None
+        print(f"{len(train_set)} images of --data-dir for training, {len(val_set)} of --val-dir for validation")
     else:
         train_idx, val_idx = stratified_split(train_set.labels, args.val_fraction, args.seed)
+        print(f"--val-fraction {args.val_fraction}: of the {len(train_set)} images of --data-dir, {len(train_idx)} "
+              f"train the classifier and {len(val_idx)} are held out for validation (--val-dir gives a folder)")
     num_classes = train_set.num_classes
 
-    model = build_feature_extractor(args).to(device).eval()
-    feats, labels = extract_features(model, train_set, args.batch_size, device, args.num_workers, "train features")
+    feats, labels = extract_features(model, train_view, args.batch_size, device, args.num_workers, "train features")
     if args.val_dir is not None:
-        val_x, val_y = extract_features(model, val_set, args.batch_size, device, args.num_workers, "val features")
+        val_x, val_y = extract_features(model, val_view, args.batch_size, device, args.num_workers, "val features")
         train_x, train_y = feats, labels
     else:  # one pass over --data-dir, then split the cached features
         train_x, train_y = feats[train_idx], labels[train_idx]
@@ -300,12 +339,38 @@ def main(argv=None) -> Dict[str, float]:
     if args.shuffle_labels:
         train_y = train_y[torch.randperm(len(train_y), generator=torch.Generator().manual_seed(args.seed + 1))]
 
-    result = probe(train_x, train_y, val_x, val_y, num_classes, epochs=args.epochs, lr=args.lr,
+    score_x = score_y = None
+    if args.score_samples:
+        from torch.utils.data import TensorDataset
+
+        from evaluation.class_fidelity import load_labelled_samples, match_channels
+
+        images, score_y = load_labelled_samples(args.score_samples, args.sample_labels)
+        images = match_channels(images, channels, f"--score-samples {args.score_samples}")
+        if tuple(images.shape[-2:]) != (args.resolution, args.resolution):
+            raise SystemExit(f"--score-samples {args.score_samples}: samples are {tuple(images.shape[-2:])} px but "
+                             f"--resolution is {args.resolution}")
+        if score_y.min() < 0 or score_y.max() >= num_classes:
+            raise SystemExit(f"--score-samples {args.score_samples}: labels {int(score_y.min())}..{int(score_y.max())} "
+                             f"do not fit the {num_classes} classes of --data-dir")
+        score_x, _ = extract_features(model, TensorDataset(images, torch.from_numpy(score_y)), args.batch_size,
+                                      device, 0, "sample features")
+
+    result = probe(train_x, train_y, val_x, val_y, num_classes, score_x=score_x, epochs=args.epochs, lr=args.lr,
                    weight_decay=args.weight_decay, batch_size=args.batch_size, optimizer=args.optimizer,
                    seed=args.seed, device=device)
     result.update(num_train=len(train_y), num_val=0 if val_y is None else len(val_y), num_classes=num_classes,
                   feature_dim=int(train_x.shape[1]))
+    fidelity = None
+    if score_x is not None:
+        from evaluation.class_fidelity import class_fidelity, format_class_fidelity
+
+        idx_to_class = {int(v): str(k) for k, v in (getattr(train_set, "class_to_idx", None) or {}).items()}
+        fidelity = class_fidelity(result.pop("score_logits"), torch.from_numpy(score_y), idx_to_class)
     print(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in result.items()))
+    if fidelity is not None:
+        print(format_class_fidelity(fidelity))
+        result["class_fidelity"] = fidelity
     if args.output:
         os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
         atomic_write_text(json.dumps({"args": vars(args), "metrics": result}, indent=2, default=str) + "\n",

@@ -2,6 +2,7 @@
 
     python preprocessing.py --source SRC --dest DEST --resolution 256 [--workers N] [--shard-size 1000]
         [--channels 3|1] [--encoding raw|png] [--skip-bad-images] [--max-images N]
+    python preprocessing.py --imagenet-path SRC [--output-path data --num-workers N]   (REPA-E's names)
 
 SRC is one of
 * an image folder: one subfolder per class (any names, sorted -> ids 0..K-1), or images directly
@@ -51,6 +52,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+import dataset
 from dataset import (
     ARCHIVE_FORMAT,
     ARCHIVE_VERSION,
@@ -62,7 +64,7 @@ from dataset import (
     load_class_to_idx,
     save_class_to_idx,
 )
-from utils import atomic_write, atomic_write_text
+from utils import atomic_write, atomic_write_text, remove_stale_temp_files
 
 MANIFEST = "preprocessing_args.json"
 
@@ -124,6 +126,7 @@ def _write_shard(k: int) -> dict:
     lo, hi = k * size, min((k + 1) * size, _WORKER["num_source"])
     images = np.empty((hi - lo, res, res, ch), dtype=np.uint8)  # [n, H, W, C]
     labels, bad = [], []
+    upsampled_before = dataset.UPSAMPLED["count"]
     for i in range(lo, hi):
         try:
             x, y = reader[i]  # uint8 [C, H, W]
@@ -145,7 +148,8 @@ def _write_shard(k: int) -> dict:
         flat = np.frombuffer(b"".join(blobs), dtype=np.uint8)
         _save_npy(flat, dest / names["images"])
         _save_npy(offsets, dest / names["offsets"])
-    record = {"shard": k, "count": len(labels), "labels": labels, "bad": bad}
+    record = {"shard": k, "count": len(labels), "labels": labels, "bad": bad,
+              "upsampled": dataset.UPSAMPLED["count"] - upsampled_before}
     atomic_write_text(json.dumps(record), dest / names["record"])
     return record
 
@@ -205,8 +209,7 @@ def preprocess(source: str | os.PathLike, dest: str | os.PathLike, resolution: i
                     channels=channels, encoding=encoding, shard_size=shard_size, skip_bad_images=skip_bad_images,
                     max_images=max_images, class_to_idx=class_to_idx)
     _check_manifest(dest, settings)
-    for tmp in dest.glob(".*.tmp"):  # leftovers of an interrupted run; never under a final name
-        tmp.unlink()
+    remove_stale_temp_files(dest)  # leftovers of an interrupted run; never under a final name
 
     num_shards = (num_source + shard_size - 1) // shard_size
     ranges = [min(shard_size, num_source - k * shard_size) for k in range(num_shards)]
@@ -255,6 +258,7 @@ def preprocess(source: str | os.PathLike, dest: str | os.PathLike, resolution: i
                  encoding=encoding, num_images=num_images, num_classes=max(class_to_idx.values()) + 1,
                  labels="labels.npy", shards=shards, class_to_idx=class_to_idx, source=str(source),
                  source_type=kind, shard_size=shard_size, num_bad=num_bad,
+                 num_upsampled=sum(r.get("upsampled", 0) for r in ordered),
                  bad_images=[b for r in ordered for b in r["bad"]])
     _save_npy(labels, dest / "labels.npy")
     save_class_to_idx(class_to_idx, dest / "class_to_idx.json")
@@ -265,10 +269,14 @@ def preprocess(source: str | os.PathLike, dest: str | os.PathLike, resolution: i
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--source", required=True, help="image folder, REPA-E archive folder, or EDM folder/.zip")
-    p.add_argument("--dest", required=True, help="output folder (created; resumable)")
+    p.add_argument("--source", "--imagenet-path", dest="source", required=True,
+                   help="image folder, REPA-E archive folder, or EDM folder/.zip (--imagenet-path: REPA-E's name)")
+    p.add_argument("--dest", "--output-path", dest="dest", default="data",
+                   help="output folder (created; resumable); the default 'data' is where train_repae.py / "
+                        "cache_latents.py look (--data-dir data), as REPA-E's images.h5")
     p.add_argument("--resolution", type=int, default=256, help="output image size (ADM center crop)")
-    p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="worker processes (one shard per task)")
+    p.add_argument("--workers", "--num-workers", dest="workers", type=int, default=os.cpu_count() or 1,
+                   help="worker processes (one shard per task)")
     p.add_argument("--shard-size", type=int, default=1000, help="images per shard file")
     p.add_argument("--channels", type=int, default=3, choices=[1, 3], help="1: convert to grayscale (L)")
     p.add_argument("--encoding", default="raw", choices=["raw", "png"],
@@ -286,6 +294,8 @@ def main(argv=None) -> None:
         sys.exit(f"preprocessing.py: error: {e}")
     print(f"wrote {index['num_images']} images ({index['num_classes']} classes, {len(index['shards'])} shards, "
           f"{index['num_bad']} skipped) to {args.dest}")
+    if index["num_upsampled"]:
+        print(f"{index['num_upsampled']} images were smaller than --resolution {args.resolution} and were upsampled")
 
 
 if __name__ == "__main__":

@@ -38,19 +38,29 @@ def _null_class(model, null_class: Optional[int]) -> int:
 
 
 class _Guided:
-    """Velocity evaluation with interval-restricted classifier-free guidance."""
+    """Velocity evaluation with interval-restricted classifier-free guidance.
+
+    A model that guides itself (generate.GuidedVelocity: `is_guided(t)` and
+    `guided_inference(x, t, y, guided)`) gets the sampler's decision passed in, so Heun's corrector
+    at t_next is guided as t_cur's predictor was, whichever guidance the model implements."""
 
     def __init__(self, model, y, cfg_scale, guidance_low, guidance_high, null_class, model_dtype):
         self.model, self.y = model, y
         self.cfg_scale, self.low, self.high = cfg_scale, guidance_low, guidance_high
-        self.y_null = torch.full_like(y, null_class)
+        self.self_guided = hasattr(model, "guided_inference") and hasattr(model, "is_guided")
+        self.y_null = None if self.self_guided else torch.full_like(y, null_class)
         self.dtype = model_dtype
 
     def is_guided(self, t: float) -> bool:
+        if self.self_guided:
+            return self.model.is_guided(t)
         return self.cfg_scale > 1.0 and self.low <= t <= self.high
 
     def __call__(self, x: torch.Tensor, t: float, guided: bool) -> torch.Tensor:
         n = x.shape[0]
+        if self.self_guided:
+            tin = torch.full((n,), float(t), device=x.device, dtype=torch.float64).to(self.dtype)
+            return self.model.guided_inference(x.to(self.dtype), tin, self.y, guided).to(torch.float64)
         if guided:
             xin, yin = torch.cat([x, x]), torch.cat([self.y, self.y_null])
         else:

@@ -15,6 +15,8 @@ Everything else (experiment folder, checkpoints with full state, exact resume, s
 guard, summary) is the shared plumbing of `utils.py`, as in `train_repae.py`.
 
   accelerate launch train_ldm_only.py --latents-dir LATENTS --model SiT-XL/2 --enc-type dinov2-vit-b --data-dir IMAGES
+  accelerate launch train_ldm_only.py --data-dir data --vae-latents-name NAME --vae f16d32 --vae-ckpt P.pt \
+      --model SiT-XL/1      (REPA-E's names: latents in data/NAME, normalisation from P-latents-stats.pt)
   accelerate launch train_ldm_only.py --latents-dir LATENTS --model LightningDiT-XL/1 --enc-type none \
       --weighting logit-normal --direction-loss-weight 1 --learning-rate 2e-4 --adam-beta2 0.95
 """
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
@@ -39,6 +42,7 @@ def parse_args(argv=None):
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--config", type=str, default=None, help="YAML file of flag values (flags given explicitly win)")
     utils.add_common_training_flags(p)
+    p.set_defaults(report_to="wandb")  # REPA-E's default tracker
     g = p.add_argument_group("model")
     g.add_argument("--model", type=str, default="SiT-XL/2", choices=list(DIFFUSION_MODELS), help="diffusion transformer (SiT, LightningDiT or DiT^DH; N / T sizes are tiny CPU sizes)")
     g.add_argument("--num-classes", type=int, default=1000, help="number of class labels (1 = unconditional; the null label for guidance is this id)")
@@ -53,11 +57,16 @@ def parse_args(argv=None):
                    help="how the network reads t: data-at-1 is hustvl LightningDiT's (auto: data-at-1 for LightningDiT without --use-gembed)")
     g.add_argument("--grad-checkpointing", action="store_true", help="recompute transformer blocks in backward (memory)")
     g = p.add_argument_group("data")
-    g.add_argument("--latents-dir", type=str, required=False, default=None, help="folder written by cache_latents.py")
-    g.add_argument("--data-dir", type=str, default=None, help="the images the latents were cached from (needed for the REPA loss)")
+    g.add_argument("--latents-dir", type=str, required=False, default=None, help="folder written by cache_latents.py (or give --vae-latents-name)")
+    g.add_argument("--vae-latents-name", type=str, default=None,
+                   help="REPA-E's name of the cached latents: reads <data-dir>/<name>, where `cache_latents.py --vae-latents-name` writes them")
+    g.add_argument("--data-dir", type=str, default=None, help="the images the latents were cached from (needed for the REPA loss); with --vae-latents-name also the folder holding the latents (default data)")
     g.add_argument("--no-flip", action="store_true", help="never use the cached horizontally flipped latents")
     g.add_argument("--latent-norm", type=str, default="auto", choices=["auto", "channel", "position"],
                    help="latent statistics used for normalisation (auto: the tokenizer's own mode)")
+    g.add_argument("--latent-stats-from", type=str, default="auto", choices=["auto", "vae", "cache"],
+                   help="latent normalisation source: vae = <vae-ckpt>-latents-stats.pt (REPA-E: the E2E-VAE's trained "
+                        "statistics), cache = the latent folder's exact statistics; auto = vae for the SiT when that file exists")
     g = p.add_argument_group("tokenizer (decodes the sample grids)")
     g.add_argument("--tokenizer", type=str, default=None, choices=["kl", "vavae", "vq", "rae"], help="tokenizer kind (default: the one recorded in the latent folder)")
     g.add_argument("--vae", type=str, default=None, help="tokenizer preset name (default: the one recorded in the latent folder)")
@@ -72,7 +81,7 @@ def parse_args(argv=None):
                    help="training time distribution (SiT: uniform | lognormal; LightningDiT / DiT^DH: uniform | logit-normal)")
     g.add_argument("--time-shift", type=str, default="1", help="t' = s t / (1 + (s - 1) t) on training times: a number or 'auto' (RAE: sqrt(C*h*w / 4096))")
     g.add_argument("--direction-loss-weight", type=float, default=0.0, help="LightningDiT velocity-direction (cosine) loss weight")
-    g.add_argument("--enc-type", type=str, default="none", help="REPA encoders (comma list) or 'none'")
+    g.add_argument("--enc-type", type=str, default=None, help="REPA encoders (comma list) or 'none' (default: dinov2-vit-b for the SiT, as REPA-E; none for the other families)")
     g.add_argument("--random-init-encoders", action="store_true", help="encoders with random weights (offline tests)")
     g.add_argument("--encoder-weights-dir", type=str, default=None, help="local folder of encoder weights")
     g.add_argument("--proj-coeff", type=float, default=0.5, help="weight of the REPA loss")
@@ -82,7 +91,9 @@ def parse_args(argv=None):
     g.add_argument("--lr-schedule", type=str, default="constant", choices=["constant", "linear", "cosine"], help="LR schedule after warm-up")
     g.add_argument("--lr-warmup-steps", type=int, default=0, help="linear warm-up steps")
     g.add_argument("--lr-decay-start", type=int, default=0, help="linear schedule: step where the decay starts")
-    g.add_argument("--final-lr", type=float, default=0.0, help="LR at --max-train-steps (linear / cosine schedules)")
+    g.add_argument("--final-lr", type=float, default=0.0, help="LR at the end of the schedule (linear / cosine schedules)")
+    g.add_argument("--lr-total-steps", type=int, default=None,
+                   help="step where the linear / cosine decay reaches --final-lr (default: --max-train-steps)")
     g.add_argument("--ema-decay", type=float, default=0.9999, help="EMA decay")
     g = p.add_argument_group("sample grids")
     g.add_argument("--sample-num-steps", type=int, default=50, help="Euler steps for the sample grids")
@@ -90,9 +101,13 @@ def parse_args(argv=None):
     g.add_argument("--sample-shift", type=str, default="1", help="time shift of the sampling grid (number or 'auto')")
     g.add_argument("--num-sample-images", type=int, default=16, help="images per sample grid")
     add_training_eval_flags(p)
-    args = utils.finish_args(utils.parse_args_with_config(p, argv), "ldm")
+    args = utils.finish_args(utils.parse_args_with_config(p, argv), "ldm", mixed_precision_default="fp16")
+    if args.enc_type is None:
+        args.enc_type = "dinov2-vit-b" if model_family(args.model) == "sit" else "none"
+    if not args.latents_dir and args.vae_latents_name:
+        args.latents_dir = str(Path(args.data_dir or "data") / args.vae_latents_name)
     if not args.latents_dir:
-        p.error("--latents-dir is required (a folder written by cache_latents.py)")
+        p.error("--latents-dir (or --vae-latents-name) is required: a folder written by cache_latents.py")
     if args.eval_every > 0 and not args.eval_reference:
         p.error("--eval-every needs --eval-reference (a reference .npz)")
     return args
@@ -127,6 +142,31 @@ def build_model(args, latent_shape, num_encoder_dims):
     return net, options, data_at_one
 
 
+def latent_statistics(args, cache_stats: dict, family: str, norm_mode: str, latent_shape) -> tuple:
+    """(statistics dict, source file) of the latent normalisation.
+
+    REPA-E's train_ldm_only initialises the SiT's BatchNorm from `<vae-ckpt>-latents-stats.pt`
+    (for an E2E-VAE: the statistics its REPA-E run learned); the latent folder's exact statistics
+    are the alternative. A stats file holds scale = (var + bn_eps)^-1/2 (bn_eps = 0 in released
+    files), so var = 1 / scale^2 - bn_eps gives back the BatchNorm's running variance."""
+    from models.autoencoder import default_stats_path, load_latents_stats
+
+    cache_source = f"{args.latents_dir}/latents_stats.pt"
+    vae_file = default_stats_path(args.vae_ckpt) if args.vae_ckpt else None
+    use_vae = args.latent_stats_from == "vae" or (
+        args.latent_stats_from == "auto" and family == "sit" and vae_file is not None and vae_file.is_file())
+    if not use_vae:
+        return cache_stats, cache_source
+    if vae_file is None:
+        raise SystemExit("--latent-stats-from vae needs --vae-ckpt (its <name>-latents-stats.pt is read)")
+    if norm_mode != "channel":
+        raise SystemExit(f"--latent-stats-from vae: {vae_file} holds per-channel statistics, but --latent-norm is {norm_mode}")
+    vae_stats = load_latents_stats(vae_file, channels=int(latent_shape[0]))
+    scale, bias = vae_stats["latents_scale"].reshape(-1), vae_stats["latents_bias"].reshape(-1)
+    eps = float(vae_stats.get("bn_eps", torch.tensor(0.0)))
+    return {"channel_mean": bias, "channel_var": 1.0 / scale.pow(2) - eps}, str(vae_file)
+
+
 def build_tokenizer_for_grids(args, dataset, logger):
     """The tokenizer that decodes sample grids; it must be the one that wrote the latents."""
     if args.no_sample_grids or (args.sampling_steps <= 0 and args.eval_every <= 0):
@@ -146,6 +186,9 @@ def build_tokenizer_for_grids(args, dataset, logger):
 
 
 def main(args):
+    if args.eval_every > 0 and not Path(args.eval_reference).exists():
+        # named now, not at the first evaluation hours into the run (config files carry such paths)
+        raise SystemExit(f"--eval-reference {args.eval_reference}: no such file (or pass --eval-every 0)")
     run = utils.start_run(args, "train_ldm_only")
     accelerator, logger, device, world = run.accelerator, run.logger, run.device, run.world
     exp_dir, local_bs = run.exp_dir, run.local_batch_size
@@ -172,7 +215,7 @@ def main(args):
     norm_mode = info.get("stats_mode", "channel") if args.latent_norm == "auto" else args.latent_norm
     if family == "sit" and norm_mode != "channel":
         raise SystemExit(f"--latent-norm {norm_mode}: the SiT normalises per channel (its input BatchNorm)")
-    stats = dataset.stats
+    stats, stats_source = latent_statistics(args, dataset.stats, family, norm_mode, latent_shape)
     sampler = ResumableDistributedSampler(len(dataset), local_bs, run.rank, world, seed=args.seed)
     loader = utils.training_loader(dataset, local_bs, sampler, args, collate_fn=collate_latents)
     logger.info(f"latents {args.latents_dir}: {len(dataset)} x {latent_shape} from tokenizer {info.get('kind')}/"
@@ -188,17 +231,16 @@ def main(args):
                                  weights_dir=args.encoder_weights_dir)
     net, model_options, data_at_one = build_model(args, latent_shape, [e.embed_dim for e in encoders])
     if family == "sit":
-        sit_bn_from_stats(net, stats, f"{args.latents_dir}/latents_stats.pt")
+        sit_bn_from_stats(net, stats, stats_source)
         tokens = net.x_embedder.num_patches
         for e in encoders:
             if e.num_tokens(resolution) != tokens:
                 raise SystemExit(f"encoder {e.name} gives {e.num_tokens(resolution)} tokens at {resolution}px but "
                                  f"{args.model} on {latent_shape} latents has {tokens}; change the patch size")
-        normalizer = LatentNormalizer.from_stats(stats, "channel", latent_shape, net.bn.eps,
-                                                 f"{args.latents_dir}/latents_stats.pt")
+        normalizer = LatentNormalizer.from_stats(stats, "channel", latent_shape, net.bn.eps, stats_source)
     else:
         normalizer = LatentNormalizer.from_stats(stats, norm_mode, latent_shape, 0.0 if norm_mode == "channel" else 1e-5,
-                                                 f"{args.latents_dir}/latents_stats.pt")
+                                                 stats_source)
     normalizer = normalizer.to(device)
     train_shift = resolve_shift(args.time_shift, latent_shape)
     sample_shift = resolve_shift(args.sample_shift, latent_shape)
@@ -213,11 +255,13 @@ def main(args):
     tokenizer = build_tokenizer_for_grids(args, dataset, logger)
     logger.info(f"{args.model}: {sum(p.numel() for p in net.parameters()) / 1e6:.2f}M params; time "
                 f"{'data' if data_at_one else 'noise'} at t = 1; train shift {train_shift:.3f}; "
-                f"latent normalisation per {norm_mode}; encoders {[e.name for e in encoders]}")
+                f"latent normalisation per {norm_mode} from {stats_source}; encoders {[e.name for e in encoders]}")
 
     opt = utils.adamw([p for p in net.parameters() if p.requires_grad], args.learning_rate, args)
+    steps_per_epoch = max(sampler.batches_per_epoch // args.gradient_accumulation_steps, 1)
+    utils.apply_config_epochs(args, steps_per_epoch, logger)
     sched = utils.lr_scheduler(opt, schedule=args.lr_schedule, warmup_steps=args.lr_warmup_steps,
-                               decay_start=args.lr_decay_start, total_steps=args.max_train_steps,
+                               decay_start=args.lr_decay_start, total_steps=args.lr_total_steps or args.max_train_steps,
                                final_ratio=args.final_lr / args.learning_rate if args.learning_rate else 0.0)
 
     # ---------------- resume
@@ -270,7 +314,8 @@ def main(args):
 
     evaluations = {}
     model.train()
-    progress = tqdm(total=args.max_train_steps, initial=step, disable=not accelerator.is_main_process,
+    progress = tqdm(total=min(args.max_train_steps, args.epochs * steps_per_epoch), initial=step,
+                    disable=not accelerator.is_main_process,
                     desc="train_ldm_only", dynamic_ncols=True)
     data_iter = utils.infinite_epochs(loader, sampler, epoch, batch_pos)
     stop = utils.StopRequest().install()

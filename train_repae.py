@@ -38,6 +38,7 @@ def parse_args(argv=None):
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--config", type=str, default=None, help="YAML file of flag values (flags given explicitly win)")
     utils.add_common_training_flags(p)
+    p.set_defaults(report_to="wandb")  # REPA-E's default tracker
     g = p.add_argument_group("model")
     g.add_argument("--model", type=str, default="SiT-XL/2", choices=list(SiT_models), help="SiT size and patch (T and N are tiny sizes for CPU)")
     g.add_argument("--num-classes", type=int, default=1000, help="number of class labels (the null label for guidance is this id)")
@@ -82,7 +83,7 @@ def parse_args(argv=None):
     g.add_argument("--sample-cfg-scale", type=float, default=1.0, help="guidance scale for the sample grids")
     g.add_argument("--num-sample-images", type=int, default=16, help="images per sample grid")
     add_training_eval_flags(p)
-    args = utils.finish_args(utils.parse_args_with_config(p, argv), "repae")
+    args = utils.finish_args(utils.parse_args_with_config(p, argv), "repae", mixed_precision_default="fp16")
     if args.eval_every > 0 and not args.eval_reference:
         p.error("--eval-every needs --eval-reference (a reference .npz)")
     return args

@@ -73,7 +73,8 @@ def parse_args(argv=None):
     p.set_defaults(adam_beta1=None, adam_beta2=None, max_grad_norm=0.0, compile=False, batch_size=32,
                    checkpointing_steps=5000, sampling_steps=1000)
     g = p.add_argument_group("tokenizer")
-    g.add_argument("--tokenizer", type=str, required=False, default=None, choices=TOKENIZERS, help="what to train")
+    g.add_argument("--tokenizer", type=str, required=False, default=None, choices=TOKENIZERS + ("vq",),
+                   help="what to train (vq: the same as vqgan, the other scripts' name of the kind)")
     g.add_argument("--model", type=str, default=None,
                    help="preset: VAE_PRESETS (kl/vavae), VQ_PRESETS (vqgan) or RAE_PRESETS (rae); default per kind")
     g.add_argument("--model-config", default=None,
@@ -85,6 +86,10 @@ def parse_args(argv=None):
     g.add_argument("--ema-decay", type=float, default=None, help="EMA of the tokenizer (0: off; default per kind)")
     g = p.add_argument_group("loss (kl / vavae / vqgan)")
     g.add_argument("--disc-start", type=int, default=None, help="step at which the GAN term and discriminator updates start")
+    g.add_argument("--lightning-global-step", action="store_true",
+                   help="count --disc-start as the originals' Lightning global_step does with two optimizers (the "
+                        "generator at 2 x step, the discriminator at 2 x step + 1; its optimizer steps every batch, "
+                        "with a zero loss before the start), so an original's value applies verbatim")
     g.add_argument("--disc-weight", type=float, default=None, help="GAN weight (times the adaptive weight)")
     g.add_argument("--disc-factor", type=float, default=1.0, help="disc_factor after --disc-start")
     g.add_argument("--disc-every", type=int, default=1, help="update the discriminator every N steps")
@@ -104,8 +109,9 @@ def parse_args(argv=None):
     g.add_argument("--distmat-margin", type=float, default=0.25, help="distance-matrix margin")
     g.add_argument("--cos-weight", type=float, default=1.0, help="weight of the cosine term")
     g.add_argument("--distmat-weight", type=float, default=1.0, help="weight of the distance-matrix term")
-    g.add_argument("--vf-legacy-input", action="store_true",
-                   help="feed the foundation model the unnormalised [-1, 1] image bilinearly resized (the original's quirk)")
+    g.add_argument("--vf-legacy-input", action=argparse.BooleanOptionalAction, default=True,
+                   help="feed the foundation model the unnormalised [-1, 1] image bilinearly resized, as the original "
+                        "VA-VAE; --no-vf-legacy-input feeds it ImageNet-normalised bicubic input")
     g.add_argument("--encoder-weights-dir", type=str, default=None, help="local folder of foundation-model weights")
     g.add_argument("--random-init-encoders", action="store_true", help="foundation / RAE encoder with random weights (tests)")
     g = p.add_argument_group("VQ (vqgan)")
@@ -122,12 +128,17 @@ def parse_args(argv=None):
     g.add_argument("--gan-weight", type=float, default=None, help="GAN weight (default --disc-weight of the kind: 0.75)")
     g.add_argument("--disc-start-epoch", type=int, default=8, help="epoch from which the GAN term is used")
     g.add_argument("--disc-update-start-epoch", type=int, default=6, help="epoch from which the discriminator trains")
-    g.add_argument("--diffaug-policy", type=str, default="color,translation", help="DiffAug policy")
+    g.add_argument("--diffaug-policy", type=str, default="translation,color",
+                   help="DiffAug policy, applied in the order given (the original: translation, then colour)")
     g.add_argument("--disc-config", default=None, help="DINO discriminator config (mapping in --config, or 'tiny')")
     g = p.add_argument_group("optimisers and schedules")
     g.add_argument("--optimizer", type=str, default=None, choices=["adam", "adamw"], help="default per kind")
     g.add_argument("--learning-rate", type=float, default=None, help="tokenizer LR (default per kind)")
     g.add_argument("--disc-learning-rate", type=float, default=None, help="discriminator LR (default: --learning-rate)")
+    g.add_argument("--disc-lr-horizon", type=str, default="run", choices=["run", "disc-steps"],
+                   help="discriminator schedule: 'run' = the generator's schedule counted in the discriminator's own "
+                        "steps, so a late start never reaches the final LR (the originals); 'disc-steps' = fitted to "
+                        "its own number of updates")
     g.add_argument("--lr-schedule", type=str, default="constant", choices=["constant", "cosine", "linear"], help="LR schedule of both optimizers")
     g.add_argument("--lr-warmup-steps", type=int, default=0, help="linear warmup steps (each optimizer on its own clock)")
     g.add_argument("--lr-warmup-epochs", type=float, default=None, help="warmup in epochs (overrides --lr-warmup-steps)")
@@ -151,7 +162,11 @@ def parse_args(argv=None):
     g.add_argument("--skip-bad-images", action="store_true", help="skip unreadable images instead of stopping")
     g = p.add_argument_group("evaluation")
     g.add_argument("--eval-every", type=int, default=0, help="evaluate every N steps (0: only at the end)")
-    g.add_argument("--eval-data-dir", type=str, default=None, help="evaluation images (default: a held-out slice of --data-dir)")
+    g.add_argument("--eval-data-dir", type=str, default=None,
+                   help="evaluation images, e.g. the ImageNet validation folder of the papers' rFID (default: "
+                        "--eval-samples images of --data-dir that also train, unless --eval-holdout)")
+    g.add_argument("--eval-holdout", action="store_true",
+                   help="without --eval-data-dir: remove the evaluation images from the training data")
     g.add_argument("--eval-samples", type=int, default=1000, help="images evaluated (0: no evaluation)")
     g.add_argument("--eval-batch-size", type=int, default=32, help="evaluation batch per process")
     g.add_argument("--eval-metrics", type=str, default="rfid,psnr,ssim,lpips", help="comma list of rfid, psnr, ssim, lpips")
@@ -159,6 +174,9 @@ def parse_args(argv=None):
     g.add_argument("--random-init-inception", action="store_true", help="random Inception (offline tests; not a real rFID)")
     g.add_argument("--inception-size", type=int, default=299, help="Inception input size (299 = protocol)")
     g.add_argument("--num-recon-images", type=int, default=8, help="pairs in each reconstruction grid")
+    g.add_argument("--verify-rank-sync", action="store_true",
+                   help="after every step, check that all processes hold identical weights (tokenizer, EMA, "
+                        "discriminator) and stop naming the first tensor that differs (debugging; one all-gather)")
     args = utils.finish_args(utils.parse_args_with_config(p, argv), "stage1")
     return resolve_defaults(args)
 
@@ -167,6 +185,8 @@ def resolve_defaults(args):
     """Fill the flags left unset with the kind's published values (KIND_DEFAULTS) and check them."""
     if args.tokenizer is None:
         raise SystemExit("--tokenizer is required (kl, vavae, vqgan, rae)")
+    if args.tokenizer == "vq":
+        args.tokenizer = "vqgan"
     for k, v in KIND_DEFAULTS[args.tokenizer].items():
         if getattr(args, k) is None:
             setattr(args, k, v)
@@ -180,7 +200,47 @@ def resolve_defaults(args):
         raise SystemExit(f"--load-size {args.load_size} is smaller than --resolution {args.resolution}")
     if args.disc_every < 1:
         raise SystemExit(f"--disc-every must be >= 1, got {args.disc_every}")
+    if args.eval_holdout and args.eval_data_dir:
+        raise SystemExit("--eval-holdout takes the evaluation images out of --data-dir; it cannot be combined "
+                         "with --eval-data-dir")
+    if args.lightning_global_step and args.tokenizer == "rae":
+        raise SystemExit("--lightning-global-step counts --disc-start; RAE starts its GAN by epoch "
+                         "(--disc-start-epoch / --disc-update-start-epoch)")
     return args
+
+
+def loss_global_steps(args, step: int) -> tuple:
+    """(generator, discriminator) global_step given to the loss at optimisation step `step`
+    (0-based). Lightning, which the VA-VAE original trains with, advances global_step once per
+    optimizer, so its disc_start=5001 switches the GAN term on at batch 2501 and the
+    discriminator loss at batch 2500 (its second optimizer step)."""
+    if args.lightning_global_step:
+        return 2 * step, 2 * step + 1
+    return step, step
+
+
+def first_disc_step(args, steps_per_epoch: int) -> int:
+    """The first optimisation step that steps the discriminator's optimizer (its schedule's clock
+    starts there); with --lightning-global-step it steps from the first batch, as Lightning."""
+    if args.tokenizer == "rae":
+        return args.disc_update_start_epoch * steps_per_epoch
+    return 0 if args.lightning_global_step else max(args.disc_start, 0)
+
+
+def build_schedulers(opt, opt_disc, args, total_steps: int, warmup: int, disc_first: int) -> tuple:
+    """The two LR schedules, each stepped on its own optimizer's clock. With --disc-lr-horizon run
+    (the originals) the discriminator's schedule is the generator's, so one that starts at epoch 6
+    of 16 ends 10 epochs into a 16-epoch decay (RAE: 8.2e-5, not the final 2e-5)."""
+    sched = utils.lr_scheduler(opt, schedule=args.lr_schedule, warmup_steps=warmup, decay_start=args.lr_decay_start,
+                               total_steps=total_steps, final_ratio=args.lr_final_ratio)
+    if args.disc_lr_horizon == "run":
+        decay_start, horizon = args.lr_decay_start, total_steps
+    else:
+        decay_start = max(args.lr_decay_start - disc_first, 0)
+        horizon = max(1, len(range(disc_first, total_steps, args.disc_every)))
+    sched_disc = utils.lr_scheduler(opt_disc, schedule=args.lr_schedule, warmup_steps=warmup, decay_start=decay_start,
+                                    total_steps=horizon, final_ratio=args.lr_final_ratio)
+    return sched, sched_disc
 
 
 # ------------------------------------------------------------------------------------------------
@@ -376,10 +436,27 @@ def init_from(args, model: nn.Module, logger) -> None:
     own = model.state_dict()
     conv = "encoder.conv_in.weight"
     if conv in sd and conv in own and sd[conv].shape[1] != own[conv].shape[1]:
-        raise SystemExit(f"{source} takes {sd[conv].shape[1]}-channel images but the model was built for "
-                         f"--in-channels {own[conv].shape[1]}; pass --in-channels {sd[conv].shape[1]}")
+        if (sd[conv].shape[1], own[conv].shape[1]) != (3, 1):
+            raise SystemExit(f"{source} takes {sd[conv].shape[1]}-channel images but the model was built for "
+                             f"--in-channels {own[conv].shape[1]}; pass --in-channels {sd[conv].shape[1]}")
+        sd = rgb_to_gray_state_dict(sd)
+        logger.info(f"{source}: RGB weights adapted to 1-channel images: encoder.conv_in sums its RGB kernels "
+                    f"(a grey image g seen as (g, g, g)), decoder.conv_out averages its RGB output rows and bias; "
+                    f"every other weight loads unchanged")
     utils.load_state_dict_strict(model, sd, source)
     logger.info(f"initialised from {path}")
+
+
+def rgb_to_gray_state_dict(sd: dict) -> dict:
+    """An RGB tokenizer's weights for 1-channel images. The first conv sees the grey image g as
+    the RGB image (g, g, g), so its kernels summed over the input channels give the same
+    response; the last conv's grey output is the mean of its R, G, B outputs (rows and bias)."""
+    sd = dict(sd)
+    sd["encoder.conv_in.weight"] = sd["encoder.conv_in.weight"].sum(dim=1, keepdim=True)  # [C, 3, k, k] -> [C, 1, k, k]
+    for key in ("decoder.conv_out.weight", "decoder.conv_out.bias"):
+        if key in sd:
+            sd[key] = sd[key].mean(dim=0, keepdim=True)  # [3, ...] -> [1, ...]
+    return sd
 
 
 def make_optimizer(params, lr: float, args) -> torch.optim.Optimizer:
@@ -394,6 +471,15 @@ def codebook_stats(counts: torch.Tensor) -> dict:
     0-d tensors on counts' device (no host sync in the training step)."""
     p = counts.double() / counts.sum().clamp_min(1)
     return {"codebook_usage": (counts > 0).double().mean(), "perplexity": torch.exp(-(p * torch.log(p + 1e-10)).sum())}
+
+
+def rank_sync_tensors(model: nn.Module, ema, disc: nn.Module) -> list:
+    """(name, tensor) of everything that must be identical on every rank after a step: the
+    tokenizer, its EMA and the discriminator's trained state, parameters and buffers."""
+    out = [(f"model.{k}", v) for k, v in model.state_dict().items()]
+    if ema is not None:
+        out += [(f"ema.{k}", v) for k, v in ema.state_dict().items()]
+    return out + [(f"discriminator.{k}", v) for k, v in disc.state_dict().items()]
 
 
 def allreduce_grads(params, accelerator) -> None:
@@ -461,28 +547,30 @@ def main(args):
     from loss.perceptual import LPIPS
     from loss.reconstruction import RAELoss, VAVAELoss, VQLPIPSLoss
 
-    lpips_net = LPIPS(vgg_weights=args.lpips_weights) if args.perceptual_weight > 0 or "lpips" in args.eval_metrics else None
-    perceptual = RepeatChannels(lpips_net) if lpips_net is not None and args.perceptual_weight > 0 else None
-    if kind in ("kl", "vavae"):
-        loss_fn = VAVAELoss(disc_start=args.disc_start, kl_weight=args.kl_weight, disc_num_layers=args.disc_num_layers,
-                            disc_in_channels=in_channels, disc_factor=args.disc_factor, disc_weight=args.disc_weight,
-                            perceptual_weight=args.perceptual_weight, use_actnorm=args.use_actnorm,
-                            disc_loss=args.disc_loss, vf_weight=args.vf_weight, adaptive_vf=args.adaptive_vf,
-                            cos_margin=args.cos_margin, distmat_margin=args.distmat_margin,
-                            distmat_weight=args.distmat_weight, cos_weight=args.cos_weight, disc_ndf=args.disc_ndf,
-                            perceptual=perceptual)
-    elif kind == "vqgan":
-        loss_fn = VQLPIPSLoss(disc_start=args.disc_start, codebook_weight=args.codebook_weight,
-                              disc_num_layers=args.disc_num_layers, disc_in_channels=in_channels,
-                              disc_factor=args.disc_factor, disc_weight=args.disc_weight,
-                              perceptual_weight=args.perceptual_weight, use_actnorm=args.use_actnorm,
-                              disc_ndf=args.disc_ndf, disc_loss=args.disc_loss, perceptual=perceptual)
-    else:
-        from models.discriminators import DINO_DISC_TINY
+    # The discriminator (and any random loss network) from one seed, not the per-rank stream:
+    # every rank and every world size starts from the same discriminator.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(args.seed + 1)
+        lpips_net = LPIPS(vgg_weights=args.lpips_weights) if args.perceptual_weight > 0 or "lpips" in args.eval_metrics else None
+        perceptual = RepeatChannels(lpips_net) if lpips_net is not None and args.perceptual_weight > 0 else None
+        if kind in ("kl", "vavae"):
+            loss_fn = VAVAELoss(disc_start=args.disc_start, kl_weight=args.kl_weight, disc_num_layers=args.disc_num_layers,
+                                disc_in_channels=in_channels, disc_factor=args.disc_factor, disc_weight=args.disc_weight,
+                                perceptual_weight=args.perceptual_weight, use_actnorm=args.use_actnorm,
+                                disc_loss=args.disc_loss, vf_weight=args.vf_weight, adaptive_vf=args.adaptive_vf,
+                                cos_margin=args.cos_margin, distmat_margin=args.distmat_margin,
+                                distmat_weight=args.distmat_weight, cos_weight=args.cos_weight, disc_ndf=args.disc_ndf,
+                                perceptual=perceptual)
+        elif kind == "vqgan":
+            loss_fn = VQLPIPSLoss(disc_start=args.disc_start, codebook_weight=args.codebook_weight,
+                                  disc_num_layers=args.disc_num_layers, disc_in_channels=in_channels,
+                                  disc_factor=args.disc_factor, disc_weight=args.disc_weight,
+                                  perceptual_weight=args.perceptual_weight, use_actnorm=args.use_actnorm,
+                                  disc_ndf=args.disc_ndf, disc_loss=args.disc_loss, perceptual=perceptual)
+        else:
+            from models.discriminators import DINO_DISC_TINY
 
-        disc_cfg = DINO_DISC_TINY if args.disc_config == "tiny" else _read_mapping(args.disc_config, "--disc-config")
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(args.seed + 1)
+            disc_cfg = DINO_DISC_TINY if args.disc_config == "tiny" else _read_mapping(args.disc_config, "--disc-config")
             loss_fn = RAELoss(discriminator=dict(disc_cfg) if disc_cfg else None, perceptual_weight=args.perceptual_weight,
                               gan_weight=args.gan_weight, disc_start_epoch=args.disc_start_epoch,
                               disc_update_start_epoch=args.disc_update_start_epoch,
@@ -499,14 +587,26 @@ def main(args):
         logger.info(f"skipped {base.num_bad} unreadable images, e.g. {base.bad_files[:3]}")
     if accelerator.is_main_process and getattr(base, "class_to_idx", None):
         save_class_to_idx(base.class_to_idx, exp_dir / "class_to_idx.json")
-    n_eval = min(args.eval_samples, len(base) // 2) if args.eval_samples > 0 and not args.eval_data_dir else 0
+    unit = f"clips of {args.video_frames} frames" if args.video_frames else "images"
+    holdout = min(args.eval_samples, len(base) // 2) if args.eval_holdout and args.eval_samples > 0 else 0
     order = torch.randperm(len(base), generator=torch.Generator().manual_seed(args.seed)).tolist()
-    train_base = Subset(base, sorted(order[n_eval:])) if n_eval else base
+    train_base = Subset(base, sorted(order[holdout:])) if holdout else base
     train_ds = CropFlip(train_base, args.resolution, random=True, hflip=args.hflip, seed=args.seed)
     eval_ds = None
     if args.eval_samples > 0:
-        eval_base = (build_data(args, args.eval_data_dir, in_channels, load_size, "--eval-data-dir")
-                     if args.eval_data_dir else Subset(base, sorted(order[:n_eval])))
+        if args.eval_data_dir:
+            eval_base = build_data(args, args.eval_data_dir, in_channels, load_size, "--eval-data-dir")
+            logger.info(f"evaluation on --eval-data-dir {args.eval_data_dir}: {len(eval_base)} {unit}")
+        elif holdout:
+            eval_base = Subset(base, sorted(order[:holdout]))
+            logger.info(f"--eval-holdout: {holdout} {unit} of --data-dir {args.data_dir} held out for evaluation, "
+                        f"{len(train_base)} {unit} left for training")
+        else:
+            # Every rank picks the same seeded subset (the evaluation shards it); these images also train.
+            eval_base = Subset(base, sorted(order[:min(args.eval_samples, len(base))]))
+            logger.info(f"evaluation on {len(eval_base)} of the {len(base)} training {unit} of --data-dir "
+                        f"{args.data_dir} (not held out: pass --eval-data-dir, e.g. the validation images of the "
+                        f"papers' rFID, or --eval-holdout)")
         eval_ds = CropFlip(eval_base, args.resolution, random=False)
         if args.video_frames > 0:
             eval_ds = ClipFrames(eval_ds, args.video_frames)
@@ -515,12 +615,13 @@ def main(args):
     sampler = ResumableDistributedSampler(len(train_ds), local_bs, rank, world, seed=args.seed)
     loader = utils.training_loader(train_ds, local_bs, sampler, args)
     steps_per_epoch = max(sampler.batches_per_epoch // args.gradient_accumulation_steps, 1)
+    utils.apply_config_epochs(args, steps_per_epoch, logger)
     total_steps = args.lr_total_steps or min(args.max_train_steps, args.epochs * steps_per_epoch)
-    unit = f"clips of {args.video_frames} frames" if args.video_frames else "images"
     logger.info(f"{kind} tokenizer {args.model_config and 'from --model-config' or args.model}: "
                 f"{sum(p.numel() for p in trainable) / 1e6:.2f}M trainable params, discriminator "
                 f"{sum(p.numel() for p in disc_params) / 1e6:.2f}M; data {args.data_dir}: {len(train_ds)} {unit} "
-                f"for training, {len(eval_ds) if eval_ds is not None else 0} for evaluation; "
+                f"for training, {len(eval_ds) if eval_ds is not None else 0} {'frames' if args.video_frames else 'images'} "
+                f"evaluated; "
                 f"batch {args.batch_size} = {world} x {args.gradient_accumulation_steps} x {local_bs}")
 
     # ---------------- optimisers and schedules (each on its own clock)
@@ -534,13 +635,7 @@ def main(args):
     opt_disc = make_optimizer(disc_params, disc_lr, args)
     warmup = (round(args.lr_warmup_epochs * steps_per_epoch) if args.lr_warmup_epochs is not None
               else args.lr_warmup_steps)
-    disc_first = (args.disc_update_start_epoch * steps_per_epoch) if kind == "rae" else args.disc_start
-    disc_total = max(1, len(range(max(disc_first, 0), total_steps, args.disc_every)))
-    sched = utils.lr_scheduler(opt, schedule=args.lr_schedule, warmup_steps=warmup, decay_start=args.lr_decay_start,
-                               total_steps=total_steps, final_ratio=args.lr_final_ratio)
-    sched_disc = utils.lr_scheduler(opt_disc, schedule=args.lr_schedule, warmup_steps=warmup,
-                                    decay_start=max(args.lr_decay_start - disc_first, 0), total_steps=disc_total,
-                                    final_ratio=args.lr_final_ratio)
+    sched, sched_disc = build_schedulers(opt, opt_disc, args, total_steps, warmup, first_disc_step(args, steps_per_epoch))
 
     # ---------------- resume
     step, epoch, batch_pos = 0, 0, 0
@@ -573,12 +668,28 @@ def main(args):
         utils.restore_scaler(run, ckpt)
         utils.restore_rng(run, ckpt)
         del ckpt
+    # The discriminator is not wrapped in DDP: gradients are averaged by hand, and its state is
+    # rank 0's at the start, and its buffers (BatchNorm statistics of the local batches) after
+    # every step, as DDP's buffer broadcast does for the originals. ActNorm initialises its
+    # parameters from the first local batch: those are broadcast until every ActNorm is set.
+    from models.discriminators import ActNorm
+
+    disc = loss_fn.discriminator
+    disc_state = list(disc.state_dict(keep_vars=True).values())  # DINO: the heads only (the backbone is constant)
+    disc_buffers = [t for t in disc_state if not isinstance(t, nn.Parameter)]
+    actnorms = [m for m in disc.modules() if isinstance(m, ActNorm)]
+    actnorm_pending = bool(actnorms)
+    utils.broadcast_from_main(disc_state, accelerator)
+
+    from models.tokenizers import describe_model
+
+    description = describe_model(kind, model)  # what the export's NAME.json says (save_vae_weights.py)
 
     def save_checkpoint():
         def state():
             out = {"model": model.state_dict(), "loss": loss_fn.state_dict(), "opt": opt.optimizer.state_dict(),
                    "opt_disc": opt_disc.optimizer.state_dict(), "sched": sched.state_dict(),
-                   "sched_disc": sched_disc.state_dict(), "tokenizer": kind}
+                   "sched_disc": sched_disc.state_dict(), "tokenizer": kind, "tokenizer_config": description}
             if ema is not None:
                 out["ema"] = ema.state_dict()
             if kind == "rae" and model.latent_stats() is not None:
@@ -624,7 +735,7 @@ def main(args):
     def evaluate(at_step: int) -> dict:
         """Collective. PSNR / SSIM / LPIPS / rFID on the evaluation set through the shared code
         path (+ codebook usage and perplexity for VQ) and a reconstruction grid."""
-        from evaluation.metrics import local_indices, reconstruction_metrics
+        from evaluation.metrics import format_scores, local_indices, reconstruction_metrics
 
         net, tok = eval_tokenizer()
         was_training = net.training
@@ -648,9 +759,9 @@ def main(args):
             recon_grid(at_step)
         accelerator.wait_for_everyone()
         summary["evaluations"][str(at_step)] = res
-        accelerator.log({f"eval/{k}": v for k, v in res.items()}, step=at_step)
-        logger.info(f"eval at step {at_step} ({'EMA' if ema is not None else 'model'}): "
-                    + " ".join(f"{k}={v:.4f}" for k, v in res.items()))
+        # The metrics may carry notes (e.g. a random Inception's): numbers go to the tracker.
+        accelerator.log({f"eval/{k}": v for k, v in res.items() if isinstance(v, (int, float))}, step=at_step)
+        logger.info(f"eval at step {at_step} ({'EMA' if ema is not None else 'model'}): " + format_scores(res))
         return res
 
     # ---------------- loop
@@ -659,7 +770,8 @@ def main(args):
     enc_last_layer = model.get_encoder_last_layer() if kind == "vavae" else None
     fwd.train()
     loss_fn.train()
-    progress = tqdm(total=args.max_train_steps, initial=step, disable=not accelerator.is_main_process,
+    progress = tqdm(total=min(args.max_train_steps, args.epochs * steps_per_epoch), initial=step,
+                    disable=not accelerator.is_main_process,
                     desc=f"train_stage1 {kind}", dynamic_ncols=True)
     data_iter = utils.infinite_epochs(loader, sampler, epoch, batch_pos)
     stop = utils.StopRequest().install()
@@ -675,7 +787,8 @@ def main(args):
             if raw.shape[1] != in_channels:
                 raise SystemExit(f"{args.data_dir} yields {raw.shape[1]}-channel images but --in-channels is {in_channels}")
             x = raw.float() / 127.5 - 1  # [B, C, H, W] in [-1, 1]
-            use_d = (loss_fn.update_discriminator(epoch) if kind == "rae" else step >= args.disc_start) \
+            g_step, d_step = loss_global_steps(args, step)
+            use_d = (loss_fn.update_discriminator(epoch) if kind == "rae" else d_step >= args.disc_start) \
                 and step % args.disc_every == 0
             with accelerator.accumulate(fwd):
                 # -- generator update
@@ -685,10 +798,10 @@ def main(args):
                 logs = {}
                 if kind in ("kl", "vavae"):
                     aux = foundation(x, latent_grid) if kind == "vavae" else None
-                    g_loss, logs = loss_fn(x, recon, out["posterior"], 0, step, last_layer=last_layer,
+                    g_loss, logs = loss_fn(x, recon, out["posterior"], 0, g_step, last_layer=last_layer,
                                            z=out.get("z_proj"), aux_feature=aux, enc_last_layer=enc_last_layer)
                 elif kind == "vqgan":
-                    g_loss, logs = loss_fn(out["qloss"], x, recon, 0, step, last_layer=last_layer)
+                    g_loss, logs = loss_fn(out["qloss"], x, recon, 0, g_step, last_layer=last_layer)
                 else:
                     g_loss, logs = loss_fn.generator_loss(x, recon, last_layer, epoch)
                 accelerator.backward(g_loss)
@@ -709,15 +822,25 @@ def main(args):
                             model.train()
                         d_loss, d_logs = loss_fn.discriminator_loss(x, fake)
                     elif kind == "vqgan":
-                        d_loss, d_logs = loss_fn(out["qloss"], x, recon.detach(), 1, step)
+                        d_loss, d_logs = loss_fn(out["qloss"], x, recon.detach(), 1, d_step)
                     else:
-                        d_loss, d_logs = loss_fn(x, recon.detach(), out["posterior"], 1, step)
+                        d_loss, d_logs = loss_fn(x, recon.detach(), out["posterior"], 1, d_step)
                     logs.update(d_logs)
                     accelerator.backward(d_loss)
                     if accelerator.sync_gradients:
                         allreduce_grads(disc_params, accelerator)
                         if args.max_grad_norm > 0:
                             torch.nn.utils.clip_grad_norm_(disc_params, args.max_grad_norm)
+                    opt_disc.step()
+                    if accelerator.sync_gradients:
+                        sched_disc.step()
+                    opt_disc.zero_grad(set_to_none=True)
+                elif args.lightning_global_step and d_step < args.disc_start:
+                    # Lightning steps both optimizers on every batch; before disc_start the
+                    # discriminator's loss is 0, so Adam only counts steps (moments stay 0, weights
+                    # do not move), which sets the bias correction of its first real updates.
+                    for p in disc_params:
+                        p.grad = torch.zeros_like(p)
                     opt_disc.step()
                     if accelerator.sync_gradients:
                         sched_disc.step()
@@ -729,6 +852,11 @@ def main(args):
             if ema is not None:
                 utils.update_ema(ema, model, args.ema_decay)
             step += 1
+            if world > 1:
+                utils.broadcast_from_main(disc_state if actnorm_pending else disc_buffers, accelerator)
+                actnorm_pending = actnorm_pending and not all(int(m.initialized) for m in actnorms)
+            if args.verify_rank_sync:
+                utils.check_ranks_identical(rank_sync_tensors(model, ema, disc), accelerator, f"after step {step}")
 
             losses = {"g_loss": g_loss.detach(), "d_loss": d_loss.detach()}
             if kind == "vqgan":  # this batch's code usage (averaged over ranks with the losses)

@@ -2,6 +2,7 @@
 experiment folders, seeding and logging."""
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import math
@@ -9,9 +10,10 @@ import os
 import random
 import re
 import signal
+import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, Mapping, Optional
 
@@ -52,23 +54,69 @@ def load_state_dict_strict(module: nn.Module, state_dict: Mapping[str, torch.Ten
     return module
 
 
+class UnsafeCheckpointError(RuntimeError):
+    """A file that only loads through full Python unpickling, which can run arbitrary code."""
+
+
+def _inert_data_globals() -> list:
+    """Plain-data classes that released checkpoints carry beside their tensors (REPA / REPA-E /
+    LightningDiT store `args` as an argparse.Namespace; Lightning files hold numpy scalars): they
+    rebuild from values only and cannot call anything, so `weights_only` loading may accept them."""
+    import argparse
+    import pathlib
+
+    from numpy import dtypes as np_dtypes
+
+    multiarray = getattr(np, "_core", None) or np.core
+    return ([argparse.Namespace, pathlib.PosixPath, pathlib.PurePosixPath, np.ndarray, np.dtype,
+             multiarray.multiarray.scalar, multiarray.multiarray._reconstruct]
+            + [c for c in vars(np_dtypes).values() if isinstance(c, type) and issubclass(c, np.dtype)])
+
+
+def torch_load_safe(path: str | os.PathLike, what: str = "checkpoint") -> Any:
+    """`torch.load` on the CPU with `weights_only=True`: tensors, numbers, strings, lists, tuples,
+    dicts and inert data (`_inert_data_globals`) only, so a downloaded file can never run code. A
+    file that needs more is refused (`UnsafeCheckpointError`) and a truncated or corrupt one is
+    reported, both naming the file."""
+    import pickle
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} not found: {path}")
+    try:
+        with torch.serialization.safe_globals(_inert_data_globals()):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        reason = str(e).strip().splitlines()
+        detail = next((l.strip() for l in reason if "GLOBAL" in l or "Unsupported" in l), reason[0] if reason else "")
+        raise UnsafeCheckpointError(
+            f"refusing {what} {path}: it holds Python objects that only full unpickling rebuilds, and "
+            f"unpickling can run arbitrary code ({detail}). If you trust its source, load it once with "
+            f"torch.load(path, weights_only=False) and re-save only its tensors (the state dict) with "
+            f"torch.save or safetensors.torch.save_file, then pass the converted file") from None
+    except Exception as e:  # noqa: BLE001 - re-raised with the file name
+        size = path.stat().st_size
+        raise RuntimeError(f"could not read {what} {path} ({size} bytes; truncated or corrupt?): {e}") from e
+
+
 def load_checkpoint_file(path: str | os.PathLike, key: str | None = None) -> dict:
     """Load a `.pt`/`.pth`/`.safetensors` file on CPU; optionally return `ckpt[key]`.
 
-    Errors name the file: a missing file, an unreadable one, or a missing key.
+    Errors name the file: a missing file, an unreadable one, one that would need unpickling
+    (refused, see `torch_load_safe`), or a missing key.
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
 
+        try:
             obj = load_file(str(path), device="cpu")
-        else:
-            obj = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:  # noqa: BLE001 - re-raised with the file name
-        raise RuntimeError(f"could not read checkpoint {path}: {e}") from e
+        except Exception as e:  # noqa: BLE001 - re-raised with the file name
+            raise RuntimeError(f"could not read checkpoint {path}: {e}") from e
+    else:
+        obj = torch_load_safe(path)
     if key is not None:
         if not isinstance(obj, Mapping) or key not in obj:
             have = list(obj.keys()) if isinstance(obj, Mapping) else type(obj).__name__
@@ -84,15 +132,61 @@ def atomic_write(path: str | os.PathLike, write, mode: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        # mkstemp creates 0600; a file on a shared machine gets the mode open() would give it
+        os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, mode) as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as e:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        if _is_disk_full(e):
+            raise OSError(errno.ENOSPC, f"no space left on device (ENOSPC) while writing {path}; free space "
+                                        f"in {path.parent} and rerun ({e})") from e
+        raise
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def _umask() -> int:
+    # Linux reports it without changing it; os.umask can only read it by setting it, which
+    # would briefly affect files other threads create (tracker logs)
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _is_disk_full(e: OSError) -> bool:
+    """ENOSPC / EDQUOT, or numpy's short-write error ("N requested and M written") which carries
+    no errno: on a regular file a short write means the device or the quota is full."""
+    return e.errno in (errno.ENOSPC, errno.EDQUOT) or bool(re.search(r"\d+ requested and \d+ written", str(e)))
+
+
+TEMP_RE = re.compile(r"^\..+\.[a-z0-9_]{8}\.tmp$")
+
+
+def remove_stale_temp_files(folder: str | os.PathLike) -> list:
+    """Delete the temp files `atomic_write` leaves when a write is interrupted (`.NAME.XXXXXXXX.tmp`)
+    in `folder`; returns them. Only that pattern is touched, never a user's file. Call it at the
+    start of the script that writes `folder`, before any process writes there."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    stale = [p for p in folder.iterdir() if TEMP_RE.match(p.name) and p.is_file()]
+    for p in stale:
+        p.unlink(missing_ok=True)
+    return stale
 
 
 def atomic_save(obj: Any, path: str | os.PathLike) -> None:
@@ -126,10 +220,79 @@ def load_yaml(path: str | os.PathLike) -> dict:
     return data
 
 
+def positive_int(text) -> int:
+    """argparse type: an integer >= 1 (counts, sizes and periods where 0 means nothing happens)."""
+    import argparse
+
+    value = _strict_int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def non_negative_int(text) -> int:
+    """argparse type: an integer >= 0."""
+    import argparse
+
+    value = _strict_int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be a non-negative integer, got {text}")
+    return value
+
+
+def _strict_int(text) -> int:
+    import argparse
+
+    try:
+        return int(str(text).strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
+
+
+def config_value(action, value, key: str, source: str):
+    """A config value checked as the flag itself would be: through the action's type (a YAML
+    `2.5` for an integer flag is refused, a YAML `1e-4` string becomes a float) and its choices.
+    Errors name `source` (the file), the key and the flag."""
+    def bad(why):
+        return ValueError(f"{source}: key '{key}' ({action.option_strings[0] if action.option_strings else action.dest}): {why}")
+
+    if value is None:
+        return None
+    if action.nargs == 0:  # store_true / store_false / BooleanOptionalAction
+        if not isinstance(value, bool):
+            raise bad(f"expected true or false, got {value!r}")
+        return value
+    if isinstance(value, list) and action.nargs not in (None, "?"):
+        return [_config_value_one(action, v, bad) for v in value]
+    return _config_value_one(action, value, bad)
+
+
+def _config_value_one(action, value, bad):
+    import argparse
+
+    if isinstance(value, (dict, list)):
+        if action.type in (None, str):
+            return value  # structured values some scripts take as they are
+        raise bad(f"expected one value, got {value!r}")
+    if action.type in (int, positive_int, non_negative_int) and isinstance(value, (bool, float)):
+        raise bad(f"expected an integer, got {value!r}")
+    if action.type is float and isinstance(value, bool):
+        raise bad(f"expected a number, got {value!r}")
+    if action.type is not None:
+        try:
+            value = action.type(str(value))  # exactly what the same text on the command line gives
+        except (argparse.ArgumentTypeError, TypeError, ValueError) as e:
+            raise bad(str(e) or f"invalid value {value!r}") from None
+    if action.choices is not None and value not in action.choices:
+        raise bad(f"{value!r} is not one of {list(action.choices)}")
+    return value
+
+
 def parse_args_with_config(parser, argv=None):
     """argparse with `--config FILE.yaml`: the file's keys are defaults, explicit flags win.
 
-    Keys may be written with hyphens or underscores; an unknown key is an error naming the file.
+    Keys may be written with hyphens or underscores; an unknown key or a value its flag would
+    refuse is an error naming the file and the key.
     """
     import argparse
 
@@ -138,15 +301,71 @@ def parse_args_with_config(parser, argv=None):
     known, _ = pre.parse_known_args(argv)
     if known.config:
         cfg = load_yaml(known.config)
-        dests = {a.dest for a in parser._actions}
+        original = original_config_defaults(cfg, known.config, parser, argv)
+        if original is not None:
+            parser.set_defaults(**original)
+            return parser.parse_args(argv)
+        actions = {a.dest: a for a in parser._actions}
         defaults = {}
         for k, v in cfg.items():
             dest = k.replace("-", "_")
-            if dest not in dests:
+            if dest not in actions:
                 raise ValueError(f"{known.config}: unknown key '{k}' (not a flag of {parser.prog})")
-            defaults[dest] = v
+            defaults[dest] = config_value(actions[dest], v, k, known.config)
         parser.set_defaults(**defaults)
     return parser.parse_args(argv)
+
+
+def explicit_dests(parser, argv=None) -> set:
+    """The dests of the flags written on the command line `argv` (argparse's unique prefixes too)."""
+    argv = sys.argv[1:] if argv is None else argv
+    options = parser._option_string_actions
+    out = set()
+    for token in argv:
+        if not token.startswith("--"):
+            continue
+        name = token.split("=", 1)[0]
+        hits = {options[name].dest} if name in options else \
+            {a.dest for o, a in options.items() if parser.allow_abbrev and o.startswith(name)}
+        if len(hits) == 1:
+            out |= hits
+    return out
+
+
+def original_config_defaults(cfg: dict, path, parser, argv=None):
+    """When `cfg` is one of the originals' own YAML files (RAE, LightningDiT / VA-VAE, taming), its
+    translation for this script (configs_compat) as argparse defaults; None for our own
+    {flag: value} files. Explicit flags win over every value the file gives."""
+    from configs_compat import translate_original
+
+    translation = translate_original(cfg, path, parser.prog)
+    if translation is None:
+        return None
+    defaults = translation.defaults(explicit_dests(parser, argv))
+    actions = {}
+    for action in parser._actions:  # of several flags of one dest, check with the one taking a value
+        if action.dest not in actions or (actions[action.dest].nargs == 0 and action.nargs != 0):
+            actions[action.dest] = action
+    lacking = sorted(set(defaults) - set(actions) - {"config_epochs"})
+    if lacking:  # a translator written for flags this script does not have
+        raise ValueError(f"{path}: the {translation.original} config sets {lacking}, which {parser.prog} has no flag for")
+    for dest in set(defaults) & set(actions):  # checked as the flag itself would check them (choices)
+        defaults[dest] = config_value(actions[dest], defaults[dest], f"-> --{dest.replace('_', '-')}", path)
+    if translation.unused and os.environ.get("RANK", "0") == "0":
+        print(f"{path}: read as the original's {translation.original} config; without effect on {parser.prog}: "
+              f"{'; '.join(translation.unused)}", file=sys.stderr)
+    return defaults
+
+
+def apply_config_epochs(args, steps_per_epoch: int, logger=None) -> None:
+    """Turn the settings an original's config counts in epochs (RAE: checkpoint interval, LR
+    schedule; `args.config_epochs`) into steps, once the trainer knows the epoch length."""
+    for dest, epochs in (getattr(args, "config_epochs", None) or {}).items():
+        steps = round(float(epochs) * steps_per_epoch)
+        setattr(args, dest, max(steps, 1) if dest == "checkpointing_steps" else steps)
+        if logger is not None:
+            logger.info(f"--{dest.replace('_', '-')} {getattr(args, dest)} ({epochs:g} epochs of {steps_per_epoch} steps, "
+                        f"from --config)")
 
 
 def write_args_json(args, path: str | os.PathLike) -> None:
@@ -223,15 +442,27 @@ def create_logger(log_dir: str | os.PathLike | None, is_main: bool, name: str = 
 
 
 def rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """Every RNG of this process as tensors, numbers and strings only, so a checkpoint holding it
+    loads with `weights_only=True`; `set_rng_state` restores the exact streams."""
+    version, mt, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {"python": {"version": version, "mt": torch.tensor(mt, dtype=torch.int64), "gauss_next": gauss},
+             "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                       "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+             "torch": torch.get_rng_state()}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = torch.cuda.get_rng_state()
     return state
 
 
 def set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    py, npy = state["python"], state["numpy"]  # tuples in checkpoints written before the tensor form
+    if isinstance(py, dict):
+        py = (py["version"], tuple(int(v) for v in py["mt"].tolist()), py["gauss_next"])
+    if isinstance(npy, dict):
+        npy = (npy["kind"], npy["keys"].numpy().astype(np.uint32), npy["pos"], npy["has_gauss"], npy["cached_gaussian"])
+    random.setstate(py)
+    np.random.set_state(npy)
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
@@ -254,14 +485,43 @@ def checkpoint_path(ckpt_dir: str | os.PathLike, step: int) -> Path:
     return Path(ckpt_dir) / f"{step:07d}.pt"
 
 
-def resolve_resume(ckpt_dir: str | os.PathLike, resume, flag: str = "--resume") -> Path | None:
-    """`resume` is None/0 (start fresh), 'latest' (newest if any) or a step number (must exist);
-    `flag` names the option in the error."""
+def checkpoint_problem(path: str | os.PathLike) -> Optional[str]:
+    """Why `path` is not a complete torch checkpoint (None when it is). torch.save writes a zip whose
+    directory sits at the end, so a truncated copy fails here without reading the whole file."""
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as zf:
+            zf.namelist()
+        return None
+    except (zipfile.BadZipFile, OSError) as e:
+        return f"{e} ({Path(path).stat().st_size if Path(path).exists() else 0} bytes; truncated?)"
+
+
+def resolve_resume(ckpt_dir: str | os.PathLike, resume, flag: str = "--resume",
+                   notes: Optional[list] = None) -> Path | None:
+    """`resume` is None/0 (start fresh), 'latest' (newest complete checkpoint if any) or a step
+    number (must exist); `flag` names the option in the error. 'latest' passes over truncated
+    checkpoints, saying which in `notes` (a list the caller logs) or else as a warning."""
     if resume in (None, 0, "0", "", "none"):
         return None
     steps = list_checkpoints(ckpt_dir)
     if str(resume) == "latest":
-        return checkpoint_path(ckpt_dir, steps[-1]) if steps else None
+        for step in reversed(steps):
+            path = checkpoint_path(ckpt_dir, step)
+            problem = checkpoint_problem(path)
+            if problem is None:
+                return path
+            note = f"{flag} latest: skipping incomplete checkpoint {path} ({problem}); falling back to the previous one"
+            if notes is None:
+                import warnings
+
+                warnings.warn(note)
+            else:
+                notes.append(note)
+        if steps:
+            raise RuntimeError(f"{flag} latest: no complete checkpoint in {ckpt_dir} (all of {steps} are truncated)")
+        return None
     step = int(resume)
     if step not in steps:
         raise FileNotFoundError(f"{flag} {step}: no checkpoint for step {step} in {ckpt_dir} "
@@ -271,10 +531,12 @@ def resolve_resume(ckpt_dir: str | os.PathLike, resume, flag: str = "--resume") 
 
 class StopRequest:
     """SIGTERM / SIGINT set a flag; the training loop saves a checkpoint and exits at the end of
-    the current step instead of dying mid-write."""
+    the current step instead of dying mid-write (then with 128 + the signal number, as a shell
+    reports a killed job, so a scheduler requeues it)."""
 
     def __init__(self):
         self.requested = False
+        self.signum: Optional[int] = None
         self._old = {}
 
     def install(self) -> "StopRequest":
@@ -287,6 +549,7 @@ class StopRequest:
 
     def _handle(self, signum, frame):
         self.requested = True
+        self.signum = self.signum or signum
 
     def restore(self) -> None:
         for sig, handler in self._old.items():
@@ -296,6 +559,33 @@ class StopRequest:
 
 class NonFiniteLossError(RuntimeError):
     pass
+
+
+def ignore_stop_signals(worker_id: int = 0) -> None:
+    """DataLoader worker init: SIGTERM / SIGINT reach the whole process group (scancel, timeout,
+    Kubernetes, Ctrl-C); the workers ignore them so the main process saves and ends them itself
+    instead of dying on "DataLoader worker ... is killed by signal"."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+class _WorkerInit:
+    """A worker_init_fn that ignores stop signals, then runs the loader's own (picklable, for
+    spawn-started workers)."""
+
+    def __init__(self, inner: Optional[Callable[[int], None]]):
+        self.inner = inner
+
+    def __call__(self, worker_id: int) -> None:
+        ignore_stop_signals(worker_id)
+        if self.inner is not None:
+            self.inner(worker_id)
+
+
+def shield_workers(loader) -> None:
+    """Make `loader`'s worker processes ignore SIGTERM / SIGINT (see `ignore_stop_signals`)."""
+    if getattr(loader, "num_workers", 0) > 0 and not isinstance(loader.worker_init_fn, _WorkerInit):
+        loader.worker_init_fn = _WorkerInit(loader.worker_init_fn)
 
 
 # --------------------------------------------------------------------------------------------
@@ -315,6 +605,9 @@ class TrainRun:
     resume_path: Optional[Path]
     logger: logging.Logger
     local_batch_size: int
+    args_written: bool = False
+    start_step: int = 0
+    started: float = field(default_factory=time.time)
 
     @property
     def device(self) -> torch.device:
@@ -333,6 +626,23 @@ class TrainRun:
         return self.accelerator.is_main_process
 
 
+def limit_cpu_threads(num_workers: int, logger=None) -> int:
+    """CPU runs: share the cores between this machine's processes and their DataLoader workers
+    (each worker runs one thread: torch sets that in its worker loop), so the compute threads
+    do not oversubscribe. Only ever lowers the thread count; OMP_NUM_THREADS, when set, decides."""
+    if os.environ.get("OMP_NUM_THREADS"):
+        return torch.get_num_threads()
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    budget = max(1, (os.cpu_count() or 1) // max(local, 1) - max(num_workers, 0))
+    threads = min(torch.get_num_threads(), budget)
+    if threads != torch.get_num_threads():
+        torch.set_num_threads(threads)
+        if logger is not None:
+            logger.info(f"CPU threads: {threads} per process ({os.cpu_count()} cores, {local} process(es) here, "
+                        f"{num_workers} loader worker(s) each; OMP_NUM_THREADS overrides)")
+    return threads
+
+
 def start_run(args, name: str) -> TrainRun:
     """Accelerator (CPU/gloo when there is no GPU), experiment folder with args.json and log.txt,
     resume resolution (a fresh run refuses a folder that already has checkpoints), TF32, the
@@ -343,8 +653,12 @@ def start_run(args, name: str) -> TrainRun:
     from accelerate import Accelerator
     from accelerate.utils import ProjectConfiguration
 
-    exp_dir = Path(getattr(args, "continue_train_exp_dir", None) or Path(args.output_dir) / args.exp_name)
+    if args.mixed_precision is None or getattr(args, "compile", False) is None:
+        resolve_precision_defaults(args, "no")  # callers that built args without finish_args
+    exp_dir = Path(args.output_dir) / args.exp_name
     ckpt_dir = exp_dir / "checkpoints"
+    # REPA-E's --continue-train-exp-dir names the folder the resume checkpoint is read from.
+    source_dir = Path(getattr(args, "continue_train_exp_dir", None) or exp_dir)
     accelerator = Accelerator(
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         mixed_precision=args.mixed_precision,
@@ -352,18 +666,40 @@ def start_run(args, name: str) -> TrainRun:
         project_config=ProjectConfiguration(project_dir=str(exp_dir), logging_dir=str(exp_dir / args.logging_dir)),
         cpu=not torch.cuda.is_available(),
     )
-    resume_path = resolve_resume(ckpt_dir, args.resume)
+    if getattr(args, "continue_train_exp_dir", None) and args.resume is None:
+        raise SystemExit(f"--continue-train-exp-dir {source_dir} needs --resume-step N or --resume latest "
+                         f"(which of its checkpoints to continue from)")
+    notes: list = []
+    resume_path = resolve_resume(source_dir / "checkpoints", args.resume, notes=notes)
     if accelerator.is_main_process:
-        if resume_path is None and list_checkpoints(ckpt_dir):
+        if (resume_path is None or resume_path.parent.resolve() != ckpt_dir.resolve()) and list_checkpoints(ckpt_dir):
             raise SystemExit(f"{ckpt_dir} already holds checkpoints {list_checkpoints(ckpt_dir)}; "
                              f"pass --resume latest to continue or choose another --exp-name")
         exp_dir.mkdir(parents=True, exist_ok=True)
-        write_args_json(args, exp_dir / "args.json")
+        # args.json is written with the first checkpoint of this start (save_training_checkpoint):
+        # a start that fails to resume leaves the experiment as it was.
+        stale = [p for d in (exp_dir, ckpt_dir, exp_dir / "samples") for p in remove_stale_temp_files(d)]
     accelerator.wait_for_everyone()
     logger = create_logger(exp_dir, accelerator.is_main_process, name)
+    for note in notes:
+        logger.warning(note)
+    if accelerator.is_main_process and stale:
+        logger.info(f"removed {len(stale)} temp file(s) of interrupted writes: {', '.join(p.name for p in stale[:5])}"
+                    f"{' ...' if len(stale) > 5 else ''}")
     world = accelerator.num_processes
     logger.info(f"experiment {exp_dir} | {world} process(es) on {accelerator.device} | "
-                f"mixed precision {args.mixed_precision}")
+                f"mixed precision {args.mixed_precision} | compile {getattr(args, 'compile', None)} | "
+                f"TF32 {bool(args.allow_tf32 and torch.cuda.is_available())}")
+    init_kwargs = {}
+    if accelerator.is_main_process and args.report_to == "wandb":
+        init_kwargs["wandb"] = wandb_init_kwargs(args, exp_dir)
+    elif accelerator.is_main_process and getattr(args, "wandb_history_path", None):
+        _notice(f"--wandb-history-path ignored (--report-to {args.report_to})")
+    for text in DEFAULT_NOTICES:
+        logger.info(f"notice: {text}")
+    DEFAULT_NOTICES.clear()
+    if accelerator.device.type == "cpu":
+        limit_cpu_threads(getattr(args, "num_workers", 0), logger)
     if args.allow_tf32 and torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
@@ -373,20 +709,31 @@ def start_run(args, name: str) -> TrainRun:
     seed_everything(args.seed * world + accelerator.process_index)
     if accelerator.is_main_process:
         accelerator.init_trackers(name, config={k: v if isinstance(v, (int, float, str, bool)) else str(v)
-                                                for k, v in vars(args).items()})
+                                                for k, v in vars(args).items()}, init_kwargs=init_kwargs)
     return TrainRun(args, accelerator, exp_dir, ckpt_dir, resume_path, logger, args.batch_size // denom)
 
 
 def load_resume_checkpoint(run: TrainRun) -> Optional[dict]:
-    """The checkpoint to resume from, loaded on the CPU (never onto the GPU: no OOM at resume)."""
+    """The checkpoint to resume from, loaded on the CPU (never onto the GPU: no OOM at resume) and
+    with `weights_only=True` (`torch_load_safe`)."""
     if run.resume_path is None:
         return None
-    return torch.load(run.resume_path, map_location="cpu", weights_only=False)
+    return torch_load_safe(run.resume_path)
+
+
+def write_run_args(run: TrainRun, start_step: int) -> None:
+    """args.json (what generate.py --exp-dir reads) plus one `args-<UTC time>.json` per start, so
+    the history of a resumed experiment's settings is kept."""
+    history = run.exp_dir / f"args-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime(run.started))}-from-{start_step:07d}.json"
+    write_args_json(run.args, history)
+    write_args_json(run.args, run.exp_dir / "args.json")
+    run.args_written = True
 
 
 def resume_position(run: TrainRun, ckpt: dict) -> tuple:
     """(step, epoch, batch) where the checkpoint stopped: the loop continues with the next micro-batch."""
     step, epoch, batch = int(ckpt["steps"]), int(ckpt["data"]["epoch"]), int(ckpt["data"]["batch"])
+    run.start_step = step
     run.logger.info(f"resumed from {run.resume_path} at step {step} (epoch {epoch}, batch {batch})")
     return step, epoch, batch
 
@@ -410,6 +757,8 @@ def save_training_checkpoint(run: TrainRun, step: int, data_position: dict, make
 
     rngs = gather_object([rng_state()])
     if run.is_main:
+        if not run.args_written:
+            write_run_args(run, run.start_step)
         scaler = run.accelerator.scaler
         state = dict(make_state(), args=vars(run.args), steps=step, rng=rngs, data=dict(data_position),
                      scaler=scaler.state_dict() if scaler is not None else None)
@@ -429,7 +778,9 @@ def restore_scaler(run: TrainRun, ckpt: dict) -> None:
 
 def infinite_epochs(loader, sampler, epoch: int, batch: int) -> Iterator:
     """Yield (epoch, batch_index, data) forever from a data position; datasets with a per-epoch
-    deterministic choice (e.g. latent flips) get `set_epoch`."""
+    deterministic choice (e.g. latent flips) get `set_epoch`. Workers ignore stop signals
+    (`shield_workers`): the main process handles them at the end of the step."""
+    shield_workers(loader)
     while True:
         sampler.set_position(epoch, batch)
         if hasattr(loader.dataset, "set_epoch"):
@@ -475,6 +826,7 @@ class StepMonitor:
         self.history: Dict[str, list] = {}
         self._nonfinite: Optional[torch.Tensor] = None  # per loss, summed over the unread steps
         self._first_unread: Optional[int] = None
+        self.stopped_at: Optional[int] = None  # the step after which a signal (on any rank) stopped the run
 
     def __call__(self, losses: Mapping[str, torch.Tensor], step: int, record: bool = True):
         """Returns ({name: mean over ranks} on read steps else {}, stop_requested); raises
@@ -502,7 +854,16 @@ class StepMonitor:
         if record:
             for k, v in means.items():
                 self.history.setdefault(k, []).append(v)
+        if packed[2 * n] > 0:
+            self.stopped_at = step
         return means, packed[2 * n] > 0
+
+    def exit_code(self) -> int:
+        """0 for a completed run; 128 + signal number for a stopped one (143 SIGTERM, 130 SIGINT;
+        a rank the signal did not reach reports SIGTERM's)."""
+        if self.stopped_at is None:
+            return 0
+        return 128 + int(self.stop.signum or signal.SIGTERM)
 
     def summary(self) -> dict:
         out = {}
@@ -606,24 +967,28 @@ def add_common_training_flags(p) -> None:
     g.add_argument("--output-dir", type=str, default="exps", help="folder holding experiment folders")
     g.add_argument("--exp-name", type=str, required=False, default=None, help="experiment folder name under --output-dir")
     g.add_argument("--logging-dir", type=str, default="logs", help="tracker log folder inside the experiment folder")
-    g.add_argument("--report-to", type=str, default="tensorboard", choices=["tensorboard", "wandb", "none"], help="experiment tracker (wandb honours WANDB_MODE=offline)")
-    g.add_argument("--sampling-steps", type=int, default=10000, help="write a sample / reconstruction grid every N steps")
-    g.add_argument("--log-every", type=int, default=1, help="log losses every N steps")
+    g.add_argument("--report-to", type=str, default="tensorboard", choices=["tensorboard", "wandb", "none"], help="experiment tracker (wandb: run folder <exp>/wandb, run name = --exp-name; offline without a wandb login)")
+    g.add_argument("--wandb-history-path", type=str, default=None, help="an earlier run's wandb run folder (or a file holding its run id): this run continues that wandb history")
+    g.add_argument("--sampling-steps", type=non_negative_int, default=10000, help="write a sample / reconstruction grid every N steps (0: never)")
+    g.add_argument("--log-every", type=positive_int, default=1, help="log losses every N steps (0: never)")
     g.add_argument("--resume-step", type=int, default=0, help="continue from checkpoints/NNNNNNN.pt (0: fresh)")
     g.add_argument("--resume", type=str, default=None, help="'latest' or a step; overrides --resume-step")
-    g.add_argument("--continue-train-exp-dir", type=str, default=None, help="experiment folder to continue (default <output-dir>/<exp-name>)")
-    g.add_argument("--keep-checkpoints", type=int, default=0, help="keep only the newest N checkpoints (0: all)")
+    g.add_argument("--continue-train-exp-dir", type=str, default=None, help="experiment folder whose checkpoint --resume-step / --resume loads (REPA-E's meaning; default <output-dir>/<exp-name>); new checkpoints go to <output-dir>/<exp-name>")
+    g.add_argument("--keep-checkpoints", type=non_negative_int, default=0, help="keep only the newest N checkpoints (0: all)")
     g = p.add_argument_group("precision and speed")
-    g.add_argument("--allow-tf32", action="store_true", help="allow TF32 matmuls and convolutions on Ampere+ GPUs")
-    g.add_argument("--mixed-precision", type=str, default="no", choices=["no", "fp16", "bf16"], help="autocast precision (bf16 recommended on GPUs)")
-    g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True, help="torch.compile the trained network")
+    g.add_argument("--allow-tf32", action=argparse.BooleanOptionalAction, default=True, help="allow TF32 matmuls and convolutions on Ampere+ GPUs (on by default, as REPA-E)")
+    # None = not given: the launcher's setting, then the script's default (REPA-E: fp16) applies.
+    g.add_argument("--mixed-precision", type=str, default=None, choices=["no", "fp16", "bf16"],
+                   help="autocast precision; when not given, `accelerate launch --mixed_precision` wins, else the "
+                        "script's default (REPA-E trainers: fp16; off on CPU)")
+    g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None, help="torch.compile the trained network (default: on with a GPU, as REPA-E; off on CPU)")
     g = p.add_argument_group("optimisation")
-    g.add_argument("--epochs", type=int, default=1400, help="stop after this many epochs")
-    g.add_argument("--max-train-steps", type=int, default=400000, help="stop after this many optimisation steps")
-    g.add_argument("--checkpointing-steps", type=int, default=50000, help="write a checkpoint every N steps (and at the end)")
-    g.add_argument("--gradient-accumulation-steps", type=int, default=1, help="micro-batches accumulated per optimisation step")
-    g.add_argument("--batch-size", type=int, default=256, help="global batch (split over processes and accumulation)")
-    g.add_argument("--num-workers", type=int, default=4, help="data loader worker processes per rank")
+    g.add_argument("--epochs", type=positive_int, default=1400, help="stop after this many epochs")
+    g.add_argument("--max-train-steps", type=positive_int, default=400000, help="stop after this many optimisation steps")
+    g.add_argument("--checkpointing-steps", type=positive_int, default=50000, help="write a checkpoint every N steps (and at the end)")
+    g.add_argument("--gradient-accumulation-steps", type=positive_int, default=1, help="micro-batches accumulated per optimisation step")
+    g.add_argument("--batch-size", type=positive_int, default=256, help="global batch (split over processes and accumulation)")
+    g.add_argument("--num-workers", type=non_negative_int, default=4, help="data loader worker processes per rank")
     g.add_argument("--adam-beta1", type=float, default=0.9, help="AdamW beta1")
     g.add_argument("--adam-beta2", type=float, default=0.999, help="AdamW beta2")
     g.add_argument("--adam-weight-decay", type=float, default=0.0, help="AdamW weight decay")
@@ -632,13 +997,93 @@ def add_common_training_flags(p) -> None:
     g.add_argument("--seed", type=int, default=0, help="global seed (each rank derives its own stream)")
 
 
-def finish_args(args, default_exp_name: str):
-    """Post-parse fix-ups shared by the trainers."""
+# One-line notices about defaults switched at parse time; start_run writes them to the log.
+DEFAULT_NOTICES: list = []
+
+
+def _notice(text: str, echo: bool = True) -> None:
+    DEFAULT_NOTICES.append(text)
+    if echo and int(os.environ.get("RANK", "0")) == 0:
+        print(f"[notice] {text}", flush=True)
+
+
+def resolve_precision_defaults(args, mixed_precision_default: str = "fp16") -> None:
+    """Fill `--mixed-precision` and `--compile` when they were not given (None).
+
+    Precision: a launcher setting (`accelerate launch --mixed_precision X`, exported as
+    ACCELERATE_MIXED_PRECISION) wins over the script default. The launcher exports 'no' also when
+    nothing was set, so 'no' from it cannot be told apart from its own default and the script
+    default stands (pass --mixed-precision no for full precision). fp16 autocast needs a GPU and
+    torch.compile on CPU mostly costs compile time, so without CUDA both are switched off with a
+    notice (never silently)."""
+    cuda = torch.cuda.is_available()
+    DEFAULT_NOTICES.clear()  # only this parse's notices reach the run's log
+    launcher = os.environ.get("ACCELERATE_MIXED_PRECISION", "").lower()
+    if getattr(args, "mixed_precision", "no") is not None and launcher not in ("", "no", args.mixed_precision):
+        _notice(f"--mixed-precision {args.mixed_precision} given: accelerate launch's {launcher} is overridden")
+    if getattr(args, "mixed_precision", "no") is None:
+        if launcher and launcher != "no":
+            args.mixed_precision = launcher
+            _notice(f"mixed precision {launcher} from `accelerate launch --mixed_precision` (no --mixed-precision flag given)")
+        else:
+            args.mixed_precision = mixed_precision_default
+            said = f"'{launcher}', also its default when nothing is set" if launcher else "nothing"
+            _notice(f"mixed precision {mixed_precision_default}: the script default (no --mixed-precision flag; "
+                    f"accelerate launch said {said})", echo=False)
+    if args.mixed_precision == "fp16" and not cuda:
+        _notice("no GPU: --mixed-precision fp16 switched off (full precision on CPU)")
+        args.mixed_precision = "no"
+    if getattr(args, "compile", False) is None:
+        args.compile = cuda
+        if not cuda:
+            _notice("no GPU: --compile switched off (pass --compile to force torch.compile on CPU)")
+
+
+def finish_args(args, default_exp_name: str, mixed_precision_default: str = "no"):
+    """Post-parse fix-ups shared by the trainers; `mixed_precision_default` is the script's own
+    default when neither the flag nor the launcher sets one."""
     if args.resume is None and args.resume_step:
         args.resume = str(args.resume_step)
     if args.exp_name is None:
         args.exp_name = default_exp_name
+    resolve_precision_defaults(args, mixed_precision_default)
     return args
+
+
+def wandb_run_id(path: str | os.PathLike) -> str:
+    """The run id of a wandb run folder (`.../wandb/[offline-]run-YYYYMMDD_HHMMSS-ID`, its `files`
+    subfolder, or a `wandb-metadata.json` in it) or of a text file holding just the id."""
+    p = Path(path)
+    if p.is_file() and p.suffix != ".json":
+        run_id = p.read_text().strip()
+        if not re.fullmatch(r"[A-Za-z0-9_-]+", run_id or "-/"):
+            raise SystemExit(f"--wandb-history-path {p}: expected a wandb run id in the file, found {run_id[:40]!r}")
+        return run_id
+    for part in [p] + list(p.parents):
+        m = re.fullmatch(r"(?:offline-)?run-\d{8}_\d{6}-([A-Za-z0-9]+)", part.name)
+        if m:
+            return m.group(1)
+    raise SystemExit(f"--wandb-history-path {p}: not a wandb run folder (run-YYYYMMDD_HHMMSS-ID) nor a file holding a run id")
+
+
+def wandb_init_kwargs(args, exp_dir: Path) -> dict:
+    """wandb.init arguments as REPA-E (run name = --exp-name) with the run folder under the
+    experiment folder; without a wandb login (no WANDB_API_KEY, no ~/.netrc entry) wandb logs
+    offline instead of stopping at a login prompt."""
+    kwargs = {"name": args.exp_name, "dir": str(exp_dir)}
+    if getattr(args, "wandb_history_path", None):
+        kwargs.update(id=wandb_run_id(args.wandb_history_path), resume="allow")
+    if not os.environ.get("WANDB_MODE") and not os.environ.get("WANDB_API_KEY"):
+        import netrc
+
+        try:
+            logged_in = netrc.netrc().authenticators("api.wandb.ai") is not None
+        except (OSError, netrc.NetrcParseError):
+            logged_in = False
+        if not logged_in:
+            os.environ["WANDB_MODE"] = "offline"
+            _notice(f"no wandb login: wandb logs offline under {exp_dir / 'wandb'} (`wandb sync` uploads it later)")
+    return kwargs
 
 
 def checkpoint_or_stop(run: TrainRun, step: int, stop_requested: bool, save: Callable[[], None]) -> bool:
@@ -655,11 +1100,71 @@ def finish_run(run: TrainRun, summary: dict, step: int, monitor: StepMonitor, sp
                message: str = "") -> dict:
     """Complete the run summary (losses, checkpoints, sample files, throughput), write
     summary.json atomically and close the trackers."""
-    summary.update(end_step=step, losses=monitor.summary(),
+    code = monitor.exit_code()
+    if code and step >= getattr(run.args, "max_train_steps", float("inf")):
+        code = 0  # the signal came with the last step: the run is complete, nothing to requeue
+    stopped = None if code == 0 else {"signal": signal.Signals(code - 128).name, "step": step, "exit_code": code}
+    summary.update(end_step=step, losses=monitor.summary(), stopped=stopped,
                    checkpoints=[str(checkpoint_path(run.ckpt_dir, s)) for s in list_checkpoints(run.ckpt_dir)],
                    samples=sorted(str(p) for p in (run.exp_dir / "samples").glob("*.png")), **speed.summary())
     if run.is_main:
         atomic_write_text(json.dumps(summary, indent=2) + "\n", run.exp_dir / "summary.json")
-        run.logger.info(f"done at step {step}{message}; summary in {run.exp_dir / 'summary.json'}")
+        if stopped:
+            run.logger.info(f"stopped by {stopped['signal']} at step {step} (checkpoint saved; resume with "
+                            f"--resume latest){message}; summary in {run.exp_dir / 'summary.json'}; exit code {code}")
+        else:
+            run.logger.info(f"done at step {step}{message}; summary in {run.exp_dir / 'summary.json'}")
     run.accelerator.end_training()
+    if stopped:
+        # non-zero so a scheduler (Slurm requeue, Kubernetes restart policy) sees an unfinished job
+        raise SystemExit(code)
     return summary
+
+
+def broadcast_from_main(tensors, accelerator) -> None:
+    """Overwrite every tensor of `tensors` in place with the main process's values (one broadcast
+    per dtype). For state that DDP does not manage: the discriminator, which is not wrapped."""
+    if accelerator.num_processes == 1:
+        return
+    import torch.distributed as dist
+
+    groups: Dict[torch.dtype, list] = {}
+    for t in tensors:
+        groups.setdefault(t.dtype, []).append(t)
+    with torch.no_grad():
+        for ts in groups.values():
+            flat = torch.cat([t.detach().reshape(-1) for t in ts])
+            dist.broadcast(flat, src=0)
+            offset = 0
+            for t in ts:
+                t.copy_(flat[offset:offset + t.numel()].view_as(t))
+                offset += t.numel()
+
+
+def tensor_fingerprints(tensors) -> torch.Tensor:
+    """[N, 2] int64: per tensor, the sum and the position-weighted sum of its raw bits (wrapping),
+    so any bit that differs changes the row (barring a collision)."""
+    rows = []
+    for t in tensors:
+        x = t.detach().reshape(-1).contiguous()
+        if x.is_floating_point():
+            x = x.view({8: torch.int64, 4: torch.int32, 2: torch.int16, 1: torch.int8}[x.element_size()])
+        x = x.long()
+        pos = torch.arange(1, x.numel() + 1, device=x.device, dtype=torch.int64)
+        rows.append(torch.stack([x.sum(), (x * pos).sum()]))
+    return torch.stack(rows) if rows else torch.zeros(0, 2, dtype=torch.int64)
+
+
+def check_ranks_identical(named_tensors, accelerator, what: str = "") -> None:
+    """Collective. Raise (on every rank) naming the first tensor whose bits differ between ranks;
+    `named_tensors` is a list of (name, tensor) in the same order on every rank."""
+    if accelerator.num_processes == 1:
+        return
+    names = [n for n, _ in named_tensors]
+    local = tensor_fingerprints([t for _, t in named_tensors]).to(accelerator.device)
+    every = accelerator.gather(local).view(accelerator.num_processes, len(names), 2).cpu()
+    differs = (every != every[:1]).any(dim=2)  # [world, N]
+    if differs.any():
+        rank, idx = [int(i) for i in differs.nonzero()[0]]
+        raise RuntimeError(f"ranks hold different weights{' ' + what if what else ''}: {names[idx]} differs between "
+                           f"rank 0 and rank {rank} ({int(differs.any(dim=0).sum())} of {len(names)} tensors differ)")

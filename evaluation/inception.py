@@ -82,7 +82,9 @@ def build_inception(weights_path: Optional[str | os.PathLike] = None, random_ini
         from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
 
         net = _construct_without_weights()
-        sd = torch.load(path, map_location="cpu", weights_only=False)
+        from utils import torch_load_safe
+
+        sd = torch_load_safe(path, "--inception-weights file")
         if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
             sd = sd["state_dict"]
         from utils import load_state_dict_strict
@@ -100,6 +102,7 @@ def build_inception(weights_path: Optional[str | os.PathLike] = None, random_ini
         net = fe.FeatureExtractorInceptionV3("inception-v3-compat", ["2048"])
     net = net.float().eval()
     net.requires_grad_(False)
+    net.random_weights = bool(random_init)  # metrics computed with it are labelled "not comparable"
     return net
 
 
@@ -120,6 +123,11 @@ class InceptionFeatures(nn.Module):
         self.net = net
         self.image_size = image_size
         self.chunk_size = chunk_size
+
+    @property
+    def random_weights(self) -> bool:
+        """True for a randomly initialised network (offline tests): its figures compare to nothing."""
+        return bool(getattr(self.net, "random_weights", False))
 
     @torch.no_grad()
     def forward(self, images: torch.Tensor, features: Sequence[str] = ("pool",)) -> Dict[str, torch.Tensor]:

@@ -94,14 +94,32 @@ def local_indices(total: int) -> List[int]:
 # Image sources: an array / tensor, a `.npz` (arr_0) or a folder of images, read batch by batch
 # ------------------------------------------------------------------------------------------------
 class ImageSource:
-    """Random access to uint8 images by index: `batch(indices)` -> uint8 [b, 3, H, W]."""
+    """Random access to uint8 images by index: `batch(indices)` -> uint8 [b, 3, H, W].
+
+    `obj`: an array / tensor, a `.npz` (arr_0), a folder of images, a list of image files (e.g.
+    exactly the first N samples of a folder that holds more) or a torch Dataset of uint8 [C, H, W]
+    images (or (image, label) pairs: an image folder of class folders, an archive). 1-channel
+    images are replicated to 3 channels, the input Inception was trained on, and that is logged."""
 
     def __init__(self, obj, what: str = "images"):
         self.what = what
         self.files: Optional[List[Path]] = None
         self.array = None
+        self.dataset = None
+        self._told_gray = False
         if isinstance(obj, ImageSource):
-            self.files, self.array, self.what = obj.files, obj.array, obj.what
+            self.files, self.array, self.dataset, self.what = obj.files, obj.array, obj.dataset, obj.what
+            return
+        if isinstance(obj, (list, tuple)) and obj and isinstance(obj[0], (str, os.PathLike)):
+            self.files = [Path(p) for p in obj]
+            missing = [p for p in self.files if not p.is_file()]
+            if missing:
+                raise FileNotFoundError(f"{what}: {len(missing)} image files missing, e.g. {missing[0]}")
+            return
+        if isinstance(obj, torch.utils.data.Dataset):
+            if len(obj) == 0:
+                raise ValueError(f"{what}: the dataset holds no images")
+            self.dataset = obj
             return
         if isinstance(obj, (str, os.PathLike)):
             path = Path(obj)
@@ -121,6 +139,8 @@ class ImageSource:
         self.array = _check_image_array(obj, what)
 
     def __len__(self) -> int:
+        if self.dataset is not None:
+            return len(self.dataset)
         return len(self.files) if self.files is not None else int(self.array.shape[0])
 
     def batch(self, indices: Sequence[int]) -> torch.Tensor:
@@ -130,22 +150,39 @@ class ImageSource:
             arrs = []
             for i in indices:
                 with Image.open(self.files[i]) as im:
+                    if im.mode in ("L", "I;16", "I") and not self._told_gray:
+                        self._tell_gray()
                     arrs.append(np.asarray(im.convert("RGB")))
             shapes = {a.shape for a in arrs}
             if len(shapes) > 1:
                 raise ValueError(f"{self.what}: images of different sizes {sorted(shapes)} (e.g. {self.files[indices[0]]})")
             return torch.from_numpy(np.stack(arrs)).permute(0, 3, 1, 2).contiguous()
-        return self.array[list(indices)]
+        if self.dataset is not None:
+            items = [self.dataset[int(i)] for i in indices]
+            images = [it[0] if isinstance(it, (list, tuple)) else it for it in items]
+            out = _check_image_array(torch.stack([torch.as_tensor(im) for im in images]), f"{self.what} (dataset)")
+        else:
+            out = self.array[list(indices)]
+        if out.shape[1] == 1:
+            self._tell_gray()
+            out = out.expand(-1, 3, -1, -1).contiguous()
+        return out
+
+    def _tell_gray(self) -> None:
+        if not self._told_gray and dist_info()[0] == 0:
+            print(f"[evaluation] {self.what}: 1-channel images, replicated to 3 channels for Inception", flush=True)
+        self._told_gray = True
 
 
 def _check_image_array(arr, what: str) -> torch.Tensor:
-    """uint8 [N, H, W, 3] (npz layout) or [N, 3, H, W] -> uint8 tensor [N, 3, H, W]."""
+    """uint8 [N, H, W, C] (npz layout) or [N, C, H, W], C = 3 or 1 -> uint8 tensor [N, C, H, W]."""
     t = torch.as_tensor(np.asarray(arr)) if not torch.is_tensor(arr) else arr
     if t.dtype != torch.uint8:
         raise ValueError(f"{what}: expected uint8 images, got {t.dtype}")
-    if t.ndim != 4 or (t.shape[-1] != 3 and t.shape[1] != 3):
-        raise ValueError(f"{what}: expected images shaped [N, H, W, 3] or [N, 3, H, W], got {tuple(t.shape)}")
-    if t.shape[-1] == 3 and t.shape[1] != 3:
+    if t.ndim != 4 or (t.shape[-1] not in (1, 3) and t.shape[1] not in (1, 3)):
+        raise ValueError(f"{what}: expected images shaped [N, H, W, 3] or [N, 3, H, W] (1-channel: [N, H, W, 1] "
+                         f"or [N, 1, H, W]), got {tuple(t.shape)}")
+    if t.shape[-1] in (1, 3) and t.shape[1] not in (1, 3):
         t = t.permute(0, 3, 1, 2)
     return t.contiguous().cpu()
 
@@ -502,7 +539,30 @@ def evaluate_samples(images, reference, inception: Optional[nn.Module] = None, i
                                                                          device=next(extractor.parameters()).device)
         if skipped:
             result["skipped"] = skipped
+        if extractor.random_weights:
+            result["inception"] = RANDOM_INCEPTION_NOTE
     return broadcast_object(result)
+
+
+RANDOM_INCEPTION_NOTE = "random weights: figures not comparable to any published or other run"
+METRIC_NAMES = {"fid": "FID", "sfid": "sFID", "is": "IS", "kid": "KID", "kid_std": "KID std", "precision": "precision",
+                "recall": "recall", "rfid": "rFID"}
+INCEPTION_METRICS = set(METRIC_NAMES)
+
+
+def format_scores(scores: Dict[str, object]) -> str:
+    """One printable line of metrics; with random-weight Inception every Inception-based figure
+    says so ("FID (random Inception: not comparable)=...")."""
+    random = scores.get("inception") == RANDOM_INCEPTION_NOTE
+    parts = []
+    for k, v in scores.items():
+        if not isinstance(v, (int, float)) or isinstance(v, bool) or k == "num_samples":
+            continue
+        name = METRIC_NAMES.get(k, k)
+        if random and k in INCEPTION_METRICS:
+            name += " (random Inception: not comparable)"
+        parts.append(f"{name}={v:.4f}")
+    return ", ".join(parts)
 
 
 def _same_dims(feats: torch.Tensor, ref_mu: np.ndarray, source: str, key: str) -> None:
@@ -526,9 +586,27 @@ def _ssim_per_image(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return ssim.mean(dim=(1, 2, 3))
 
 
+UINT8_CONVERSIONS = ("truncate", "round")
+
+
+def images_to_uint8(x: torch.Tensor, conversion: str = "truncate") -> torch.Tensor:
+    """Images in about [-1, 1] -> uint8 [0, 255].
+
+    'truncate' is the originals' sampling scripts (REPA-E / REPA / SiT generate.py):
+    clamp(255 (x + 1) / 2, 0, 255).to(uint8), in that operation order; the published FIDs were
+    measured on it. 'round' takes the nearest level: half of all pixels come out one level
+    brighter (+0.5 on average), which moves FID against published numbers."""
+    if conversion == "truncate":
+        return (255.0 * ((x.float() + 1) / 2.0)).clamp(0, 255).to(torch.uint8)
+    if conversion == "round":
+        return ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    raise ValueError(f"uint8 conversion must be one of {UINT8_CONVERSIONS}, got {conversion!r}")
+
+
 def _to_uint8(x: torch.Tensor) -> torch.Tensor:
-    """[-1, 1] float -> uint8 [0, 255], the quantisation of a saved PNG."""
-    return ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    """[-1, 1] float -> uint8 [0, 255], the quantisation of a saved PNG. Reconstructions round:
+    truncation would turn the float error of an exact reconstruction into one level darker."""
+    return images_to_uint8(x, "round")
 
 
 @torch.no_grad()
@@ -563,8 +641,12 @@ def reconstruction_metrics(vae: nn.Module, dataset, reference=None, inception: O
     vae.eval()
     per_image: Dict[str, List[torch.Tensor]] = {k: [] for k in ("psnr", "ssim", "lpips") if k in metrics}
     feats_rec, feats_ref = [], []
+    from utils import ignore_stop_signals
+
+    # a stop signal during a trainer's evaluation is the trainer's to handle at the end of its step
     loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, idx), batch_size=batch_size,
-                                         num_workers=num_workers, shuffle=False)
+                                         num_workers=num_workers, shuffle=False,
+                                         worker_init_fn=ignore_stop_signals if num_workers > 0 else None)
     bar = None
     if progress and dist_info()[0] == 0:
         from tqdm.auto import tqdm
@@ -611,6 +693,8 @@ def reconstruction_metrics(vae: nn.Module, dataset, reference=None, inception: O
             ref = load_reference(reference, extractor, batch_size, need_images=False)
         _same_dims(rec_pool, ref.mu, ref.source, "mu")
         result["rfid"] = frechet_distance_features(rec_pool, ref.mu, ref.sigma, ref.pool if ref.from_images("mu") else None)
+        if extractor.random_weights:
+            result["inception"] = RANDOM_INCEPTION_NOTE
     return result
 
 

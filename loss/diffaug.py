@@ -128,7 +128,7 @@ def parse_policy(policy: str) -> list[str]:
     return names
 
 
-def diff_augment(x: torch.Tensor, policy: str = "color,translation",
+def diff_augment(x: torch.Tensor, policy: str = "translation,color",
                  generator: Optional[torch.Generator] = None) -> torch.Tensor:
     """Apply `policy` to images [B, C, H, W] in [-1, 1]; returns a new tensor of the same shape.
 

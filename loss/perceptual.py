@@ -54,9 +54,10 @@ def _imagenet_vgg16_state_dict() -> Mapping[str, torch.Tensor]:
     if not cached.is_file() and _offline():
         raise FileNotFoundError(
             f"LPIPS: VGG16 ImageNet weights are not cached at {cached} and downloads are disabled "
-            f"(HF_HUB_OFFLINE/TORCH_HUB_OFFLINE). Pass vgg_weights=PATH to a local torchvision VGG16 "
-            f"state dict, or vgg_weights='random' for offline tests.")
-    return torch.hub.load_state_dict_from_url(url, map_location="cpu", progress=False, check_hash=True)
+            f"(HF_HUB_OFFLINE/TORCH_HUB_OFFLINE). Give `--lpips-weights PATH` (train_repae.py, train_stage1.py) "
+            f"a local torchvision VGG16 state dict (vgg16-397923af.pth), or `--lpips-weights random` for "
+            f"offline tests; loss configs take `perceptual_vgg_weights: PATH`.")
+    return torch.hub.load_state_dict_from_url(url, map_location="cpu", progress=False, check_hash=True, weights_only=True)
 
 
 _TEMPLATE: dict = {}

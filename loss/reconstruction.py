@@ -377,7 +377,7 @@ __all__ = ["ReconstructionLoss", "VAVAELoss", "LPIPSWithDiscriminator", "pixel_l
 from loss.diffaug import diff_augment, parse_policy  # noqa: E402  (kept with the section that uses it)
 
 RAE_LOSS_DEFAULTS = dict(perceptual_weight=1.0, gan_weight=0.75, disc_start_epoch=8, disc_update_start_epoch=6,
-                         adaptive_eps=1e-6, adaptive_max=1e4, diffaug_policy="color,translation",
+                         adaptive_eps=1e-6, adaptive_max=1e4, diffaug_policy="translation,color",
                          vgg_weights="imagenet", disc_loss="hinge")
 
 
@@ -415,7 +415,7 @@ class RAELoss(nn.Module):
 
     def __init__(self, discriminator: Union[None, Mapping, nn.Module] = None, perceptual_weight: float = 1.0,
                  gan_weight: float = 0.75, disc_start_epoch: int = 8, disc_update_start_epoch: int = 6,
-                 adaptive_eps: float = 1e-6, adaptive_max: float = 1e4, diffaug_policy: str = "color,translation",
+                 adaptive_eps: float = 1e-6, adaptive_max: float = 1e4, diffaug_policy: str = "translation,color",
                  vgg_weights: str = "imagenet", disc_loss: str = "hinge", perceptual: Optional[nn.Module] = None):
         super().__init__()
         from models.discriminators import build_dino_discriminator

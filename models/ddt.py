@@ -148,11 +148,15 @@ def _maker(enc_dim: int, enc_depth: int, enc_heads: int, dec_dim: int = 2048, de
 
 # RAE's sizes: the head is always 2 blocks of width 2048 (16 heads); defaults are the 256px
 # DINOv2-B latent [768, 16, 16], patch 1, with RMSNorm, SwiGLU, RoPE and the sin-cos table.
-DDT_models = {
-    "DiTDH-S": _maker(384, 12, 6),
-    "DiTDH-B": _maker(768, 12, 12),
-    "DiTDH-L": _maker(1024, 24, 16),
-    "DiTDH-XL": _maker(1152, 28, 16),
+# Sizes as (hidden_size, depth, num_heads) pairs [encoder, head], the released configs' keys
+# (configs_compat maps an RAE `stage_2.params` onto a name through this table).
+DDT_SIZES = {
+    "DiTDH-S": ((384, 2048), (12, 2), (6, 16)),
+    "DiTDH-B": ((768, 2048), (12, 2), (12, 16)),
+    "DiTDH-L": ((1024, 2048), (24, 2), (16, 16)),
+    "DiTDH-XL": ((1152, 2048), (28, 2), (16, 16)),
     # Toolkit addition (not in the paper): a tiny size for CPU tests and demos.
-    "DiTDH-N": _maker(64, 2, 2, dec_dim=96, dec_depth=1, dec_heads=2),
+    "DiTDH-N": ((64, 96), (2, 1), (2, 2)),
 }
+DDT_models = {name: _maker(w[0], d[0], h[0], dec_dim=w[1], dec_depth=d[1], dec_heads=h[1])
+              for name, (w, d, h) in DDT_SIZES.items()}

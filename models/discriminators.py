@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math as _math
 import os
+from functools import partial
 from pathlib import Path
 from typing import Callable, Mapping, Optional, Sequence, Union
 
@@ -155,17 +156,22 @@ __all__ = ["ActNorm", "NLayerDiscriminator", "weights_init", "load_discriminator
 # adversarial term needs them).
 #
 # Shapes for the released setting (ViT-S/8, 224 px): each feature map is [B, 784, 384]
-# (28 x 28 patch tokens, CLS dropped); five maps (blocks 2, 5, 8, 11 and the final normed output)
-# -> logits [B, 5 * 784].
+# (28 x 28 patch tokens, CLS dropped); five maps, in the original `DinoDisc`'s order: the last
+# block's output (WITHOUT the final LayerNorm, which the original never applies), then blocks
+# 2, 5, 8, 11 (so block 11 is scored twice) -> logits [B, 5 * 784]. Head i scores map i, so the
+# original's released heads (`heads.{i}.0.0.weight_orig`, ...) load under their own names.
 DINO_DISC_DEFAULTS = dict(
     pretrained="vit_small_patch8_224.dino",  # timm hub id, a local weights file, or "random"
     arch="vit_small_patch8_224",
     img_size=224, patch_size=8, embed_dim=384, depth=12, num_heads=6,
-    feature_blocks=(2, 5, 8, 11),  # indices into the ViT's blocks (0-based)
-    include_final=True,  # also score the final (layer-normed) output
-    kernel_size=9,  # the residual conv's width over the token sequence (circular padding)
-    norm_eps=1e-6,
-    resize_mode="bicubic",  # how the input is brought to img_size ("bilinear" also allowed)
+    mlp_ratio=4.0,
+    act_layer="gelu_tanh",  # the original's DINO MLP uses the tanh GELU (timm's default is the exact one)
+    feature_blocks=(2, 5, 8, 11),  # the original's key_depths: indices into the ViT's blocks (0-based)
+    include_final=True,  # also score the last block's output (un-normed), as the FIRST map
+    kernel_size=9,  # the original's ks: the residual conv's width over the tokens (circular padding)
+    norm_eps=1e-6,  # the ViT's LayerNorms and the heads' token norms
+    spectral_norm=True,  # the original's using_spec_norm
+    resize_mode="bilinear",  # how the input is brought to img_size (the original: bilinear; "bicubic" allowed)
     heads_ckpt=None,  # optional file with trained head weights (see DinoDiscriminator.load_heads)
     key_mapping=None,  # prefix renames {old: new} applied to heads_ckpt keys
 )
@@ -205,11 +211,11 @@ class TokenNorm(nn.Module):
         return x * self.weight.view(1, -1, 1) + self.bias.view(1, -1, 1)
 
 
-def _conv_block(channels: int, kernel_size: int, eps: float) -> nn.Sequential:
-    """spectral-norm Conv1d (circular padding keeps N) -> TokenNorm -> LeakyReLU(0.2)."""
+def _conv_block(channels: int, kernel_size: int, eps: float, spectral: bool = True) -> nn.Sequential:
+    """(spectral-norm) Conv1d (circular padding keeps N) -> TokenNorm -> LeakyReLU(0.2)."""
+    conv = SpectralConv1d if spectral else nn.Conv1d
     return nn.Sequential(
-        SpectralConv1d(channels, channels, kernel_size=kernel_size, padding=kernel_size // 2,
-                       padding_mode="circular"),
+        conv(channels, channels, kernel_size=kernel_size, padding=kernel_size // 2, padding_mode="circular"),
         TokenNorm(channels, eps),
         nn.LeakyReLU(0.2),
     )
@@ -226,23 +232,22 @@ class _Residual(nn.Module):
         return (self.fn(x) + x) * (1.0 / _math.sqrt(2.0))
 
 
-class DinoDiscHead(nn.Module):
+class DinoDiscHead(nn.Sequential):
     """One feature map [B, N, C] -> one logit per token [B, N].
 
-    main.0: k=1 conv block; main.1: residual k=`kernel_size` conv block; cls: spectral-norm
-    Conv1d(C -> 1, k=1).
+    0: k=1 conv block; 1: residual k=`kernel_size` conv block (`1.fn.*`); 2: spectral-norm
+    Conv1d(C -> 1, k=1). The indices are the original's key names (`heads.{i}.0.0.weight_orig`).
     """
 
-    def __init__(self, channels: int, kernel_size: int = 9, eps: float = 1e-6):
-        super().__init__()
+    def __init__(self, channels: int, kernel_size: int = 9, eps: float = 1e-6, spectral: bool = True):
         if kernel_size % 2 == 0:
             raise ValueError(f"DINO discriminator kernel_size must be odd (keeps the token count), got {kernel_size}")
-        self.main = nn.Sequential(_conv_block(channels, 1, eps), _Residual(_conv_block(channels, kernel_size, eps)))
-        self.cls = SpectralConv1d(channels, 1, kernel_size=1)
+        super().__init__(_conv_block(channels, 1, eps, spectral),
+                         _Residual(_conv_block(channels, kernel_size, eps, spectral)),
+                         (SpectralConv1d if spectral else nn.Conv1d)(channels, 1, kernel_size=1))
 
     def forward(self, feats: torch.Tensor) -> torch.Tensor:
-        h = self.main(feats.transpose(1, 2))  # [B, C, N]
-        return self.cls(h).squeeze(1)  # [B, N]
+        return super().forward(feats.transpose(1, 2)).squeeze(1)  # [B, C, N] -> [B, N]
 
 
 def _drop_backbone_keys(module, state_dict, prefix, local_metadata) -> None:
@@ -262,14 +267,16 @@ def _fill_backbone_keys(module, state_dict, prefix, local_metadata, strict, miss
 class DinoBackbone(nn.Module):
     """Frozen timm ViT: images [B, 3, H, W] in [-1, 1] -> list of token maps [B, N, C].
 
-    Preprocessing: [-1, 1] -> [0, 1], resize to `img_size` (bicubic / bilinear, no antialias),
-    ImageNet mean/std. Maps: outputs of `feature_blocks`, then (include_final) the final norm's
-    output; prefix (CLS) tokens dropped. Its weights are constants: kept out of `state_dict()`
-    and not needed by `load_state_dict` (a discriminator checkpoint is the heads only).
+    Preprocessing: resize to `img_size` (bilinear / bicubic, no antialias) in [-1, 1], then
+    x * 0.5 / std + (0.5 - mean) / std (ImageNet), the original's order of operations. Maps:
+    (include_final) the last block's output, never the final norm's, then the outputs of
+    `feature_blocks`; prefix (CLS) tokens dropped. Its weights are constants: kept out of
+    `state_dict()` and not needed by `load_state_dict` (a discriminator checkpoint is the heads
+    only).
     """
 
     def __init__(self, vit: nn.Module, img_size: int, feature_blocks: Sequence[int], include_final: bool,
-                 resize_mode: str = "bicubic"):
+                 resize_mode: str = "bilinear"):
         super().__init__()
         depth = len(vit.blocks)
         bad = [i for i in feature_blocks if not 0 <= int(i) < depth]
@@ -287,8 +294,9 @@ class DinoBackbone(nn.Module):
         self.embed_dim = vit.embed_dim
         self.num_tokens = int(vit.patch_embed.num_patches)
         self.num_maps = len(self.feature_blocks) + int(self.include_final)
-        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+        mean, std = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+        self.register_buffer("scale", 0.5 / std, persistent=False)
+        self.register_buffer("shift", (0.5 - mean) / std, persistent=False)
         self.requires_grad_(False)
         self.eval()
         self.register_state_dict_post_hook(_drop_backbone_keys)
@@ -300,22 +308,20 @@ class DinoBackbone(nn.Module):
     def forward(self, x: torch.Tensor) -> list:
         if x.ndim != 4 or x.shape[1] != 3:
             raise ValueError(f"DINO discriminator expects images [B, 3, H, W], got {tuple(x.shape)}")
-        x = (x + 1) * 0.5  # [-1, 1] -> [0, 1]
         if x.shape[-2:] != (self.img_size, self.img_size):
             x = F.interpolate(x, size=(self.img_size, self.img_size), mode=self.resize_mode, align_corners=False)
-        x = (x - self.mean) / self.std
+        x = x * self.scale + self.shift
         m = self.vit
         h = m.norm_pre(m.patch_drop(m._pos_embed(m.patch_embed(x))))  # [B, P + N, C]
         p = m.num_prefix_tokens
-        feats = []
+        blocks = []
         last = self.feature_blocks[-1] if self.feature_blocks else -1
         n_run = len(m.blocks) if self.include_final else last + 1  # skip blocks nobody reads
         for i in range(n_run):
             h = m.blocks[i](h)
             if i in self.feature_blocks:
-                feats.append(h[:, p:])
-        if self.include_final:
-            feats.append(m.norm(h)[:, p:])
+                blocks.append(h[:, p:])
+        feats = ([h[:, p:]] if self.include_final else []) + blocks
         return feats  # num_maps x [B, N, C]
 
 
@@ -325,7 +331,9 @@ def _build_dino_vit(cfg: dict) -> nn.Module:
     import timm
 
     arch_kwargs = dict(img_size=cfg["img_size"], patch_size=cfg["patch_size"], embed_dim=cfg["embed_dim"],
-                       depth=cfg["depth"], num_heads=cfg["num_heads"], num_classes=0)
+                       depth=cfg["depth"], num_heads=cfg["num_heads"], mlp_ratio=float(cfg["mlp_ratio"]),
+                       act_layer=cfg["act_layer"], norm_layer=partial(nn.LayerNorm, eps=float(cfg["norm_eps"])),
+                       num_classes=0)
     pretrained = cfg["pretrained"]
     if pretrained in (None, "", "random", False):
         return timm.create_model(cfg["arch"], pretrained=False, **arch_kwargs)
@@ -350,8 +358,9 @@ def dino_heads_state_dict(obj: Mapping, key_mapping: Union[None, Mapping[str, st
                           source: str = "checkpoint") -> dict:
     """The heads' entries from what a file holds: a plain heads state dict, or a training
     checkpoint holding it under `disc` / `discriminator` / `state_dict` / `model`; a
-    `module.` / `discriminator.` prefix is stripped. `key_mapping` then renames keys: a mapping
-    of prefixes {old: new} (first match wins) or a callable key -> new key (None drops it)."""
+    `module.` / `discriminator.` prefix is stripped, and the original `DinoDisc`'s frozen backbone
+    (`dino.*`, which we rebuild from `pretrained`) is dropped. `key_mapping` then renames keys: a
+    mapping of prefixes {old: new} (first match wins) or a callable key -> new key (None drops it)."""
     if not isinstance(obj, Mapping):
         raise TypeError(f"{source}: expected a state dict, got {type(obj).__name__}")
     for key in ("disc", "discriminator", "state_dict", "model"):
@@ -361,6 +370,7 @@ def dino_heads_state_dict(obj: Mapping, key_mapping: Union[None, Mapping[str, st
     for prefix in ("module.", "discriminator."):
         if sd and all(k.startswith(prefix) for k in sd):
             sd = {k[len(prefix):]: v for k, v in sd.items()}
+    sd = {k: v for k, v in sd.items() if not k.startswith("dino.")}
     if key_mapping is None:
         return sd
     out = {}
@@ -378,14 +388,15 @@ class DinoDiscriminator(nn.Module):
     """Frozen DINO ViT features + one trainable `DinoDiscHead` per feature map.
 
     forward: images [B, 3, H, W] in [-1, 1] -> logits [B, num_maps * N] (heads concatenated in
-    the order blocks..., final). `state_dict()` holds only `heads.*` (the backbone is rebuilt
-    from `pretrained`). `train()` never puts the backbone in training mode.
+    the order last block, feature_blocks..., as the original). `state_dict()` holds only
+    `heads.*` (the backbone is rebuilt from `pretrained`). `train()` never puts the backbone in training mode.
     """
 
-    def __init__(self, backbone: DinoBackbone, kernel_size: int = 9, norm_eps: float = 1e-6, config: Optional[dict] = None):
+    def __init__(self, backbone: DinoBackbone, kernel_size: int = 9, norm_eps: float = 1e-6, config: Optional[dict] = None,
+                 spectral_norm: bool = True):
         super().__init__()
         self.backbone = backbone
-        self.heads = nn.ModuleList([DinoDiscHead(backbone.embed_dim, kernel_size, norm_eps)
+        self.heads = nn.ModuleList([DinoDiscHead(backbone.embed_dim, kernel_size, norm_eps, spectral_norm)
                                     for _ in range(backbone.num_maps)])
         self.config = dict(config or {})
 
@@ -425,7 +436,8 @@ def build_dino_discriminator(cfg: Optional[Mapping] = None) -> DinoDiscriminator
     cfg = {**DINO_DISC_DEFAULTS, **cfg}
     backbone = DinoBackbone(_build_dino_vit(cfg), cfg["img_size"], cfg["feature_blocks"], cfg["include_final"],
                             cfg["resize_mode"])
-    disc = DinoDiscriminator(backbone, int(cfg["kernel_size"]), float(cfg["norm_eps"]), config=cfg)
+    disc = DinoDiscriminator(backbone, int(cfg["kernel_size"]), float(cfg["norm_eps"]), config=cfg,
+                             spectral_norm=bool(cfg["spectral_norm"]))
     if cfg["heads_ckpt"]:
         disc.load_heads(cfg["heads_ckpt"], cfg["key_mapping"])
     return disc

@@ -255,14 +255,16 @@ def build_encoder(name: str, resolution: int = 256, random_init: bool = False,
     if spec.hub_id is None:
         raise FileNotFoundError(
             f"encoder {name} has no hub weights: pass --encoder-weights-dir holding one of "
-            f"{', '.join(spec.weight_files)}")
+            f"{', '.join(spec.weight_files)} (or --random-init-encoders: random weights, for tests only)")
     try:
         model = build_timm_vit(spec, resolution, pretrained=True)
     except Exception as e:  # noqa: BLE001 - re-raised with the encoder and source named
         offline = " (HF_HUB_OFFLINE is set: the weights must already be in the hub cache)" \
             if os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0") else ""
         raise RuntimeError(f"encoder {name}: could not load pretrained weights from hub id "
-                           f"timm/{spec.hub_id}{offline}: {e}") from e
+                           f"timm/{spec.hub_id}{offline}: {e}. Offline: pass --encoder-weights-dir DIR holding "
+                           f"{' or '.join(spec.weight_files) or name + '.pth'}, or --random-init-encoders "
+                           f"(random weights: the alignment then means nothing; for tests only)") from e
     return RepresentationEncoder(spec, model, resolution)
 
 

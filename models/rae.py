@@ -321,4 +321,9 @@ def build_rae(params: dict, encoder_config: Optional[dict] = None, image_process
         if "mean" not in stats or "var" not in stats:
             raise KeyError(f"RAE statistics {stat_path or 'dict'} need keys 'mean' and 'var' (has {list(stats)})")
         rae.set_latent_stats(stats["mean"], stats["var"])
+    # What rebuilds this RAE (models.tokenizers.describe_model): the weights and statistics files
+    # travel separately, and a random encoder is recorded because no export can hold it.
+    rae.spec = dict(params={k: v for k, v in params.items()
+                            if k not in ("pretrained_decoder_path", "normalization_stat_path")},
+                    decoder_config=decoder_config, image_processor=image_processor, random_encoder=bool(random_init))
     return rae

@@ -21,7 +21,14 @@ diffusion model are per channel (KL, VA-VAE, VQ: `stats_mode` "channel") or per 
 
 `fingerprint()` hashes the weights so a latent folder written by one tokenizer is refused when
 training with another (`identity()` is what `cache_latents.py` stores in `tokenizer.json`).
-`build_tokenizer` builds any kind from a preset name / config, a checkpoint or random weights.
+
+Self-describing exports: `save_vae_weights.py` writes, beside the weights `NAME.pt` (kept in the
+original's layout, so the original code still loads it), a sidecar `NAME.json` saying what
+rebuilds them: kind, the network's constructor config (channels, ddconfig, VF width, codebook,
+RAE spec) and the latent statistics file. `Tokenizer.load(path_or_preset)` (= `load_tokenizer`)
+is the one entry point: an export rebuilds from its sidecar; preset names and the originals'
+layouts (a bare state_dict plus `--vae PRESET` / a config) are adapters into `build_tokenizer`,
+which reads the sidecar whenever the weights have one and no config overrides it.
 """
 from __future__ import annotations
 
@@ -35,6 +42,9 @@ import torch
 import torch.nn as nn
 
 TOKENIZER_KINDS = ("kl", "vavae", "vq", "rae")
+# train_stage1.py names the VQ family "vqgan"; tokenizers call it "vq".
+KIND_ALIASES = {"vqgan": "vq"}
+EXPORT_FORMAT = 1
 
 # Tiny and real RAE configurations: the `stage_1.params` of a released RAE config plus, inline,
 # the encoder config (random init), the decoder config and the processor mean/std, so a preset
@@ -76,6 +86,11 @@ class Tokenizer(nn.Module):
             raise ValueError(f"tokenizer kind '{kind}' unknown; valid: {', '.join(TOKENIZER_KINDS)}")
         self.kind, self.name, self.model, self.stats = kind, name, model, stats
         self._fingerprint: Optional[str] = None
+
+    @classmethod
+    def load(cls, path_or_preset: Union[str, os.PathLike], **kwargs) -> "Tokenizer":
+        """An export (weights + `NAME.json`) or a preset name; see `load_tokenizer`."""
+        return load_tokenizer(path_or_preset, **kwargs)
 
     # ---- description ------------------------------------------------------------------------
     @property
@@ -177,6 +192,132 @@ class Tokenizer(nn.Module):
 
 
 # --------------------------------------------------------------------------------------------
+# Self-describing exports
+# --------------------------------------------------------------------------------------------
+def description_path(weights: Union[str, os.PathLike]) -> Path:
+    """`<dir>/NAME.pt` (or `.safetensors`, `.ckpt`) -> `<dir>/NAME.json`, the export's sidecar."""
+    p = Path(weights)
+    return p.with_suffix(".json") if p.suffix else p.with_name(p.name + ".json")
+
+
+def describe_model(kind: str, model: nn.Module) -> dict:
+    """What rebuilds `model` (random weights, right shapes): the JSON-safe description of a
+    tokenizer network, stored in training checkpoints and written beside exports.
+
+    kl / vavae: AutoencoderKL kwargs (embed_dim, ch_mult, ddconfig incl. in_channels / out_ch,
+    vf_dim = the VF projection width, reverse_proj, use_variational); vq: VQModel kwargs
+    (ddconfig, n_embed, embed_dim, quantizer); rae: the RAE spec `build_rae` recorded."""
+    kind = KIND_ALIASES.get(kind, kind)
+    if kind not in TOKENIZER_KINDS:
+        raise ValueError(f"tokenizer kind '{kind}' unknown; valid: {', '.join(TOKENIZER_KINDS)}")
+    if kind in ("kl", "vavae"):
+        ddconfig = dict(model.ddconfig)
+        config = dict(embed_dim=int(model.embed_dim), ch_mult=list(ddconfig.pop("ch_mult")),
+                      use_variational=bool(model.use_variational), vf_dim=model.vf_dim,
+                      reverse_proj=bool(model.reverse_proj), **ddconfig)
+    elif kind == "vq":
+        from models.vqgan import EMAVectorQuantizer
+
+        config = dict(ddconfig=dict(model.ddconfig), n_embed=int(model.n_embed), embed_dim=int(model.embed_dim),
+                      quantizer="ema" if isinstance(model.quantize, EMAVectorQuantizer) else "vq2")
+    else:
+        if getattr(model, "spec", None) is None:
+            raise ValueError("this RAE was not built by models.rae.build_rae: it carries no spec to describe")
+        config = dict(model.spec)
+    in_channels = 3 if kind == "rae" else int(model.ddconfig.get("in_channels", 3))
+    return json.loads(json.dumps({"format": EXPORT_FORMAT, "kind": kind, "model": config, "in_channels": in_channels,
+                                  "latent_channels": int(model.latent_channels)}))
+
+
+def write_export_description(weights: Union[str, os.PathLike], description: Optional[Mapping],
+                             stats: Optional[Union[str, os.PathLike]] = None, **extra) -> Optional[Path]:
+    """Write the sidecar `NAME.json` of the exported `weights` (atomically); `stats` is the
+    latent statistics file exported with them (stored relative to the weights' folder).
+    Returns its path, or None (with a notice) when there is no description to write: a
+    checkpoint of an older version, whose export needs --vae / --vae-config to be rebuilt."""
+    weights = Path(weights)
+    if description is None:
+        print(f"note: {weights} is written without a description (the training checkpoint has none): "
+              f"consumers need --tokenizer and --vae / --vae-config to rebuild it")
+        return None
+    from utils import atomic_write_text
+
+    out = dict(description, name=weights.stem, weights=weights.name,
+               stats=None if stats is None else os.path.relpath(stats, weights.parent), **extra)
+    path = description_path(weights)
+    atomic_write_text(json.dumps(out, indent=2, sort_keys=True) + "\n", path)
+    return path
+
+
+def read_export_description(weights: Union[str, os.PathLike]) -> Optional[dict]:
+    """The sidecar of `weights` (None when it has none); the statistics path made absolute.
+    Hub weights (`owner/repo/NAME.pt`) look for `owner/repo/NAME.json` on the hub (the cache
+    only with HF_HUB_OFFLINE=1); a repository without one is an original's release: None."""
+    path = description_path(weights)
+    base = str(path.parent)  # where the statistics file named in the description lives
+    if not Path(weights).exists() and len(str(weights).split("/")) >= 3 and not str(weights).startswith(("/", ".")):
+        from models.autoencoder import _resolve_file
+
+        try:
+            path = _resolve_file(path, "tokenizer description")
+        except FileNotFoundError:
+            return None
+    elif not Path(weights).is_file() or not path.is_file():
+        return None
+    try:
+        desc = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"tokenizer description {path} is not valid JSON: {e}") from e
+    missing = [k for k in ("format", "kind", "model") if k not in desc]
+    if missing or desc["format"] != EXPORT_FORMAT:
+        raise ValueError(f"tokenizer description {path}: missing {missing} or format {desc.get('format')!r} "
+                         f"is not {EXPORT_FORMAT}")
+    if desc["kind"] not in TOKENIZER_KINDS:
+        raise ValueError(f"tokenizer description {path}: kind {desc['kind']!r} unknown")
+    if desc.get("stats"):
+        desc["stats"] = f"{base}/{desc['stats']}"
+    desc["source"] = str(path)
+    return desc
+
+
+def preset_kind(name: str) -> Optional[str]:
+    """The tokenizer kind of a preset name (None when it names no preset)."""
+    from models.autoencoder import VAE_PRESETS
+    from models.vqgan import VQ_PRESETS
+
+    if name in VAE_PRESETS:
+        return "vavae" if VAE_PRESETS[name].get("vf_dim") else "kl"
+    if name in VQ_PRESETS:
+        return "vq"
+    return "rae" if name in RAE_PRESETS else None
+
+
+def load_tokenizer(path_or_preset: Union[str, os.PathLike], kind: Optional[str] = None,
+                   stats: Optional[Union[str, os.PathLike]] = None, random_init: bool = False,
+                   seed: int = 0) -> Tokenizer:
+    """THE entry point: an export (weights with their `NAME.json` sidecar) rebuilds from its
+    description; a preset name builds that preset (with `random_init`, or the RAE preset's own
+    weights). `kind` may narrow a VA-VAE export to 'kl' (the VF projection is then unused)."""
+    p = Path(path_or_preset)
+    if p.is_file() or p.suffix in (".pt", ".pth", ".ckpt", ".safetensors", ".bin"):
+        return build_tokenizer(kind, ckpt=p, stats=stats)
+    name = str(path_or_preset)
+    found = preset_kind(name)
+    if found is None:
+        raise FileNotFoundError(f"tokenizer {name}: neither a weights file nor a preset name")
+    return build_tokenizer(kind or found, name=name, stats=stats, random_init=random_init, seed=seed)
+
+
+def _kind_of_export(kind: Optional[str], desc: dict) -> str:
+    """The kind to build an export as: its own, or 'kl' for a VA-VAE (the projection unused)."""
+    kind = KIND_ALIASES.get(kind, kind)
+    if kind is None or kind == desc["kind"] or (kind == "kl" and desc["kind"] == "vavae"):
+        return kind or desc["kind"]
+    raise ValueError(f"--tokenizer {kind}: {desc['source']} describes a '{desc['kind']}' tokenizer; "
+                     f"pass --tokenizer {desc['kind']} (or leave --tokenizer out)")
+
+
+# --------------------------------------------------------------------------------------------
 # Builders
 # --------------------------------------------------------------------------------------------
 def _read_config(config: Union[None, str, os.PathLike, Mapping], what: str) -> Optional[dict]:
@@ -244,7 +385,7 @@ def rae_spec(name: Optional[str], config) -> Tuple[str, dict]:
     return name or (Path(source).stem if source else "rae"), dict(params=params, **extras)
 
 
-def build_tokenizer(kind: str, name: Optional[str] = None, ckpt: Optional[Union[str, os.PathLike]] = None,
+def build_tokenizer(kind: Optional[str], name: Optional[str] = None, ckpt: Optional[Union[str, os.PathLike]] = None,
                     stats: Optional[Union[str, os.PathLike, Mapping]] = None, config=None, random_init: bool = False,
                     seed: int = 0) -> Tokenizer:
     """Build a Tokenizer in eval mode, gradients off.
@@ -256,7 +397,22 @@ def build_tokenizer(kind: str, name: Optional[str] = None, ckpt: Optional[Union[
         `ckpt` overrides the decoder weights, `stats` the {mean, var} statistics file.
     Exactly one of `ckpt` (or, for RAE, weights named in the config) and `random_init`: a
     tokenizer is never silently random. `random_init` seeds a private RNG with `seed`.
+    Weights with a sidecar description (`NAME.json`, see `write_export_description`) rebuild
+    from it unless `config` is given: `kind` may then be None, `name` is only the label, and
+    the described statistics file is used unless `stats` is given.
     """
+    desc = read_export_description(ckpt) if ckpt is not None and config is None else None
+    if desc is not None:
+        kind = _kind_of_export(kind, desc)
+        if desc["kind"] == "rae" and desc["model"].get("random_encoder"):
+            raise ValueError(f"{desc['source']}: this RAE was trained with a random-weight encoder "
+                             f"(--random-init-encoders), which the export does not hold; it cannot be rebuilt")
+        config, name = desc["model"], name or desc.get("name")
+        stats = stats if stats is not None else desc.get("stats")
+    elif kind is None:
+        raise ValueError(f"no tokenizer kind (--tokenizer) given and {ckpt or 'no checkpoint'} has no description "
+                         f"(NAME.json beside the weights): pass --tokenizer and --vae / --vae-config")
+    kind = KIND_ALIASES.get(kind, kind)
     if kind not in TOKENIZER_KINDS:
         raise ValueError(f"--tokenizer '{kind}' unknown; valid: {', '.join(TOKENIZER_KINDS)}")
     if random_init and ckpt is not None:
@@ -309,4 +465,5 @@ def build_tokenizer(kind: str, name: Optional[str] = None, ckpt: Optional[Union[
     return Tokenizer(kind, model, label, stats_dict).eval()
 
 
-__all__ = ["TOKENIZER_KINDS", "RAE_PRESETS", "Tokenizer", "build_tokenizer", "load_vq_checkpoint"]
+__all__ = ["TOKENIZER_KINDS", "RAE_PRESETS", "Tokenizer", "build_tokenizer", "load_tokenizer", "load_vq_checkpoint",
+           "describe_model", "write_export_description", "read_export_description", "description_path"]

@@ -48,7 +48,9 @@ def _load_used_table(remap) -> torch.Tensor:
         path = Path(remap)
         if not path.is_file():
             raise FileNotFoundError(f"VQ remap table not found: {path}")
-        table = torch.load(path, map_location="cpu") if path.suffix in (".pt", ".pth") else np.load(path)
+        from utils import torch_load_safe
+
+        table = torch_load_safe(path, "VQ remap table") if path.suffix in (".pt", ".pth") else np.load(path, allow_pickle=False)
     else:
         table = remap
     table = torch.as_tensor(np.asarray(table) if not torch.is_tensor(table) else table).long().reshape(-1)

@@ -3,6 +3,7 @@ processes give the same images), resume without regeneration, refusal to mix con
 clear errors, recipes, and --eval through the shared metrics code."""
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -151,6 +152,128 @@ def test_two_processes_match_one_and_eval(exp, tmp_path):
     assert np.isfinite(metrics["fid"]) and metrics["fid"] > 0 and 0 <= metrics["precision"] <= 1
 
 
+def test_repae_readme_command_verbatim_under_torchrun(exp, tmp_path):
+    """REPA-E's README command, its flag names only, 2 processes: the samples and one .npz
+    (arr_0 uint8 [N, H, W, 3]) land where REPA-E writes them, samples/EXP_STEP_cfg...npz."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc_per_node=2", "--master_port", free_port(),
+           str(ROOT / "generate.py"), "--num-fid-samples", "6", "--path-type", "linear", "--mode", "ode", "--num-steps", "3",
+           "--cfg-scale", "2.5", "--guidance-high", "0.75", "--guidance-low", "0.0", "--exp-path", str(exp),
+           "--train-steps", "10", "--heun", "--global-seed", "0", "--pproc-batch-size", "2"]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    name = "exp_0000010_cfg2.5-0.0-0.75-labelsampling-equal"
+    with np.load(tmp_path / "samples" / f"{name}.npz") as data:
+        arr = data["arr_0"]
+    assert arr.shape == (6, 32, 32, 3) and arr.dtype == np.uint8
+    assert np.array_equal(arr, load_pngs(tmp_path / "samples" / name, 6))
+    cfg = json.loads((tmp_path / "samples" / name / "sampling_config.json").read_text())
+    assert (cfg["solver"], cfg["num_steps"], cfg["cfg_scale"], cfg["label_sampling"]) == ("heun", 3, 2.5, "equal")
+
+
+def test_uint8_conversion_truncates_like_the_originals_by_default():
+    """REPA-E's generate.py: clamp(255 (x + 1) / 2, 0, 255).to(uint8); rounding is one flag away."""
+    values = torch.tensor([-1.5, -1.0, -0.999, -0.5, 0.0, 0.3, 0.5, 0.999, 1.0, 1.2])
+    decode = lambda z: values.view(1, 1, 1, -1).expand(z.shape[0], 3, 1, -1)  # noqa: E731
+    field = _tiny_velocity(0)
+    kw = dict(mode="ode", solver="euler", num_steps=1)
+    out = generate.sample_batch(field, decode, (4, 4, 4), 3, torch.arange(2), 0, kw, "cpu")
+    original = torch.clamp(255.0 * ((values + 1) / 2.0), 0, 255).to(torch.uint8)
+    assert torch.equal(out[0, 0, 0], original)
+    assert original.tolist() == [0, 0, 0, 63, 127, 165, 191, 254, 255, 255]
+    rounded = generate.sample_batch(field, decode, (4, 4, 4), 3, torch.arange(2), 0, kw, "cpu", uint8_conversion="round")
+    assert rounded[0, 0, 0].tolist() == [0, 0, 0, 64, 128, 166, 191, 255, 255, 255]
+    assert generate.parse_args([]).uint8_conversion == "truncate"
+
+
+def test_exp_dir_decodes_with_the_checkpoints_trained_statistics(tmp_path):
+    """A run trained with --vae-stats: the checkpoint's (EMA BatchNorm) statistics decode, not the
+    initial file recorded in args.json; an explicit --vae-stats still wins."""
+    exp = make_experiment(tmp_path)
+    initial = {"latents_scale": torch.full((1, 4, 1, 1), 3.0), "latents_bias": torch.full((1, 4, 1, 1), 7.0)}
+    torch.save(initial, tmp_path / "initial-latents-stats.pt")
+    args = json.loads((exp / "args.json").read_text())
+    (exp / "args.json").write_text(json.dumps(dict(args, vae_stats=str(tmp_path / "initial-latents-stats.pt"))))
+    ckpt = torch.load(exp / "checkpoints" / "0000010.pt", map_location="cpu", weights_only=False)
+    setup = generate.load_models(generate.parse_args(["--exp-dir", str(exp), "--device", "cpu"]), lambda m: None)
+    assert torch.allclose(setup.decoder.mean, ckpt["latent_stats"]["latents_bias"])
+    assert torch.allclose(setup.decoder.std, 1 / ckpt["latent_stats"]["latents_scale"])
+    # without the checkpoint's record, the EMA SiT's BatchNorm (REPA-E's generate.py)
+    del ckpt["latent_stats"]
+    torch.save(ckpt, exp / "checkpoints" / "0000010.pt")
+    setup = generate.load_models(generate.parse_args(["--exp-dir", str(exp), "--device", "cpu"]), lambda m: None)
+    assert torch.allclose(setup.decoder.mean.flatten(), ckpt["ema"]["bn.running_mean"])
+    explicit = generate.parse_args(["--exp-dir", str(exp), "--device", "cpu", "--vae-stats",
+                                    str(tmp_path / "initial-latents-stats.pt")])
+    assert torch.allclose(generate.load_models(explicit, lambda m: None).decoder.mean, initial["latents_bias"])
+
+
+def test_npz_holds_exactly_the_requested_samples_and_eval_reads_only_those(exp, tmp_path, capsys):
+    """A folder holding 12 samples, asked for 8: the .npz holds 8 and --eval (from the .npz or,
+    with --no-npz, from the folder) reads those 8. Offline evaluation: random Inception, labelled
+    so everywhere, against a reference image folder (--ref-dir)."""
+    from PIL import Image
+
+    out = tmp_path / "s"
+    quick = ["--num-steps", "1", "--cfg-scale", "1.0"]
+    generate.main(base_args(exp, out, *quick, "--num-fid-samples", "12"))
+    assert generate.npz_image_count(out / "run.npz") == 12
+    ref = tmp_path / "ref"
+    ref.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(10):
+        Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(ref / f"{i}.png")
+    ev = ["--eval", "--ref-dir", str(ref), "--random-init-inception", "--metrics", "fid", "--inception-image-size", "75",
+          "--inception-chunk", "4", "--eval-batch-size", "4"]
+    res = generate.main(base_args(exp, out, *quick, "--num-fid-samples", "8", *ev))
+    with np.load(out / "run.npz") as data:
+        assert data["arr_0"].shape == (8, 32, 32, 3)
+        assert np.array_equal(data["arr_0"], load_pngs(out / "run", 8))
+    assert res["generated"] == 0 and res["metrics"]["num_samples"] == 8
+    saved = json.loads((out / "run" / "metrics.json").read_text())
+    assert saved["inception"].startswith("random weights") and saved["ref_dir"] == str(ref)
+    assert "FID (random Inception: not comparable)=" in capsys.readouterr().out
+    res = generate.main(base_args(exp, out, *quick, "--num-fid-samples", "8", "--no-npz", *ev))
+    assert res["metrics"]["num_samples"] == 8 and res["metrics"]["fid"] == saved["fid"]
+
+
+@pytest.mark.parametrize("flag,value", [("--num-fid-samples", "0"), ("--num-fid-samples", "-3"), ("--num-steps", "0"),
+                                        ("--pproc-batch-size", "0"), ("--samples-per-class", "0")])
+def test_values_that_would_write_nothing_useful_are_refused(flag, value):
+    with pytest.raises(SystemExit, match=flag):
+        generate.parse_args([flag, value])
+
+
+def test_heun_with_sde_is_refused():
+    with pytest.raises(SystemExit, match="--heun"):
+        generate.parse_args(["--heun", "--mode", "sde"])
+
+
+def test_help_lists_repae_names_with_one_default_each():
+    text = generate.build_parser().format_help()
+    for name in ("--exp-path", "--exp-dir", "--train-steps", "--ckpt-step", "--pproc-batch-size", "--per-proc-batch-size",
+                 "--tf32", "--allow-tf32", "--heun", "--global-seed", "--sample-dir", "--num-fid-samples"):
+        assert name in text, name
+    options = re.split(r"\n  (?=-)", text)
+    for opt in options:
+        assert opt.lower().count("default") <= 1, opt
+    a = generate.parse_args([])
+    assert (a.cfg_scale, a.num_steps, a.mode, a.per_proc_batch_size, a.num_fid_samples, a.sample_dir, a.label_sampling,
+            a.guidance_low, a.guidance_high, a.allow_tf32, a.heun) == (1.5, 50, "ode", 128, 50000, "samples", "equal",
+                                                                       0.0, 1.0, True, False)
+    assert generate.parse_args(["--no-tf32"]).allow_tf32 is False
+    assert generate.parse_args(["--no-per-class-sampling"]).label_sampling == "random"
+    assert generate.parse_args(["--per-class-sampling"]).label_sampling == "equal"
+    assert generate.parse_args(["--exp-path", "E", "--train-steps", "400000"]).ckpt_step == "400000"
+
+
+def test_config_file_takes_either_name(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("exp-path: E\ntrain_steps: 7\npproc-batch-size: 3\nper-proc-batch-size: 5\n")
+    a = generate.parse_args(["--config", str(cfg)])
+    assert (a.exp_dir, a.ckpt_step) == ("E", 7) and a.per_proc_batch_size in (3, 5)
+
+
 # ------------------------------------------------------------------------------------------------
 # Stage-2 families, released-checkpoint conventions, autoguidance (generate.py issues 5 and 6)
 # ------------------------------------------------------------------------------------------------
@@ -276,6 +399,22 @@ def test_autoguidance_runs_main_and_guide_once_per_step_on_n_rows():
     assert torch.isfinite(out).all()
 
 
+def test_heun_corrector_reuses_the_predictor_guidance_decision():
+    """Heun with a guidance interval: the corrector at t_next is guided iff t_cur was (REPA-E's
+    euler_sampler), so generate.py's sampler equals samplers.py's own CFG on the plain model."""
+    import samplers
+
+    model = _Counting(_tiny_velocity(3))
+    z, y = torch.randn(3, 4, 4, 4), torch.tensor([0, 1, 2])
+    # 4 steps on 1, .75, .5, .25, 0: t_cur = .75 is guided, its corrector at t_next = .5 (outside
+    # [0.6, 1]) must be guided too
+    kw = dict(mode="ode", solver="heun", num_steps=4, cfg_scale=2.0, guidance_low=0.6, guidance_high=1.0)
+    ours = generate.run_sampler(model, z, y, kw)
+    assert model.rows == 3 * (2 + 2 + 2 + 2 + 1 + 1 + 1)  # predictor+corrector doubled at t = 1 and .75
+    ref = samplers.sample(model.inner, z, y, **kw)
+    assert torch.equal(ours, ref)
+
+
 def test_cfg_doubles_only_inside_the_interval_and_legacy_channels():
     main = _Counting(_tiny_velocity(0))
     z, y = torch.randn(2, 4, 4, 4), torch.tensor([0, 2])
@@ -385,7 +524,7 @@ def test_ldm_experiments_one_vs_two_processes(ldm_exps, tmp_path):
 def test_ldm_autoguidance_and_tokenizer_fingerprint(ldm_exps, tmp_path):
     exp = ldm_exps["DiTDH"]
     small = lambda *a: _ldm_args(*a) + ["--num-fid-samples", "2"]  # noqa: E731
-    base = generate.main(small(exp, tmp_path / "plain"))
+    base = generate.main(small(exp, tmp_path / "plain", "--cfg-scale", "1.0"))
     # the experiment guiding itself: g + s (m - g) = m, the unguided images
     generate.main(small(exp, tmp_path / "ag", "--guidance", "autoguidance", "--guide-exp-dir", str(exp),
                             "--cfg-scale", "1.42"))
@@ -419,3 +558,97 @@ def test_rae_recipes_parse():
     assert (a.time_grid, a.num_steps, a.shift, a.label_sampling) == ("rae", 50, "auto", "equal")
     a = generate.parse_args(["--recipe", "rae-ddt-autoguidance", "--shift", "2"])
     assert (a.guidance, a.cfg_scale, a.shift) == ("autoguidance", 1.42, 2.0)
+
+
+# ------------------------------------------------------------------------------------------------
+# Class-labelled generation, 1-channel samples (domain data)
+# ------------------------------------------------------------------------------------------------
+def test_classes_by_name_and_labels_written(tmp_path):
+    """--classes by the data's class-folder names (or ids) with --samples-per-class: class blocks,
+    labels.npy and labels.csv (index, class id, class name, file), the .npz of exactly those."""
+    import csv
+
+    exp = make_experiment(tmp_path)
+    data = tmp_path / "data"
+    for name in ("user_00", "user_03", "user_17", "user_20"):
+        (data / name).mkdir(parents=True)
+    args = json.loads((exp / "args.json").read_text())
+    (exp / "args.json").write_text(json.dumps(dict(args, data_dir=str(data))))
+    out = tmp_path / "s"
+    res = generate.main(base_args(exp, out, "--num-steps", "1", "--classes", "user_17,0", "--samples-per-class", "2"))
+    folder = out / "run"
+    assert res["generated"] == 4
+    labels = np.load(folder / "labels.npy")
+    assert labels.tolist() == [2, 2, 0, 0]
+    rows = list(csv.DictReader(open(folder / "labels.csv")))
+    assert [(r["index"], r["class_id"], r["class_name"], r["file"]) for r in rows][:3] == [
+        ("0", "2", "user_17", "000000.png"), ("1", "2", "user_17", "000001.png"), ("2", "0", "user_00", "000002.png")]
+    with np.load(out / "run.npz") as d:
+        assert d["arr_0"].shape == (4, 32, 32, 3)
+    cfg = json.loads((folder / "sampling_config.json").read_text())
+    assert cfg["classes"] == [2, 0] and cfg["samples_per_class"] == 2
+    # the class really conditions the samples: index 0 as class 2 differs from index 0 as class 3
+    generate.main(base_args(exp, tmp_path / "t", "--num-steps", "1", "--classes", "user_20", "--samples-per-class", "1"))
+    assert not np.array_equal(load_pngs(folder, 1), load_pngs(tmp_path / "t" / "run", 1))
+    with pytest.raises(SystemExit, match="unknown class 'user_99'.*user_03"):
+        generate.main(base_args(exp, tmp_path / "u", "--num-steps", "1", "--classes", "user_99"))
+    # without --classes every sample's label is written too
+    generate.main(base_args(exp, tmp_path / "v", "--num-steps", "1", "--num-fid-samples", "6"))
+    assert np.load(tmp_path / "v" / "run" / "labels.npy").tolist() == [0, 1, 2, 3, 0, 1]  # equal labels
+
+
+class _GrayTokenizer(torch.nn.Module):
+    """Decodes 4-channel latents to 1-channel images (a 1-channel tokenizer's output)."""
+
+    def decode(self, z):
+        return torch.tanh(torch.nn.functional.interpolate(z[:, :1], scale_factor=4))
+
+
+def test_one_channel_samples_npz_and_eval(exp, tmp_path, monkeypatch, capsys):
+    """A 1-channel tokenizer: PNGs are grayscale, arr_0 is [N, H, W, 1]; --eval replicates to 3
+    channels for Inception (saying so) against a 1-channel reference."""
+    real = generate.load_models
+
+    def gray_models(args, log):
+        setup = real(args, log)
+        setup.decoder = generate.LatentDecoder(_GrayTokenizer(), setup.decoder.mean, setup.decoder.std)
+        return setup
+
+    monkeypatch.setattr(generate, "load_models", gray_models)
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "ref.npz", arr_0=rng.integers(0, 256, (6, 32, 32, 1), dtype=np.uint8))
+    res = generate.main(base_args(exp, tmp_path / "s", "--num-steps", "1", "--num-fid-samples", "5", "--eval",
+                                  "--ref-batch", str(tmp_path / "ref.npz"), "--random-init-inception", "--metrics", "fid",
+                                  "--inception-image-size", "75", "--inception-chunk", "5", "--eval-batch-size", "5"))
+    from PIL import Image
+
+    assert Image.open(tmp_path / "s" / "run" / "000000.png").mode == "L"
+    with np.load(tmp_path / "s" / "run.npz") as d:
+        assert d["arr_0"].shape == (5, 32, 32, 1)
+    assert np.isfinite(res["metrics"]["fid"])
+    assert "replicated to 3 channels for Inception" in capsys.readouterr().out
+
+
+def test_training_grid_rows_are_classes():
+    assert generate.grid_row_labels(9, 3).tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2]
+    assert generate.grid_row_labels(16, 1000).view(4, 4)[:, 0].tolist() == [0, 1, 2, 3]
+    assert generate.grid_row_labels(4, 1).tolist() == [0, 0, 0, 0]
+
+
+def test_training_evaluation_labels_random_inception(exp, tmp_path):
+    """The trainers' periodic FID (evaluate_generation): the log line and the returned scores
+    (which go into summary.json) say the Inception was random."""
+    from types import SimpleNamespace
+
+    setup = generate.load_models(generate.parse_args(["--exp-dir", str(exp), "--device", "cpu"]), lambda m: None)
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "ref.npz", arr_0=rng.integers(0, 256, (6, 32, 32, 3), dtype=np.uint8))
+    args = SimpleNamespace(inception_weights=None, inception_size=75, random_init_inception=True, eval_num_steps=1,
+                           eval_cfg_scale=1.0, eval_samples=4, seed=0, eval_batch_size=4, eval_label_sampling="equal",
+                           eval_metrics="fid", eval_reference=str(tmp_path / "ref.npz"))
+    logged, lines = [], []
+    accelerator = SimpleNamespace(log=lambda d, step: logged.append(d), is_main_process=True)
+    scores = generate.evaluate_generation(setup.model, setup.decoder, setup.latent_shape, setup.num_classes, args, "cpu",
+                                          3, accelerator, SimpleNamespace(info=lines.append))
+    assert scores["inception"].startswith("random weights") and np.isfinite(scores["fid"])
+    assert "FID (random Inception: not comparable)=" in lines[0] and set(logged[0]) == {"eval/num_samples", "eval/fid"}

@@ -160,6 +160,7 @@ def test_two_processes_match_one(extractor, tmp_path):
                            str(script)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     two = json.loads((tmp_path / "two.json").read_text())
+    assert one.pop("inception") == M.RANDOM_INCEPTION_NOTE  # built random here, loaded from a file there
     assert two == json.loads(json.dumps(one))
 
 
@@ -197,3 +198,36 @@ def test_reconstruction_metrics(extractor):
     b = M.reconstruction_metrics(vae, dataset, inception=extractor, device="cpu", batch_size=12, lpips=lp)
     assert a == b
     assert a["rfid"] > 0 and a["psnr"] < perfect["psnr"] and a["ssim"] < 1 and a["lpips"] > 0
+
+
+def test_image_sources_one_channel_file_lists_datasets_and_random_label(extractor, tmp_path, capsys):
+    """1-channel images are replicated to 3 channels (and the log says so); a list of files reads
+    exactly those files; a Dataset of (image, label) items is a source; random Inception figures
+    are labelled not comparable."""
+    from PIL import Image
+
+    gray = make_images(6, 0)[..., :1]  # [6, 32, 32, 1]
+    rgb = np.repeat(gray, 3, axis=-1)
+    f_gray = M.compute_features(gray, extractor)["pool"]
+    assert torch.equal(f_gray, M.compute_features(rgb, extractor)["pool"])
+    assert "replicated to 3 channels for Inception" in capsys.readouterr().out
+    for i in range(8):
+        Image.fromarray(rgb[i % 6]).save(tmp_path / f"{i:06d}.png")
+    files = [tmp_path / f"{i:06d}.png" for i in range(6)]
+    assert torch.equal(M.compute_features(files, extractor)["pool"], f_gray)
+    assert len(M.ImageSource(tmp_path)) == 8 and len(M.ImageSource(files)) == 6
+    pairs = [(torch.from_numpy(rgb[i]).permute(2, 0, 1), i) for i in range(6)]
+    dataset = torch.utils.data.TensorDataset(torch.stack([p[0] for p in pairs]), torch.arange(6))
+    assert torch.equal(M.compute_features(dataset, extractor)["pool"], f_gray)
+    scores = M.evaluate_samples(rgb, make_images(8, 1), inception=extractor, metrics=("fid",), device="cpu")
+    assert scores["inception"] == M.RANDOM_INCEPTION_NOTE
+    assert M.format_scores(scores).startswith("FID (random Inception: not comparable)=")
+    assert M.format_scores({"fid": 1.0, "num_samples": 3}) == "FID=1.0000"
+
+
+def test_uint8_conversion_modes():
+    x = torch.tensor([-1.0, -0.5, 0.0, 0.999, 1.0])
+    assert M.images_to_uint8(x).tolist() == [0, 63, 127, 254, 255]
+    assert M.images_to_uint8(x, "round").tolist() == [0, 64, 128, 255, 255]
+    with pytest.raises(ValueError, match="truncate"):
+        M.images_to_uint8(x, "floor")

@@ -160,7 +160,7 @@ def test_rae_loss_adaptive_weight_matches_autograd(rae_loss):
 
     # Independently: rec and gan from scratch, their gradients at W with autograd.
     rec = ((x + 1) / 2 - (recon + 1) / 2).abs().mean() + rae_loss.perceptual_loss(x, recon).mean()
-    fake = diff_augment(recon, "color,translation", torch.Generator().manual_seed(5))
+    fake = diff_augment(recon, rae_loss.diffaug_policy, torch.Generator().manual_seed(5))
     gan = -rae_loss.discriminator(fake).mean()
     g_rec = torch.autograd.grad(rec, dec.pred.weight, retain_graph=True)[0]
     g_gan = torch.autograd.grad(gan, dec.pred.weight, retain_graph=True)[0]
@@ -319,3 +319,14 @@ def test_rae_bad_input_is_named():
     with pytest.raises(ValueError, match="not a multiple of the encoder patch"):
         build_rae(dict(spec["params"], encoder_input_size=50), encoder_config=spec["encoder_config"],
                   decoder_config=spec["decoder_config"], random_init=True)
+
+
+def test_diffaug_default_is_the_originals_order():
+    """The original RAE augments translation first, then colour: a shift after the colour ops
+    moves the zero fill differently than a shift before them."""
+    from loss.reconstruction import RAE_LOSS_DEFAULTS
+
+    assert RAE_LOSS_DEFAULTS["diffaug_policy"] == "translation,color"
+    x = _images(B=2, H=16, W=16)
+    assert torch.equal(diff_augment(x, generator=torch.Generator().manual_seed(3)),
+                       diff_augment(x, "translation,color", torch.Generator().manual_seed(3)))

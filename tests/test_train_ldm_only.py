@@ -197,4 +197,6 @@ def test_periodic_fid_uses_the_shared_evaluation_path(data, tmp_path):
 @pytest.mark.parametrize("config", sorted((ROOT / "configs/ldm").glob("*.yaml")), ids=lambda p: p.stem)
 def test_published_recipes_parse(config):
     args = train_ldm_only.parse_args(["--config", str(config), "--latents-dir", "x", "--eval-reference", "ref.npz"])
-    assert args.model in train_ldm_only.DIFFUSION_MODELS and args.batch_size >= 256
+    assert args.model in train_ldm_only.DIFFUSION_MODELS
+    # the published ImageNet recipes train at batch >= 256; the domain recipe is for a few hundred images
+    assert args.batch_size >= (32 if config.stem == "lightningdit_domain_small" else 256)

@@ -215,9 +215,11 @@ def test_video_clips_are_flattened_to_frames(tmp_path):
         for i in range(3):
             np.save(tmp_path / "clips" / c / f"{i}.npy", rng.integers(0, 255, (5, 36, 36, 3), dtype=np.uint8))
     summary = run(flags("kl", tmp_path / "clips", tmp_path, "video", 2, video_frames=2, batch_size=2, eval_samples=4,
-                        **NO_LPIPS))
+                        eval_holdout=True, **NO_LPIPS))
     log = (tmp_path / "video/log.txt").read_text()
     assert "3 clips of 2 frames for training" in log and "batch 2 = 1 x 1 x 2" in log
+    # the hold-out counts clips, not frames
+    assert "3 clips of 2 frames of --data-dir" in log and "held out for evaluation, 3 clips of 2 frames left" in log
     assert summary["final_eval"]["num_samples"] == 4  # evaluated frame by frame
     assert json.loads((tmp_path / "video/class_to_idx.json").read_text()) == {"run": 0, "walk": 1}
 
@@ -226,3 +228,78 @@ def test_video_clips_are_flattened_to_frames(tmp_path):
 def test_recipes_parse(config):
     args = train_stage1.parse_args(["--config", str(config), "--data-dir", "x"])
     assert args.tokenizer in train_stage1.TOKENIZERS and args.resolution > 0
+
+
+def test_evaluation_set_is_held_out_only_when_asked(data_dir, tmp_path):
+    """Default: evaluate on training images that still train; --eval-holdout removes them;
+    --eval-data-dir is a separate folder (the papers' rFID is on the validation images)."""
+    one = dict(eval_samples=3, checkpointing_steps=1, sampling_steps=0, **NO_LPIPS)
+    run(flags("vqgan", data_dir, tmp_path, "shared", 1, **one))
+    log = (tmp_path / "shared/log.txt").read_text()
+    assert "evaluation on 3 of the 12 training images" in log and "12 images for training" in log
+    run(flags("vqgan", data_dir, tmp_path, "held", 1, eval_holdout=True, **one))
+    log = (tmp_path / "held/log.txt").read_text()
+    assert "--eval-holdout: 3 images of --data-dir" in log and "9 images left for training" in log
+    assert "9 images for training, 3 images evaluated" in log
+    run(flags("vqgan", data_dir, tmp_path, "sep", 1, eval_data_dir=data_dir, **one))
+    log = (tmp_path / "sep/log.txt").read_text()
+    assert f"evaluation on --eval-data-dir {data_dir}: 12 images" in log and "12 images for training" in log
+    with pytest.raises(SystemExit, match="--eval-holdout .* --eval-data-dir"):
+        train_stage1.parse_args(flags("vqgan", data_dir, tmp_path, "x", 1, eval_holdout=True, eval_data_dir=data_dir))
+
+
+def _recipe(name, *extra):
+    return train_stage1.parse_args(["--config", str(ROOT / f"configs/stage1/{name}.yaml"), "--data-dir", "x", *extra])
+
+
+def test_recipes_carry_the_originals_values():
+    for name in ("rae_dinov2b_vitxl_256", "rae_dinov2b_vitxl_512", "rae_small_1gpu"):
+        assert _recipe(name).diffaug_policy == "translation,color", name  # the original: translation, then colour
+    for name in ("vavae_f16d32_stage1", "vavae_f16d32_stage2", "vavae_f16d32_stage3", "vqgan_f16_imagenet",
+                 "vqgan_custom"):  # SmallestMaxSize + RandomCrop
+        args = _recipe(name)
+        assert args.load_mode == "short-side" and (args.load_size or args.resolution) == args.resolution, name
+    for name in ("vavae_f16d32_stage1", "vavae_f16d32_stage2", "vavae_f16d32_stage3", "vavae_domain_finetune"):
+        assert _recipe(name).vf_legacy_input, name  # the original VF objective: raw [-1, 1] bilinear input
+    assert not _recipe("vavae_domain_finetune", "--no-vf-legacy-input").vf_legacy_input
+    # VA-VAE stage 1: disc_start 5001 in Lightning's global_step (two optimizers per batch) -> the
+    # discriminator loss from batch 2500 (0-based), the generator's GAN term from batch 2501
+    args = _recipe("vavae_f16d32_stage1")
+    gen = [s for s in range(2498, 2504) if train_stage1.loss_global_steps(args, s)[0] >= args.disc_start]
+    dis = [s for s in range(2498, 2504) if train_stage1.loss_global_steps(args, s)[1] >= args.disc_start]
+    assert gen[0] == 2501 and dis[0] == 2500 and train_stage1.first_disc_step(args, 5000) == 0
+    assert train_stage1.loss_global_steps(_recipe("vqgan_f16_imagenet"), 7) == (7, 7)  # taming counts batches
+
+
+def test_lightning_global_step_steps_the_discriminator_optimizer_from_the_first_batch(data_dir, tmp_path):
+    """--lightning-global-step with disc_start 5: the discriminator loss counts from step 2
+    (2 x 2 + 1 >= 5); before that its Adam steps on a zero loss, as Lightning's, so at its first
+    real update the step count is 3 and the moments were 0 until then."""
+    run(flags("kl", data_dir, tmp_path, "pl", 3, disc_start=5, lightning_global_step=True, checkpointing_steps=1,
+              sampling_steps=0, **NO_LPIPS))
+    states = [load(tmp_path / f"pl/checkpoints/{s:07d}.pt")["opt_disc"]["state"] for s in (1, 2, 3)]
+    for s, st in zip((1, 2), states[:2]):
+        assert all(int(v["step"]) == s and not v["exp_avg"].any() for v in st.values())
+    assert all(int(v["step"]) == 3 for v in states[2].values()) and any(v["exp_avg"].any() for v in states[2].values())
+
+
+def test_discriminator_lr_schedule_follows_the_run_on_its_own_clock():
+    """RAE: warmup 1 epoch, cosine to 0.1 x at epoch 16; the discriminator starts at epoch 6 and
+    steps the same schedule on its own clock, so it ends 10 epochs in (8.2e-5), as the original."""
+    args = _recipe("rae_dinov2b_vitxl_256")
+    spe = 100
+    params = [torch.nn.Parameter(torch.zeros(1))]
+    opt, opt_d = torch.optim.AdamW(params, lr=2e-4), torch.optim.AdamW(params, lr=2e-4)
+    first = train_stage1.first_disc_step(args, spe)
+    assert first == 600
+    sched, sched_d = train_stage1.build_schedulers(opt, opt_d, args, 16 * spe, spe, first)
+    for _ in range(10 * spe):
+        opt_d.step()
+        sched_d.step()
+    assert sched_d.get_last_lr()[0] == pytest.approx(8.2189e-5, rel=1e-4)
+    args.disc_lr_horizon = "disc-steps"  # ours: fitted to its own 10 epochs of updates
+    _, sched_d = train_stage1.build_schedulers(opt, opt_d, args, 16 * spe, spe, first)
+    for _ in range(10 * spe):
+        opt_d.step()
+        sched_d.step()
+    assert sched_d.get_last_lr()[0] == pytest.approx(2e-5)
