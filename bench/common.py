@@ -275,6 +275,15 @@ def dense_bf16_peak() -> Optional[float]:
     return next((peak for key, peak in DENSE_BF16_PEAK if key in name), None)
 
 
+def emit(bench: str, config: str, **figures) -> dict:
+    """Print (and return) one measurement as a JSON line, with the machine, commit and date."""
+    line = {"bench": bench, "config": config, "device": device_name(), "commit": git_commit(),
+            "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+            "torch": torch.__version__, **figures}
+    print(json.dumps(line), flush=True)
+    return line
+
+
 def record(bench: str, config: str, batch: int, probe: StepProbe, **extra) -> dict:
     """The JSON line of one measurement (printed and returned). images/s and MFU come from the
     median step time; counts are per step and per image as named."""
@@ -284,9 +293,7 @@ def record(bench: str, config: str, batch: int, probe: StepProbe, **extra) -> di
     flops = r.get("flops_per_step")
     peak = dense_bf16_peak()
     line = {
-        "bench": bench, "config": config, "device": device_name(), "commit": git_commit(),
-        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "torch": torch.__version__, "batch": batch, "steps_timed": len(times),
+        "batch": batch, "steps_timed": len(times),
         "s_per_step_median": median, "images_per_s": batch / median if median else None,
         "peak_memory_gib": r.get("peak_memory_gib"),
         "flops_per_image": flops / batch if flops is not None else None,
@@ -297,8 +304,7 @@ def record(bench: str, config: str, batch: int, probe: StepProbe, **extra) -> di
         "top_ops": r.get("top_ops"), "sync_ops": r.get("sync_ops"),
     }
     line.update(extra)
-    print(json.dumps(line), flush=True)
-    return line
+    return emit(bench, config, **line)
 
 
 def add_probe_flags(p, timed_default: int = 10) -> None:

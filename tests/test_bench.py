@@ -271,3 +271,16 @@ def test_compile_covers_every_trained_network_and_the_alignment_pass(monkeypatch
         "--random-init-encoders", "--lpips-weights", "random", "--compile"]))
     assert calls["SiT"] == 2  # the alignment pass and the SiT update
     assert calls["AutoencoderKL"] == 1 and calls["PerceptualLoss"] >= 1 and calls["NLayerDiscriminator"] >= 2
+
+
+def test_loader_benches_tiny(tmp_path, capsys):
+    import image_loader
+    import latent_loader
+
+    lines = image_loader.main(["--workers", "0", "--batch-size", "4", "--num-images", "8", "--resolution", "32",
+                               "--epochs", "1", "--work-dir", str(tmp_path / "img")])
+    lines += latent_loader.main(["--f8-samples", "16", "--rae-samples", "4", "--batch-size", "4", "--num-workers", "0",
+                                 "--seconds", "0.2", "--dir", str(tmp_path)])
+    printed = [json.loads(x) for x in capsys.readouterr().out.splitlines() if x.startswith("{")]
+    assert printed == lines and len(lines) == 5 + 6
+    assert all((x.get("images_per_s") or x.get("samples_per_s")) > 0 for x in lines)
