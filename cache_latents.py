@@ -109,10 +109,12 @@ def write_shard(path: str | os.PathLike, tensors: Dict[str, torch.Tensor], metad
     from safetensors.torch import save_file
 
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd, tmp = utils.reserve_temp_file(path)  # the name a later start's remove_stale_temp_files knows
+    os.close(fd)
+    tmp = Path(tmp)
     try:
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+        os.chmod(tmp, utils.new_file_mode())  # save_file recreates the file 0600
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -345,7 +347,7 @@ def main(args) -> dict:
     check_existing_info(root, info)  # every rank, before anything is written
     if accelerator.is_main_process:
         # before the barrier: no rank writes into root yet, so only dead writes' temp files go
-        stale = utils.remove_stale_temp_files(root)
+        stale = utils.remove_stale_temp_files(root) + utils.remove_stale_temp_files(latent_shard_path(root, 0).parent)
         if stale:
             logger.info(f"removed {len(stale)} temp file(s) of interrupted writes in {root}")
     accelerator.wait_for_everyone()

@@ -56,15 +56,19 @@ HIGH_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 
 
 def convert_image(img: Image.Image, channels: int) -> Image.Image:
-    """RGB (or L for 1 channel). 16-bit images (16-bit grayscale PNG / TIFF: modes I;16 and I) are
-    scaled to 8 bit first (v * 255 / 65535, rounded): Pillow's own convert would clip every value
-    above 255 to white. Float images and integers beyond 16 bits are refused: their range is unknown."""
+    """RGB (or L for 1 channel). 16-bit images (16-bit grayscale PNG / TIFF: mode I;16, or mode I
+    holding values above 255) are scaled to 8 bit first (v * 255 / 65535, rounded): Pillow's own
+    convert would clip every value above 255 to white. Float images and integers beyond 16 bits
+    are refused: their range is unknown."""
     if img.mode in HIGH_BIT_MODES:
         arr = np.asarray(img)
-        if arr.size and (int(arr.min()) < 0 or int(arr.max()) > 65535):
-            raise ValueError(f"{img.mode} image with values in [{int(arr.min())}, {int(arr.max())}], beyond 16 bit; "
-                             f"convert it to 8 bit first")
-        img = Image.fromarray(((arr.astype(np.uint32) * 255 + 32767) // 65535).astype(np.uint8), "L")
+        lo, hi = (int(arr.min()), int(arr.max())) if arr.size else (0, 0)
+        if lo < 0 or hi > 65535:
+            raise ValueError(f"{img.mode} image with values in [{lo}, {hi}], beyond 16 bit; convert it to 8 bit first")
+        if img.mode == "I" and hi <= 255:  # 32-bit container of 8-bit values: nothing to scale
+            img = Image.fromarray(arr.astype(np.uint8), "L")
+        else:
+            img = Image.fromarray(((arr.astype(np.uint32) * 255 + 32767) // 65535).astype(np.uint8), "L")
     elif img.mode == "F":
         raise ValueError("floating-point image (mode F) of unknown range; convert it to 8 bit first")
     return img.convert("RGB" if channels == 3 else "L")

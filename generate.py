@@ -2,6 +2,8 @@
 
   torchrun --nproc_per_node 8 generate.py --exp-dir exps/NAME --ckpt-step 400000 --recipe repae-sde-250 --eval --ref-batch VIRTUAL_imagenet256_labeled.npz
   accelerate launch --multi_gpu generate.py ...      |      python generate.py ...   (one process)
+  REPA-E's own command works as is: its names (--exp-path, --train-steps, --pproc-batch-size, --tf32)
+  are aliases of ours and its defaults hold (--cfg-scale 1.5, 128 per process, equal labels).
 
 Model sources
 * `--exp-dir` of `train_repae.py` (SiT + its tuned VAE and latent statistics) or of
@@ -46,11 +48,14 @@ come from a counter-based generator (splitmix64 + Box-Muller) of (seed, i, strea
 drawn for the whole batch at once. The images are therefore identical for any number of
 processes, any batch size and on CPU or GPU (up to the model's floating point).
 
-Output: `<sample-dir>/<folder>/{index:06d}.png` (written atomically), the folder's
-`sampling_config.json` (a folder holding samples of another configuration — sampler, model
-family, time convention, guide, tokenizer fingerprint... — is refused) and `<sample-dir>/<folder>.npz`
-with `arr_0` uint8 [N, H, W, 3] for the ADM evaluator. A restarted run only generates the missing
-indices. `--eval` computes FID/sFID/IS/KID/precision/recall in-process (evaluation.metrics, the
+Output: `<sample-dir>/<folder>/{index:06d}.png` (written atomically; `<folder>` is REPA-E's
+EXP_STEP_cfgS-LOW-HIGH-labelsampling-L for an experiment), the folder's `sampling_config.json` (a
+folder holding samples of another configuration — sampler, model family, time convention, guide,
+tokenizer fingerprint, uint8 conversion... — is refused), `labels.npy` / `labels.csv` (every
+sample's class) and `<sample-dir>/<folder>.npz` with `arr_0` uint8 [N, H, W, 3] (1-channel
+tokenizers: [N, H, W, 1]) for the ADM evaluator, exactly samples 0..N-1. Images are truncated to
+uint8 as the originals (`--uint8-conversion round` rounds). A restarted run only generates the
+missing indices. `--classes` / `--samples-per-class` choose the labels by class name or id. `--eval` computes FID/sFID/IS/KID/precision/recall in-process (evaluation.metrics, the
 same code the trainers call). Trainers sample for periodic FID through `sample_for_eval`, the
 function this script's loop runs.
 """
@@ -285,14 +290,39 @@ def grid_row_labels(n: int, num_classes: int) -> torch.Tensor:
     return (torch.arange(n) // cols) % max(1, int(num_classes))
 
 
+def caption_rows(images: torch.Tensor, labels: torch.Tensor, names: Dict[int, str]) -> torch.Tensor:
+    """Write each grid row's class name into the top-left corner of its first image (uint8
+    [n, C, H, W], white text on a black box; PIL's built-in font, so it works offline)."""
+    from PIL import Image, ImageDraw
+
+    cols = max(1, math.ceil(math.sqrt(len(images))))
+    out = images.clone()
+    for first in range(0, len(images), cols):
+        arr = out[first].permute(1, 2, 0).numpy()
+        im = Image.fromarray(arr[..., 0] if arr.shape[-1] == 1 else arr)
+        draw = ImageDraw.Draw(im)
+        text = str(names.get(int(labels[first]), int(labels[first])))
+        box = draw.textbbox((1, 1), text)
+        draw.rectangle(box, fill=0)
+        draw.text((1, 1), text, fill=255 if im.mode == "L" else (255, 255, 255))
+        a = np.array(im)
+        out[first] = torch.from_numpy(a[..., None] if a.ndim == 2 else a).permute(2, 0, 1)
+    return out
+
+
 @torch.no_grad()
 def training_sample_grid(field, decode_fn, latent_shape, num_classes: int, n: int, seed: int, num_steps: int,
-                         cfg_scale: float, device, shift: float = 1.0) -> torch.Tensor:
+                         cfg_scale: float, device, shift: float = 1.0,
+                         class_names: Optional[Dict[int, str]] = None) -> torch.Tensor:
     """Samples 0..n-1 as images [n, C, H, W] in [0, 1] for the trainers' grids, one class per grid
-    row (`grid_row_labels`): index-keyed, so every grid of a run shows the same noise and labels."""
+    row (`grid_row_labels`), each row captioned with its class name when `class_names` {id: name}
+    is given: index-keyed, so every grid of a run shows the same noise and labels."""
+    labels = grid_row_labels(n, num_classes)
     images = sample_batch(field, decode_fn, latent_shape, num_classes, torch.arange(n), seed,
-                          euler_kwargs(num_steps, cfg_scale, shift), device, labels=grid_row_labels(n, num_classes))
-    return images.float().cpu() / 255
+                          euler_kwargs(num_steps, cfg_scale, shift), device, labels=labels).cpu()
+    if class_names:
+        images = caption_rows(images, labels, class_names)
+    return images.float() / 255
 
 
 @torch.no_grad()
@@ -1071,7 +1101,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--solver", type=str, default="euler", choices=["euler", "heun", "dopri5"], help="ODE solver")
     g.add_argument("--heun", action=argparse.BooleanOptionalAction, default=False,
                    help="same as --solver heun (REPA-E's flag; ODE only)")
-    g.add_argument("--num-steps", type=int, default=50, help="sampler steps (time points for --time-grid rae)")
+    g.add_argument("--num-steps", type=utils.positive_int, default=50, help="sampler steps (time points for --time-grid rae)")
     g.add_argument("--cfg-scale", type=float, default=1.5, help="guidance scale, 1 for none (REPA-E's default 1.5)")
     g.add_argument("--guidance-low", type=float, default=0.0, help="guidance only for noise times t >= this")
     g.add_argument("--guidance-high", type=float, default=1.0, help="guidance only for noise times t <= this (REPA-E's recipe: 0.75)")
@@ -1092,15 +1122,15 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--classes", type=str, default=None,
                    help="comma list of classes to sample, by name (the training data's class folders) or id; "
                         "cycled over --num-fid-samples unless --samples-per-class is given")
-    g.add_argument("--samples-per-class", type=int, default=None,
+    g.add_argument("--samples-per-class", type=utils.positive_int, default=None,
                    help="N samples of each class of --classes (or of every class), in class blocks; sets --num-fid-samples")
     g.add_argument("--class-to-idx", type=str, default=None,
                    help="JSON {class name: id} for --classes and labels.csv (default: the experiment's data, "
                         "archive or latents record)")
     g.add_argument("--global-seed", "--seed", dest="global_seed", type=int, default=0, help="seed of the index-keyed noise and labels")
     g = p.add_argument_group("output and speed")
-    g.add_argument("--num-fid-samples", type=int, default=50000, help="number of samples to generate")
-    g.add_argument("--pproc-batch-size", "--per-proc-batch-size", dest="per_proc_batch_size", type=int, default=128, metavar="N",
+    g.add_argument("--num-fid-samples", type=utils.positive_int, default=50000, help="number of samples to generate")
+    g.add_argument("--pproc-batch-size", "--per-proc-batch-size", dest="per_proc_batch_size", type=utils.positive_int, default=128, metavar="N",
                    help="sampling batch per process (--pproc-batch-size is REPA-E's name)")
     g.add_argument("--sample-dir", type=str, default="samples", help="parent folder of the sample folder and its .npz")
     g.add_argument("--folder-name", type=str, default=None,
@@ -1124,8 +1154,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--random-init-inception", action="store_true",
                    help="random-weight Inception (offline tests): every figure is labelled not comparable")
     g.add_argument("--metrics", type=str, default=",".join(ALL_METRICS), help=f"comma list of {ALL_METRICS}")
-    g.add_argument("--eval-batch-size", type=int, default=100, help="Inception batch for --eval")
-    g.add_argument("--inception-image-size", type=int, default=299, help="299 is the protocol (smaller: tests only)")
+    g.add_argument("--eval-batch-size", type=utils.positive_int, default=100, help="Inception batch for --eval")
+    g.add_argument("--inception-image-size", "--inception-size", dest="inception_image_size", type=int, default=299, help="299 is the protocol (smaller: tests only)")
     g.add_argument("--inception-chunk", type=int, default=50, help="fixed Inception batch (figures depend on it at ~1e-6)")
     return p
 
@@ -1179,7 +1209,7 @@ def parse_args(argv=None):
             if dest is None or dest in ("recipe", "config"):
                 raise SystemExit(f"{path}: unknown key '{k}' (not a flag of generate.py)")
             defaults[dest] = v
-        parser.set_defaults(**defaults)
+        parser.set_defaults(**typed_file_values(parser, defaults, path))
     args = parser.parse_args(argv)
     check_args(args)
     if args.heun:
@@ -1187,14 +1217,22 @@ def parse_args(argv=None):
     return args
 
 
+def typed_file_values(parser, values: dict, path) -> dict:
+    """{dest: value} of a --config / --recipe file checked as the flags themselves would be (a
+    YAML 0 or 2.5 for a count is refused); errors name the file and the flag."""
+    actions = {}
+    for action in parser._actions:  # a dest's main flag comes first (aliases such as --per-class-sampling after it)
+        if action.option_strings:
+            actions.setdefault(action.dest, action)
+    try:
+        return {dest: utils.config_value(actions[dest], v, dest, path) for dest, v in values.items()}
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
+
+
 def check_args(args) -> None:
-    """Refuse values that would run and write something useless, naming the flag."""
-    for flag, value in (("--num-fid-samples", args.num_fid_samples), ("--num-steps", args.num_steps),
-                        ("--pproc-batch-size", args.per_proc_batch_size), ("--eval-batch-size", args.eval_batch_size)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise SystemExit(f"{flag} must be a positive integer, got {value!r}")
-    if args.samples_per_class is not None and (not isinstance(args.samples_per_class, int) or args.samples_per_class < 1):
-        raise SystemExit(f"--samples-per-class must be a positive integer, got {args.samples_per_class!r}")
+    """Refuse combinations the flags' types cannot (counts are `utils.positive_int`, on the command
+    line and in --config / --recipe files alike)."""
     if args.heun and args.mode != "ode":
         raise SystemExit(f"--heun is an ODE solver: it cannot be combined with --mode {args.mode}")
 

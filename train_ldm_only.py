@@ -51,7 +51,7 @@ def parse_args(argv=None):
     g.add_argument("--fused-attn", action=argparse.BooleanOptionalAction, default=True, help="accepted for compatibility; attention always uses SDPA")
     g.add_argument("--encoder-depth", type=int, default=8, help="SiT block after which the REPA projectors read features")
     g.add_argument("--projector-dim", type=int, default=2048, help="hidden width of the REPA projector MLPs")
-    g.add_argument("--bn-momentum", type=float, default=0.1, help="accepted for compatibility: the SiT BatchNorm stays fixed at the latent statistics")
+    g.add_argument("--bn-momentum", type=float, default=None, help="refused: the SiT's BatchNorm holds the latent folder's statistics and never updates here (it learns them only in train_repae.py)")
     g.add_argument("--use-gembed", action="store_true", help="LightningDiT with RAE's Gaussian-Fourier time embedding")
     g.add_argument("--time-convention", type=str, default="auto", choices=["auto", "noise-at-1", "data-at-1"],
                    help="how the network reads t: data-at-1 is hustvl LightningDiT's (auto: data-at-1 for LightningDiT without --use-gembed)")
@@ -110,7 +110,22 @@ def parse_args(argv=None):
         p.error("--latents-dir (or --vae-latents-name) is required: a folder written by cache_latents.py")
     if args.eval_every > 0 and not args.eval_reference:
         p.error("--eval-every needs --eval-reference (a reference .npz)")
+    refuse_ignored_flags(p, args)
     return args
+
+
+def refuse_ignored_flags(p, args) -> None:
+    """Flags that would be accepted and silently do nothing for this model are refused."""
+    family = model_family(args.model)
+    if args.bn_momentum is not None:
+        p.error("--bn-momentum has no effect in train_ldm_only.py: the SiT's input BatchNorm holds the latent "
+                "folder's statistics and never updates (it learns them only end-to-end, in train_repae.py); "
+                "drop the flag")
+    if family != "sit" and args.path_type != "linear":
+        p.error(f"--path-type {args.path_type} is the SiT's option; {args.model} trains on the linear path only")
+    if family == "sit" and args.direction_loss_weight:
+        p.error(f"--direction-loss-weight is LightningDiT / DiT^DH's velocity-direction loss; the SiT ({args.model}) "
+                f"trains with the denoising + REPA losses only")
 
 
 def resolve_shift(value: str, latent_shape) -> float:
@@ -165,6 +180,24 @@ def latent_statistics(args, cache_stats: dict, family: str, norm_mode: str, late
     scale, bias = vae_stats["latents_scale"].reshape(-1), vae_stats["latents_bias"].reshape(-1)
     eps = float(vae_stats.get("bn_eps", torch.tensor(0.0)))
     return {"channel_mean": bias, "channel_var": 1.0 / scale.pow(2) - eps}, str(vae_file)
+
+
+def check_resume_latents(ckpt: dict, info: dict, latents_dir, source) -> None:
+    """A checkpoint continues only on latents of the tokenizer it was trained on (the folder's
+    recorded kind, name, weight fingerprint and latent shape), as a fresh start checks the
+    tokenizer that decodes its grids against the folder."""
+    trained = ckpt.get("tokenizer") or {}
+    diffs = []
+    for key in ("kind", "name", "fingerprint", "latent_shape"):
+        have, want = trained.get(key), info.get(key)
+        if key == "latent_shape":
+            have, want = list(have or []), list(want or [])
+        if have != want:
+            diffs.append(f"{key}: checkpoint {have!r} vs folder {want!r}")
+    if diffs:
+        raise SystemExit(f"--resume {source}: the run was trained on latents of another tokenizer than --latents-dir "
+                         f"{latents_dir} holds ({'; '.join(diffs)}); resume on the latent folder it was trained on, "
+                         f"or start a new experiment")
 
 
 def build_tokenizer_for_grids(args, dataset, logger):
@@ -273,12 +306,17 @@ def main(args):
         utils.load_state_dict_strict(ema, ckpt["ema"], f"{src}['ema']")
         opt.load_state_dict(ckpt["opt"])
         sched.load_state_dict(ckpt["sched"])
+        check_resume_latents(ckpt, info, args.latents_dir, src)
         step, epoch, batch_pos = utils.resume_position(run, ckpt)
     model = torch.compile(net) if args.compile else net
     model, opt = accelerator.prepare(model, opt)
     net_m = utils.unwrap(model)
     vmodel = VelocityModel(model, data_at_one)
     ema = ema.to(device)
+    if ckpt is None:
+        # Every rank built its network from its own seed and DDP broadcast rank 0's: the EMA starts
+        # from those synchronised weights (the originals' update_ema(ema, model, decay=0)).
+        ema.load_state_dict(net_m.state_dict())
     for e in encoders:
         e.to(device)
     if tokenizer is not None:
@@ -361,6 +399,8 @@ def main(args):
                 continue
             utils.update_ema(ema, net_m, args.ema_decay)
             step += 1
+            if args.check_ranks_every > 0 and step % args.check_ranks_every == 0:
+                utils.check_ranks_identical(accelerator, utils.training_state_tensors(model=net_m, ema=ema, opt=opt), step)
 
             logged = step % args.log_every == 0 or step == args.max_train_steps
             vals, stop_requested = monitor(losses, step, record=logged)

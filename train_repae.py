@@ -9,6 +9,12 @@ One optimisation step, in the original order (see specs/repae.md):
   4. discriminator update on the same (image, reconstruction);
   5. SiT update on z.detach(): denoising loss + proj_coeff * REPA loss;
   6. EMA of the SiT over parameters and float buffers.
+Multi-process runs keep every trained tensor identical on every rank: the SiT's input BatchNorm
+normalises with the statistics of the global batch (the original's SyncBatchNorm), `pos_embed`
+trains with its gradient averaged like every other parameter, the EMA starts from the weights
+DDP synchronised, and the discriminator's buffers (BatchNorm statistics, LeCam EMAs) follow the
+main process's, as DDP makes them before each discriminator forward. `--check-ranks-every N`
+verifies it (bit for bit) every N steps.
 Gradient accumulation accumulates all three networks over the window and synchronises/steps only
 at its end. Checkpoints hold everything needed to continue bit-for-bit (RNG of every rank, data
 position) and are written atomically.
@@ -150,6 +156,15 @@ def main(args):
                              f"change --model patch size, --vae or --resolution")
     if stats is not None:
         sit.init_bn(stats["latents_bias"], stats["latents_scale"], float(stats.get("bn_eps", 0.0)))
+    else:
+        logger.warning("no latent statistics file for the VAE (--vae-stats, or <vae-ckpt>-latents-stats.pt): the "
+                       f"SiT's BatchNorm starts at mean 0, variance 1 and learns the statistics (momentum "
+                       f"{args.bn_momentum})")
+    # The original's SyncBatchNorm: the latent statistics are those of the global batch.
+    sit.set_bn_sync(world > 1)
+    # pos_embed trains in REPA-E (the original's requires_grad(model, True) before each SiT update
+    # turns it on): make it trainable before DDP is built, so DDP averages its gradient too.
+    sit.pos_embed.requires_grad_(True)
     loss_fn = build_loss(args)
     if args.disc_pretrained_ckpt:
         sd = discriminator_state_dict_from_checkpoint(utils.load_checkpoint_file(args.disc_pretrained_ckpt),
@@ -202,6 +217,10 @@ def main(args):
     model, vae, loss_fn, opt, opt_vae, opt_disc = accelerator.prepare(sit, vae, loss_fn, opt, opt_vae, opt_disc)
     sit_m, vae_m, loss_m = utils.unwrap(model), utils.unwrap(vae), utils.unwrap(loss_fn)
     ema = ema.to(device)
+    if ckpt is None:
+        # Every rank built its SiT from its own seed and DDP broadcast rank 0's: the EMA starts from
+        # those synchronised weights (the original's update_ema(ema, model, decay=0)).
+        ema.load_state_dict(sit_m.state_dict())
     for e in encoders:
         e.to(device)
     if ckpt is not None:
@@ -314,7 +333,11 @@ def main(args):
             if not accelerator.sync_gradients:
                 continue
             utils.update_ema(ema, sit_m, args.ema_decay)
+            utils.broadcast_buffers_from_main(accelerator, loss_m)
             step += 1
+            if args.check_ranks_every > 0 and step % args.check_ranks_every == 0:
+                utils.check_ranks_identical(accelerator, utils.training_state_tensors(
+                    model=sit_m, ema=ema, vae=vae_m, loss=loss_m, opt=opt, opt_vae=opt_vae, opt_disc=opt_disc), step)
 
             losses = {"vae_loss": vae_loss.detach(), "align_proj_loss": align["proj_loss"].detach(),
                       "disc_loss": d_loss.detach(), "denoising_loss": out["denoising_loss"].mean().detach(),

@@ -174,9 +174,6 @@ def parse_args(argv=None):
     g.add_argument("--random-init-inception", action="store_true", help="random Inception (offline tests; not a real rFID)")
     g.add_argument("--inception-size", type=int, default=299, help="Inception input size (299 = protocol)")
     g.add_argument("--num-recon-images", type=int, default=8, help="pairs in each reconstruction grid")
-    g.add_argument("--verify-rank-sync", action="store_true",
-                   help="after every step, check that all processes hold identical weights (tokenizer, EMA, "
-                        "discriminator) and stop naming the first tensor that differs (debugging; one all-gather)")
     args = utils.finish_args(utils.parse_args_with_config(p, argv), "stage1")
     return resolve_defaults(args)
 
@@ -473,15 +470,6 @@ def codebook_stats(counts: torch.Tensor) -> dict:
     return {"codebook_usage": (counts > 0).double().mean(), "perplexity": torch.exp(-(p * torch.log(p + 1e-10)).sum())}
 
 
-def rank_sync_tensors(model: nn.Module, ema, disc: nn.Module) -> list:
-    """(name, tensor) of everything that must be identical on every rank after a step: the
-    tokenizer, its EMA and the discriminator's trained state, parameters and buffers."""
-    out = [(f"model.{k}", v) for k, v in model.state_dict().items()]
-    if ema is not None:
-        out += [(f"ema.{k}", v) for k, v in ema.state_dict().items()]
-    return out + [(f"discriminator.{k}", v) for k, v in disc.state_dict().items()]
-
-
 def allreduce_grads(params, accelerator) -> None:
     """Average the gradients of `params` over ranks in one flat all-reduce (the discriminator
     is not wrapped in DDP: its loss is a method call, not a forward)."""
@@ -725,7 +713,7 @@ def main(args):
         tok.eval()
         x = grid_images.to(device)
         rec = tok.reconstruct(x)  # [N, C, H, W] in about [-1, 1]
-        pairs = torch.cat([x.float() / 255, (rec.float().clamp(-1, 1) + 1) / 2], dim=3).expand(-1, 3, -1, -1)
+        pairs = torch.cat([x.float() / 255, (rec.float().clamp(-1, 1) + 1) / 2], dim=3)  # 1-channel data: grey PNG
         utils.save_image_grid(pairs.cpu(), exp_dir / "samples" / f"recon_{at_step:07d}.png")
         utils.log_images(accelerator, pairs.cpu(), at_step, "reconstructions")
         net.train(was_training)
@@ -855,8 +843,10 @@ def main(args):
             if world > 1:
                 utils.broadcast_from_main(disc_state if actnorm_pending else disc_buffers, accelerator)
                 actnorm_pending = actnorm_pending and not all(int(m.initialized) for m in actnorms)
-            if args.verify_rank_sync:
-                utils.check_ranks_identical(rank_sync_tensors(model, ema, disc), accelerator, f"after step {step}")
+            if args.check_ranks_every > 0 and step % args.check_ranks_every == 0:
+                utils.check_ranks_identical(accelerator, utils.training_state_tensors(
+                    model=model, **({"ema": ema} if ema is not None else {}), discriminator=disc,
+                    opt=opt, opt_disc=opt_disc), step)
 
             losses = {"g_loss": g_loss.detach(), "d_loss": d_loss.detach()}
             if kind == "vqgan":  # this batch's code usage (averaged over ranks with the losses)

@@ -129,11 +129,8 @@ def atomic_write(path: str | os.PathLike, write, mode: str) -> None:
     """Write through `write(file)` into a temp file in the same folder, fsync, then rename over
     `path`: readers see the old file or the new one, never a half-written one."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = reserve_temp_file(path)
     try:
-        # mkstemp creates 0600; a file on a shared machine gets the mode open() would give it
-        os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, mode) as f:
             write(f)
             f.flush()
@@ -150,6 +147,22 @@ def atomic_write(path: str | os.PathLike, write, mode: str) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def reserve_temp_file(path: str | os.PathLike) -> tuple:
+    """(fd, name) of a new temp file beside `path` named `.NAME.XXXXXXXX.tmp` (the pattern
+    `remove_stale_temp_files` cleans), with the mode the umask gives any new file: mkstemp's
+    0600 would make checkpoints on a shared machine unreadable to the group."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.fchmod(fd, new_file_mode())
+    return fd, tmp
+
+
+def new_file_mode() -> int:
+    """The permission bits open() gives a new file under the current umask (e.g. 0644)."""
+    return 0o666 & ~_umask()
 
 
 def _umask() -> int:
@@ -399,6 +412,47 @@ def update_ema(ema: nn.Module, model: nn.Module, decay: float = 0.9999) -> None:
         torch._foreach_add_(averaged, new, alpha=1 - decay)
     if copied:
         torch._foreach_copy_(copied, source)
+
+
+@torch.no_grad()
+def check_ranks_identical(accelerator, named: Mapping[str, torch.Tensor], step: int) -> None:
+    """Collective. Raise on every rank, naming the tensors, unless every rank holds bit-identical
+    `named` tensors (model and EMA weights, buffers, optimiser moments...). A debugging check of
+    multi-process runs (`--check-ranks-every`); one all-gather of 16 bytes per tensor."""
+    if accelerator.num_processes == 1:
+        return
+    names = list(named)
+    local = tensor_fingerprints([named[k] for k in names]).to(accelerator.device)
+    every = accelerator.gather(local.unsqueeze(0)).view(accelerator.num_processes, len(names), 2).cpu()
+    differ = [names[i] for i in range(len(names)) if not bool((every[:, i] == every[0, i]).all())]
+    if differ:
+        raise RuntimeError(f"step {step}: ranks hold different values of {len(differ)} of {len(names)} tensors: "
+                           + ", ".join(differ[:20]) + (" ..." if len(differ) > 20 else ""))
+
+
+def training_state_tensors(**parts) -> Dict[str, torch.Tensor]:
+    """{'<part>.<key>': tensor} over modules (state_dict: parameters and buffers) and optimizers
+    (per-parameter state), for `check_ranks_identical`."""
+    out: Dict[str, torch.Tensor] = {}
+    for part, obj in parts.items():
+        if isinstance(obj, nn.Module):
+            out.update({f"{part}.{k}": v for k, v in obj.state_dict().items() if torch.is_tensor(v)})
+        else:  # an optimizer (or accelerate's wrapper of one)
+            opt = getattr(obj, "optimizer", obj)
+            for i, group in enumerate(opt.param_groups):
+                for j, p in enumerate(group["params"]):
+                    for k, v in opt.state.get(p, {}).items():
+                        if torch.is_tensor(v):
+                            out[f"{part}.{i}.{j}.{k}"] = v
+    return out
+
+
+def broadcast_buffers_from_main(accelerator, module: nn.Module) -> None:
+    """Collective. Copy the main process's buffers of `module` to every rank. DDP does this before
+    each forward of a wrapped module; calling it at the end of a step makes every rank hold the
+    same state between steps too (e.g. a discriminator's BatchNorm statistics, which each rank
+    updates from its own batch)."""
+    broadcast_from_main(list(module.buffers()), accelerator)
 
 
 def unwrap(module: nn.Module) -> nn.Module:
@@ -671,6 +725,7 @@ def start_run(args, name: str) -> TrainRun:
                          f"(which of its checkpoints to continue from)")
     notes: list = []
     resume_path = resolve_resume(source_dir / "checkpoints", args.resume, notes=notes)
+    existed = exp_dir.is_dir()
     if accelerator.is_main_process:
         if (resume_path is None or resume_path.parent.resolve() != ckpt_dir.resolve()) and list_checkpoints(ckpt_dir):
             raise SystemExit(f"{ckpt_dir} already holds checkpoints {list_checkpoints(ckpt_dir)}; "
@@ -700,6 +755,8 @@ def start_run(args, name: str) -> TrainRun:
     DEFAULT_NOTICES.clear()
     if accelerator.device.type == "cpu":
         limit_cpu_threads(getattr(args, "num_workers", 0), logger)
+    if resume_path is None and str(args.resume) == "latest":
+        logger.warning(no_checkpoint_to_resume(exp_dir, existed))
     if args.allow_tf32 and torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
@@ -711,6 +768,22 @@ def start_run(args, name: str) -> TrainRun:
         accelerator.init_trackers(name, config={k: v if isinstance(v, (int, float, str, bool)) else str(v)
                                                 for k, v in vars(args).items()}, init_kwargs=init_kwargs)
     return TrainRun(args, accelerator, exp_dir, ckpt_dir, resume_path, logger, args.batch_size // denom)
+
+
+def no_checkpoint_to_resume(exp_dir: Path, existed: bool) -> str:
+    """What `--resume latest` says when there is nothing to resume: which folder it looked in, and
+    experiments with checkpoints beside it whose names are close (a misspelled --exp-name)."""
+    import difflib
+
+    why = "the experiment folder did not exist" if not existed else "it holds no checkpoint yet"
+    msg = f"--resume latest: nothing to resume in {exp_dir / 'checkpoints'} ({why}); starting from step 0"
+    parent = exp_dir.parent
+    if parent.is_dir():
+        others = [p.name for p in parent.iterdir() if p.is_dir() and p != exp_dir and list_checkpoints(p / "checkpoints")]
+        close = difflib.get_close_matches(exp_dir.name, others, n=3, cutoff=0.6)
+        if close:
+            msg += f". Experiments with checkpoints under {parent} with similar names: {', '.join(close)}"
+    return msg
 
 
 def load_resume_checkpoint(run: TrainRun) -> Optional[dict]:
@@ -731,8 +804,36 @@ def write_run_args(run: TrainRun, start_step: int) -> None:
 
 
 def resume_position(run: TrainRun, ckpt: dict) -> tuple:
-    """(step, epoch, batch) where the checkpoint stopped: the loop continues with the next micro-batch."""
+    """(step, epoch, batch) where the checkpoint stopped: the loop continues with the next micro-batch.
+
+    The data position counts micro-batches of the checkpoint's global micro-batch (--batch-size /
+    --gradient-accumulation-steps images over all processes). Another --batch-size is refused (the
+    step count, the data position and the optimiser's trajectory all belong to the old size);
+    another accumulation split of the same batch converts the position when it falls on a whole
+    new micro-batch and is refused otherwise. Another number of processes with the same split
+    needs nothing (the data order is index-keyed)."""
     step, epoch, batch = int(ckpt["steps"]), int(ckpt["data"]["epoch"]), int(ckpt["data"]["batch"])
+    old = ckpt.get("args") or {}
+    args = run.args
+    if "batch_size" in old and int(old["batch_size"]) != int(args.batch_size):
+        raise SystemExit(f"--batch-size {args.batch_size}: {run.resume_path} was trained with --batch-size "
+                         f"{old['batch_size']} (its step count and data position are in batches of that size); "
+                         f"resume with --batch-size {old['batch_size']}, or start a new experiment from its "
+                         f"weights")
+    old_micro = int(old.get("batch_size", args.batch_size)) // int(old.get("gradient_accumulation_steps", 1) or 1)
+    new_micro = int(args.batch_size) // int(args.gradient_accumulation_steps)
+    if "batch_size" in old and old_micro != new_micro:
+        seen = batch * old_micro  # images of this epoch already used, over all processes
+        if seen % new_micro:
+            raise SystemExit(
+                f"--gradient-accumulation-steps {args.gradient_accumulation_steps}: {run.resume_path} stopped "
+                f"{seen} images into epoch {epoch} with --gradient-accumulation-steps "
+                f"{old.get('gradient_accumulation_steps', 1)}, which is not a whole number of the new micro-batches "
+                f"of {new_micro} images; resume with --gradient-accumulation-steps "
+                f"{old.get('gradient_accumulation_steps', 1)}")
+        run.logger.info(f"data position converted from micro-batches of {old_micro} to {new_micro} images: "
+                        f"batch {batch} -> {seen // new_micro}")
+        batch = seen // new_micro
     run.start_step = step
     run.logger.info(f"resumed from {run.resume_path} at step {step} (epoch {epoch}, batch {batch})")
     return step, epoch, batch
@@ -936,13 +1037,14 @@ def lr_scheduler(optimizer, **kw) -> torch.optim.lr_scheduler.LambdaLR:
 
 
 def save_image_grid(images: torch.Tensor, path: str | os.PathLike) -> None:
-    """Images [N, C, H, W] in [0, 1] -> one PNG grid, written atomically."""
+    """Images [N, C, H, W] in [0, 1] -> one PNG grid, written atomically; 1-channel images give
+    a 1-channel (greyscale) PNG."""
     from torchvision.utils import make_grid
 
     grid = make_grid(images.float().cpu(), nrow=int(math.ceil(math.sqrt(len(images)))), padding=2)
     # A diverged model gives NaN pixels: show them black rather than cast garbage.
     arr = (grid.nan_to_num(0.0).permute(1, 2, 0).numpy() * 255).round().clip(0, 255).astype("uint8")
-    atomic_save_png(arr, path)
+    atomic_save_png(arr[..., 0] if images.shape[1] == 1 else arr, path)  # make_grid repeats a grey channel
 
 
 def log_images(accelerator, images: torch.Tensor, step: int, tag: str = "samples") -> None:
@@ -975,6 +1077,9 @@ def add_common_training_flags(p) -> None:
     g.add_argument("--resume", type=str, default=None, help="'latest' or a step; overrides --resume-step")
     g.add_argument("--continue-train-exp-dir", type=str, default=None, help="experiment folder whose checkpoint --resume-step / --resume loads (REPA-E's meaning; default <output-dir>/<exp-name>); new checkpoints go to <output-dir>/<exp-name>")
     g.add_argument("--keep-checkpoints", type=non_negative_int, default=0, help="keep only the newest N checkpoints (0: all)")
+    g.add_argument("--check-ranks-every", type=non_negative_int, default=0,
+                   help="debugging: every N steps verify that all processes hold bit-identical models, EMA, "
+                        "discriminator and optimizer states, and stop naming those that differ (0: off)")
     g = p.add_argument_group("precision and speed")
     g.add_argument("--allow-tf32", action=argparse.BooleanOptionalAction, default=True, help="allow TF32 matmuls and convolutions on Ampere+ GPUs (on by default, as REPA-E)")
     # None = not given: the launcher's setting, then the script's default (REPA-E: fp16) applies.
@@ -1154,17 +1259,3 @@ def tensor_fingerprints(tensors) -> torch.Tensor:
         rows.append(torch.stack([x.sum(), (x * pos).sum()]))
     return torch.stack(rows) if rows else torch.zeros(0, 2, dtype=torch.int64)
 
-
-def check_ranks_identical(named_tensors, accelerator, what: str = "") -> None:
-    """Collective. Raise (on every rank) naming the first tensor whose bits differ between ranks;
-    `named_tensors` is a list of (name, tensor) in the same order on every rank."""
-    if accelerator.num_processes == 1:
-        return
-    names = [n for n, _ in named_tensors]
-    local = tensor_fingerprints([t for _, t in named_tensors]).to(accelerator.device)
-    every = accelerator.gather(local).view(accelerator.num_processes, len(names), 2).cpu()
-    differs = (every != every[:1]).any(dim=2)  # [world, N]
-    if differs.any():
-        rank, idx = [int(i) for i in differs.nonzero()[0]]
-        raise RuntimeError(f"ranks hold different weights{' ' + what if what else ''}: {names[idx]} differs between "
-                           f"rank 0 and rank {rank} ({int(differs.any(dim=0).sum())} of {len(names)} tensors differ)")

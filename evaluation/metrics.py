@@ -704,8 +704,7 @@ def save_reference_stats(path: Union[str, os.PathLike], images, extractor: Incep
     if dist_info()[0] == 0:
         mu, sigma = feature_statistics(feats["pool"])
         mu_s, sigma_s = feature_statistics(feats["spatial"])
-        path = Path(path)
-        tmp = path.with_name(f".{path.stem}.tmp.npz")
-        np.savez(tmp, mu=mu, sigma=sigma, mu_s=mu_s, sigma_s=sigma_s)
-        os.replace(tmp, path)
+        from utils import atomic_write
+
+        atomic_write(path, lambda f: np.savez(f, mu=mu, sigma=sigma, mu_s=mu_s, sigma_s=sigma_s), "wb")
     barrier()

@@ -106,6 +106,8 @@ REPAE_OPTIONAL_KEYS = {
 class ReconstructionLoss(nn.Module):
     """REPA-E's VAE loss (`ReconstructionLoss_Single_Stage`, quantize_mode "vae").
 
+    Runs in float32 with autocast disabled (as the original), under any mixed precision.
+
     generator: rec = mean |x - x_hat| (or squared) * reconstruction_weight / exp(logvar) (no
       +logvar term; logvar is a frozen scalar) + perceptual_weight * mean LPIPS + kl_weight * KL
       + d_weight * factor * (-mean D(x_hat)), factor = discriminator_factor once global_step >=
@@ -179,10 +181,13 @@ class ReconstructionLoss(nn.Module):
     def forward(self, inputs: torch.Tensor, reconstructions: torch.Tensor, posterior, global_step: int,
                 mode: str = "generator", last_layer: Optional[torch.Tensor] = None
                 ) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
-        inputs, reconstructions = inputs.float().contiguous(), reconstructions.float().contiguous()
-        if _check_mode(mode) == "generator":
-            return self._generator(inputs, reconstructions, posterior, global_step, last_layer)
-        return self._discriminator(inputs, reconstructions, global_step)
+        # The whole loss (pixel term, LPIPS, KL, discriminator) runs in float32 with autocast off,
+        # whatever the caller's mixed precision: the original's forward is @autocast(enabled=False).
+        with torch.autocast(device_type=inputs.device.type, enabled=False):
+            inputs, reconstructions = inputs.float().contiguous(), reconstructions.float().contiguous()
+            if _check_mode(mode) == "generator":
+                return self._generator(inputs, reconstructions, posterior, global_step, last_layer)
+            return self._discriminator(inputs, reconstructions, global_step)
 
     def _generator(self, inputs, reconstructions, posterior, global_step, last_layer):
         rec = pixel_loss(inputs, reconstructions, self.reconstruction_loss).mean() * self.reconstruction_weight

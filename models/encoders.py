@@ -242,7 +242,11 @@ def build_encoder(name: str, resolution: int = 256, random_init: bool = False,
     if resolution < TOKEN_STRIDE or resolution % TOKEN_STRIDE:
         raise ValueError(f"--resolution {resolution}: encoders need a multiple of {TOKEN_STRIDE}")
     if random_init or spec.random_only:
-        return RepresentationEncoder(spec, build_timm_vit(spec, resolution), resolution)
+        # One fixed random network per name, drawn without touching the global RNG: every process
+        # of a multi-process run (each seeded differently) aligns to the same encoder.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            return RepresentationEncoder(spec, build_timm_vit(spec, resolution), resolution)
     if weights_dir is not None:
         path = _find_weight_file(spec, weights_dir)
         if path is None:
@@ -349,7 +353,9 @@ def _from_pretrained(cls, name_or_path: str, what: str, **kwargs):
         model, info = cls.from_pretrained(name_or_path, output_loading_info=True, **kwargs)
     except Exception as e:  # noqa: BLE001 - re-raised with the encoder and path named
         raise RuntimeError(f"RAE encoder {what}: could not load weights from '{name_or_path}' "
-                           f"(hub id or local folder; HF_HUB_OFFLINE={os.environ.get('HF_HUB_OFFLINE', '0')}): {e}") from e
+                           f"(hub id or local folder; HF_HUB_OFFLINE={os.environ.get('HF_HUB_OFFLINE', '0')}): {e}. "
+                           f"Offline: point the config's encoder path at a local folder holding the model "
+                           f"(config.json + weights), or pass --random-init-encoders (tests only)") from e
     bad = list(info.get("missing_keys") or []) + [str(k) for k in info.get("mismatched_keys") or []]
     if bad:
         raise RuntimeError(f"RAE encoder {what}: weights in '{name_or_path}' do not cover the model; "

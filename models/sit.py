@@ -8,11 +8,17 @@ y_embedder.embedding_table.weight, pos_embed, blocks.i.{attn.qkv,attn.proj,mlp.f
 adaLN_modulation.1}.*, projectors.j.{0,2,4}.*, final_layer.{linear,adaLN_modulation.1}.*,
 bn.{running_mean,running_var,num_batches_tracked}).
 
+`pos_embed` starts as the 2-D sin-cos table and is a parameter built frozen; as in the original,
+REPA-E training (train_repae.py) trains it, LDM-only training (train_ldm_only.py) keeps it fixed.
+
 Differences from the original, all deliberate:
 * every registry size works (the original S sizes crash: decoder_hidden_size now follows hidden);
 * attention always goes through SDPA; `fused_attn` is accepted for config compatibility;
 * the REPA loss is one fused reduction per encoder, no Python loop over samples;
 * optional activation checkpointing of the blocks (`grad_checkpointing`);
+* the input BatchNorm synchronises its batch statistics across processes itself
+  (`set_bn_sync`), over any backend: the original converts it to `torch.nn.SyncBatchNorm`, which
+  needs GPUs;
 * `learn_sigma=True` loads the ORIGINAL SiT / DiT-style releases, whose final layer predicts 2C
   channels (velocity + an unused variance head): the network returns only the first C, as the
   original SiT's forward does. Those releases have no REPA projectors (z_dims=()) and no input
@@ -24,6 +30,7 @@ import math
 from typing import Dict, List, Optional, Sequence
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.utils.checkpoint
 
@@ -46,6 +53,61 @@ def bn_latent_stats(running_mean: torch.Tensor, running_var: torch.Tensor, eps: 
         "latents_bias": running_mean.detach().float().view(1, -1, 1, 1).clone(),
         "bn_eps": torch.tensor(float(eps)),
     }
+
+
+class LatentBatchNorm(nn.BatchNorm2d):
+    """The SiT's input BatchNorm2d, optionally synchronised across processes.
+
+    With `sync` off, or in a single process, or in eval mode it is exactly `nn.BatchNorm2d`. With
+    `sync` on in a multi-process training forward it normalises with the statistics of the GLOBAL
+    batch (every rank's samples) and updates the running statistics from them, so every rank holds
+    the same running statistics: what `torch.nn.SyncBatchNorm` does in the original, but over any
+    process-group backend (gloo on CPU included). Two all-reduces of C + 1 numbers each (mean,
+    then centred sum of squares); gradients flow through them when the input requires grad.
+    """
+
+    sync: bool = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not (self.sync and self.training and dist.is_available() and dist.is_initialized()
+                and dist.get_world_size() > 1):
+            return super().forward(x)
+        return self._synced_forward(x)
+
+    def _synced_forward(self, x: torch.Tensor) -> torch.Tensor:
+        # x: [N, C, H, W] (this rank's share of the batch)
+        reduce = _differentiable_all_reduce if x.requires_grad else _all_reduce
+        xf = x.float()
+        dims = (0, 2, 3)
+        local = torch.cat([xf.sum(dims), xf.new_tensor([x.numel() // x.shape[1]])])
+        total = reduce(local)  # [C + 1]: global per-channel sums and the global count
+        count = total[-1]
+        mean = total[:-1] / count  # [C]
+        centred = xf - mean.view(1, -1, 1, 1)
+        var = reduce(centred.square().sum(dims)) / count  # biased, [C]
+        if self.track_running_stats:
+            with torch.no_grad():
+                self.num_batches_tracked.add_(1)
+                factor = (1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum)
+                unbiased = var.detach() * (count / (count - 1).clamp_min(1))
+                self.running_mean.mul_(1 - factor).add_(mean.detach().to(self.running_mean.dtype), alpha=factor)
+                self.running_var.mul_(1 - factor).add_(unbiased.to(self.running_var.dtype), alpha=factor)
+        out = centred * torch.rsqrt(var + self.eps).view(1, -1, 1, 1)
+        if self.affine:
+            out = out * self.weight.view(1, -1, 1, 1) + self.bias.view(1, -1, 1, 1)
+        return out.to(x.dtype)
+
+
+def _all_reduce(t: torch.Tensor) -> torch.Tensor:
+    t = t.detach().clone()
+    dist.all_reduce(t)
+    return t
+
+
+def _differentiable_all_reduce(t: torch.Tensor) -> torch.Tensor:
+    from torch.distributed.nn.functional import all_reduce
+
+    return all_reduce(t)
 
 
 def build_projector(hidden_size: int, projector_dim: int, z_dim: int) -> nn.Sequential:
@@ -170,12 +232,16 @@ class SiT(nn.Module):
         self.t_embedder = TimestepEmbedder(hidden_size)
         self.y_embedder = LabelEmbedder(num_classes, hidden_size, class_dropout_prob)
         num_patches = self.x_embedder.num_patches
-        # Fixed sin-cos table, kept as a parameter (requires_grad False) for checkpoint compatibility.
+        # 2-D sin-cos table at initialisation, a parameter built with requires_grad False (the
+        # original's layout). It is NOT fixed in REPA-E training: the original's
+        # requires_grad(model, True) before each SiT update turns it on and its optimizer holds it,
+        # so train_repae.py trains it (from step 1, gradient averaged over processes); the
+        # LDM-only trainer keeps it fixed, as REPA's SiT training does.
         self.pos_embed = nn.Parameter(torch.zeros(1, num_patches, hidden_size), requires_grad=False)
         self.blocks = nn.ModuleList([SiTBlock(hidden_size, num_heads, mlp_ratio, qk_norm) for _ in range(depth)])
         self.projectors = nn.ModuleList([build_projector(hidden_size, projector_dim, z) for z in self.z_dims])
         self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels)
-        self.bn = nn.BatchNorm2d(in_channels, eps=SIT_BN_EPS, momentum=bn_momentum, affine=False, track_running_stats=True)
+        self.bn = LatentBatchNorm(in_channels, eps=SIT_BN_EPS, momentum=bn_momentum, affine=False, track_running_stats=True)
         self.initialize_weights()
 
     # ------------------------------------------------------------------ init and latent stats
@@ -183,6 +249,12 @@ class SiT(nn.Module):
         super().train(mode)
         if self.freeze_bn:
             self.bn.eval()
+        return self
+
+    def set_bn_sync(self, flag: bool = True) -> "SiT":
+        """Normalise with (and learn running statistics from) the global batch of all processes in
+        training forwards, as the original's SyncBatchNorm; no effect in a single process."""
+        self.bn.sync = bool(flag)
         return self
 
     def initialize_weights(self):

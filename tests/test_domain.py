@@ -94,6 +94,11 @@ def test_export_description_rebuilds_every_kind_and_keeps_the_original_layout(tm
     assert build_tokenizer("kl", ckpt=tmp_path / "spec.pt").kind == "kl"  # a VA-VAE used as a plain KL-VAE
     with pytest.raises(ValueError, match="describes a 'vavae' tokenizer"):
         build_tokenizer("vq", ckpt=tmp_path / "spec.pt")
+    from safetensors.torch import save_file  # save_vae_weights.py --format safetensors: NAME.json beside it too
+
+    save_file(vae.state_dict(), str(tmp_path / "st.safetensors"))
+    write_export_description(tmp_path / "st.safetensors", describe_model("vavae", vae))
+    assert load_tokenizer(tmp_path / "st.safetensors").fingerprint() == tok.fingerprint()
     # the weights file is the original's layout: the original loader (preset + overrides) still reads it
     load_vae("tiny-f4d4", tmp_path / "spec.pt", in_channels=1, out_ch=1, vf_dim=32)
     vq = build_vqgan("tiny-f4", quantizer="ema")
@@ -153,6 +158,8 @@ def test_missing_pretrained_encoder_names_the_offline_options(monkeypatch):
     monkeypatch.setattr(encoders, "build_timm_vit", offline)
     with pytest.raises(RuntimeError, match="--encoder-weights-dir.*--random-init-encoders"):
         encoders.build_encoder("dinov2-vit-b", 224)
+    with pytest.raises(RuntimeError, match="local folder.*--random-init-encoders"):  # RAE's transformers encoders
+        encoders.build_rae_encoder("Dinov2withNorm", path=str(Path(__file__).parent / "no-such-encoder"))
 
 
 def test_rgb_networks_see_the_grey_channel_repeated():
@@ -202,6 +209,7 @@ def test_domain_pipeline_end_to_end(spectrograms, rgb_release, tmp_path):
     _stage1(spectrograms, rgb_release, tmp_path)
     log = (tmp_path / "doppler/log.txt").read_text()
     assert "RGB weights adapted to 1-channel images" in log
+    assert Image.open(tmp_path / "doppler/samples/recon_0000002.png").mode == "L"  # 1-channel reconstructions
     # 2. export: the weights in the original layout plus doppler.json
     save_vae_weights.main(["--exp-dir", str(tmp_path / "doppler"), "--output-dir", str(tmp_path / "pretrained"),
                            "--name", "doppler"])
@@ -223,7 +231,7 @@ def test_domain_pipeline_end_to_end(spectrograms, rgb_release, tmp_path):
          "num-classes": 2, "output-dir": tmp_path, "exp-name": "doppler-dit", "model": "LightningDiT-N/1",
          "batch-size": 4, "max-train-steps": 2, "checkpointing-steps": 2, "sampling-steps": 2,
          "sample-num-steps": 2, "num-sample-images": 4, "num-workers": 0, "report-to": "none"}, {})))
-    assert summary["end_step"] == 2 and summary["samples"]
+    assert summary["end_step"] == 2 and all(Image.open(f).mode == "L" for f in summary["samples"])  # grey grids
     ldm_log = (tmp_path / "doppler-dit/log.txt").read_text()
     assert "no GPU: --compile switched off" in ldm_log
     # 4b. the same network as a release (--ckpt --model): --vae-ckpt alone names the tokenizer too

@@ -239,9 +239,15 @@ def test_npz_holds_exactly_the_requested_samples_and_eval_reads_only_those(exp, 
 
 @pytest.mark.parametrize("flag,value", [("--num-fid-samples", "0"), ("--num-fid-samples", "-3"), ("--num-steps", "0"),
                                         ("--pproc-batch-size", "0"), ("--samples-per-class", "0")])
-def test_values_that_would_write_nothing_useful_are_refused(flag, value):
-    with pytest.raises(SystemExit, match=flag):
+def test_values_that_would_write_nothing_useful_are_refused(flag, value, capsys, tmp_path):
+    with pytest.raises(SystemExit):
         generate.parse_args([flag, value])
+    err = capsys.readouterr().err
+    assert flag in err and "positive integer" in err
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"{flag[2:]}: {value}\n")
+    with pytest.raises(SystemExit, match=f"c.yaml.*{flag}.*positive integer"):
+        generate.parse_args(["--config", str(cfg)])
 
 
 def test_heun_with_sde_is_refused():
@@ -271,7 +277,7 @@ def test_config_file_takes_either_name(tmp_path):
     cfg = tmp_path / "c.yaml"
     cfg.write_text("exp-path: E\ntrain_steps: 7\npproc-batch-size: 3\nper-proc-batch-size: 5\n")
     a = generate.parse_args(["--config", str(cfg)])
-    assert (a.exp_dir, a.ckpt_step) == ("E", 7) and a.per_proc_batch_size in (3, 5)
+    assert (a.exp_dir, a.ckpt_step) == ("E", "7") and a.per_proc_batch_size in (3, 5)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -633,6 +639,11 @@ def test_training_grid_rows_are_classes():
     assert generate.grid_row_labels(9, 3).tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2]
     assert generate.grid_row_labels(16, 1000).view(4, 4)[:, 0].tolist() == [0, 1, 2, 3]
     assert generate.grid_row_labels(4, 1).tolist() == [0, 0, 0, 0]
+    images = torch.full((4, 1, 32, 32), 100, dtype=torch.uint8)
+    captioned = generate.caption_rows(images, generate.grid_row_labels(4, 2), {0: "user_03", 1: "user_17"})
+    assert not torch.equal(captioned[0], images[0]) and not torch.equal(captioned[2], images[2])  # first of each row
+    assert torch.equal(captioned[1], images[1]) and torch.equal(captioned[3], images[3])
+    assert captioned[0].max() > 200 and captioned[0].min() == 0  # light text on a black box
 
 
 def test_training_evaluation_labels_random_inception(exp, tmp_path):

@@ -115,6 +115,19 @@ def test_atomic_write_gives_the_umask_mode(tmp_path, umask):
         assert (tmp_path / name).stat().st_mode & 0o777 == 0o666 & ~umask
 
 
+def test_reference_stats_are_written_atomically_with_the_umask_mode(tmp_path):
+    from evaluation.inception import InceptionFeatures, build_inception
+    from evaluation.metrics import save_reference_stats
+
+    extractor = InceptionFeatures(build_inception(random_init=True), image_size=75, chunk_size=4)
+    images = np.random.default_rng(0).integers(0, 256, (4, 16, 16, 3), dtype=np.uint8)
+    save_reference_stats(tmp_path / "ref.npz", images, extractor, batch_size=4)
+    with np.load(tmp_path / "ref.npz") as ref:
+        assert sorted(ref.files) == ["mu", "mu_s", "sigma", "sigma_s"]
+    assert (tmp_path / "ref.npz").stat().st_mode & 0o777 == utils.new_file_mode()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ref.npz"]
+
+
 def test_only_our_temp_pattern_is_removed(tmp_path):
     ours = [tmp_path / ".0000003.pt.k2j_9xq1.tmp", tmp_path / ".latents-00001.safetensors.abcdefgh.tmp",
             tmp_path / ".sampling_config.json.0a1b2c3d.tmp"]
@@ -155,6 +168,9 @@ def test_16_bit_png_is_scaled_not_clipped(tmp_path):
     assert np.abs(got - expected).max() <= 1 and (got == 255).mean() < 0.05
     rgb = load_image(tmp_path / "deep.png", 8, channels=3)
     assert torch.equal(rgb[0], rgb[2]) and abs(int(rgb[0].max()) - 255) <= 1
+    Image.fromarray(np.full((8, 8), 70000, dtype=np.int32)).save(tmp_path / "wide.tif")
+    with pytest.raises(OSError, match="wide.tif.*beyond 16 bit"):
+        load_image(tmp_path / "wide.tif", 8)
 
 
 def test_images_smaller_than_the_resolution_are_counted_and_reported(tmp_path, capsys):
@@ -234,7 +250,10 @@ def latents(tmp_path_factory):
 
 
 def test_cache_latents_rerun_removes_interrupted_writes(latents):
-    stale, mine = latents / ".latents-00000.safetensors.x1y2z3w4.tmp", latents / "notes.tmp"
+    from dataset import latent_shard_path
+
+    shards = latent_shard_path(latents, 0).parent
+    stale, mine = shards / ".latents-00000.safetensors.x1y2z3w4.tmp", shards / "notes.tmp"
     stale.write_bytes(b"half a shard")
     mine.write_text("a user's file")
     try:
@@ -242,6 +261,11 @@ def test_cache_latents_rerun_removes_interrupted_writes(latents):
         assert summary["encoded_shards"] == 0 and not stale.exists() and mine.exists()
     finally:
         mine.unlink()
+    # shards are written through the same temp-file naming and get the umask's mode too
+    assert latent_shard_path(latents, 0).stat().st_mode & 0o777 == utils.new_file_mode()
+    fd, name = utils.reserve_temp_file(latent_shard_path(latents, 0))
+    os.close(fd)
+    assert utils.remove_stale_temp_files(shards) == [Path(name)]
 
 
 def ldm_flags(latents, out, name, steps, **extra):
@@ -279,6 +303,29 @@ def test_signal_to_the_process_group_with_workers_saves_and_exits_128_plus_signa
     # the saved state loads safely and resumes
     resumed = ldm_run(ldm_flags(latents, tmp_path, "sig", steps[0] + 1, resume="latest"))
     assert resumed["start_step"] == steps[0] and resumed["stopped"] is None
+
+
+def test_sigterm_to_a_two_process_launch_saves_once_and_exits_non_zero(latents, tmp_path):
+    from tests.cli import free_port
+
+    env = dict(os.environ, ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT))
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
+           free_port(), str(ROOT / "train_ldm_only.py")] + ldm_flags(latents, tmp_path, "ddp", 100000, batch_size=4,
+                                                                checkpointing_steps=100000, num_workers=1)
+    proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    log = tmp_path / "ddp/log.txt"
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None and not (log.is_file() and "step 0000003" in log.read_text()):
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGTERM)  # launcher, both ranks and their workers, as scancel does
+    out, _ = proc.communicate(timeout=240)
+    assert proc.returncode != 0 and "killed by signal" not in out, out[-3000:]
+    steps = utils.list_checkpoints(tmp_path / "ddp/checkpoints")
+    assert len(steps) == 1 and f"stopped by SIGTERM at step {steps[0]}" in log.read_text()
+    ckpt = torch.load(utils.checkpoint_path(tmp_path / "ddp/checkpoints", steps[0]), weights_only=True)
+    assert len(ckpt["rng"]) == 2 and ckpt["steps"] == steps[0]
 
 
 def test_truncated_latest_checkpoint_falls_back_and_names_the_file(latents, tmp_path):

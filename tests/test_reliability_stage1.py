@@ -1,5 +1,5 @@
 """Multi-process exactness of train_stage1.py (2 gloo processes): every rank holds identical
-weights after every step (tokenizer, EMA, discriminator; checked in-run by --verify-rank-sync),
+weights after every step (tokenizer, EMA, discriminator; checked in-run by --check-ranks-every 1),
 and N steps in one go equal N/2 + resume + N/2 bit for bit."""
 import os
 import shutil
@@ -57,7 +57,7 @@ def test_two_processes_resume_bit_identical_and_ranks_in_sync(data_dir, tmp_path
                 "exp-name": name, "max-train-steps": steps, "checkpointing-steps": 2, "sampling-steps": 0,
                 "eval-samples": 0, "seed": 5, "disc-start": 0, "ema-decay": 0.9, "perceptual-weight": 0,
                 "lr-total-steps": 4}
-        return to_argv(opts, extra, switches=["--verify-rank-sync"])
+        return to_argv(opts, extra, switches=["--check-ranks-every", "1"])
 
     launch2(argv("full", 4), tmp_path)
     # The interrupted run: the full run's folder as it was at step 2 (a launch saved less), resumed
