@@ -76,7 +76,7 @@ def main(argv=None):
                   "--random-init-encoders", "--lpips-weights", "random", "--report-to", "none",
                   "--max-train-steps", str(probe.steps_needed + 1), "--checkpointing-steps", str(10**9),
                   "--sampling-steps", "0", "--num-workers", str(args.num_workers), "--log-every", str(args.log_every),
-                  "--num-classes", "10", "--compile" if args.compile else "--no-compile"]
+                  "--num-classes", "1000" if preset == "xl" else "10", "--compile" if args.compile else "--no-compile"]
         flags += ["--grad-checkpointing"] * ("sit" in ckpt) + ["--vae-grad-checkpointing"] * ("vae" in ckpt)
         original = utils.infinite_epochs
         utils.infinite_epochs = lambda *a, **k: probe.wrap(original(*a, **k))
