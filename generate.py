@@ -204,7 +204,8 @@ class GuidedVelocity:
 
     def inference(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         # every sampler passes one time for the whole batch: t[0] decides (as the originals)
-        return self.guided_inference(x, t, y, self.is_guided(float(t[0])))
+        # unguided fields never read t to the host (a device wait per step on CUDA)
+        return self.guided_inference(x, t, y, self.scale > 1.0 and self.is_guided(float(t[0])))
 
     def guided_inference(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, guided: bool) -> torch.Tensor:
         """The velocity with the guidance decision made by the caller: samplers.py decides once per

@@ -88,10 +88,10 @@ def euler_sampler(model, latents: torch.Tensor, y: torch.Tensor, num_steps: int 
     (REPA-E's behaviour). `path_type` does not enter the ODE (the velocity is the ODE field).
     """
     v_fn = _Guided(model, y, cfg_scale, guidance_low, guidance_high, _null_class(model, null_class), latents.dtype)
-    t_steps = time_grid(num_steps, shift, device=latents.device)
+    t_steps = time_grid(num_steps, shift).tolist()  # on the host: no device read per step
     x = latents.to(torch.float64)
     for i in range(num_steps):
-        t_cur, t_next = t_steps[i].item(), t_steps[i + 1].item()
+        t_cur, t_next = t_steps[i], t_steps[i + 1]
         guided = v_fn.is_guided(t_cur)
         d_cur = v_fn(x, t_cur, guided)
         x_next = x + (t_next - t_cur) * d_cur
@@ -125,10 +125,10 @@ def euler_maruyama_sampler(model, latents: torch.Tensor, y: torch.Tensor, num_st
     """
     v_fn = _Guided(model, y, cfg_scale, guidance_low, guidance_high, _null_class(model, null_class), latents.dtype)
     t_steps = shift_time(torch.linspace(1.0, t_last, num_steps, dtype=torch.float64), shift)
-    t_steps = torch.cat([t_steps, torch.zeros(1, dtype=torch.float64)])
+    t_steps = t_steps.tolist() + [0.0]
     x = latents.to(torch.float64)
     for i in range(num_steps):
-        t_cur, t_next = t_steps[i].item(), t_steps[i + 1].item()
+        t_cur, t_next = t_steps[i], t_steps[i + 1]
         dt = t_next - t_cur
         v = v_fn(x, t_cur, v_fn.is_guided(t_cur))
         diffusion = 2.0 * t_cur

@@ -27,7 +27,6 @@ import copy
 from pathlib import Path
 
 import torch
-from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 import utils
@@ -251,9 +250,7 @@ def main(args):
         raise SystemExit(f"--latent-norm {norm_mode}: the SiT normalises per channel (its input BatchNorm)")
     stats, stats_source = latent_statistics(args, dataset.stats, family, norm_mode, latent_shape)
     sampler = ResumableDistributedSampler(len(dataset), local_bs, run.rank, world, seed=args.seed)
-    loader = DataLoader(dataset, batch_size=local_bs, sampler=sampler, num_workers=args.num_workers,
-                        collate_fn=collate_latents, pin_memory=torch.cuda.is_available(), drop_last=True,
-                        persistent_workers=False, generator=torch.Generator().manual_seed(args.seed))
+    loader = utils.training_loader(dataset, local_bs, sampler, args, collate_fn=collate_latents)
     logger.info(f"latents {args.latents_dir}: {len(dataset)} x {latent_shape} from tokenizer {info.get('kind')}/"
                 f"{info.get('name')}, {dataset.num_classes} classes; batch {args.batch_size} = {world} x "
                 f"{args.gradient_accumulation_steps} x {local_bs}")

@@ -27,7 +27,6 @@ import argparse
 import copy
 
 import torch
-from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 import utils
@@ -55,6 +54,8 @@ def parse_args(argv=None):
     g.add_argument("--bn-momentum", type=float, default=0.1, help="momentum of the SiT's latent-normalising BatchNorm")
     g.add_argument("--projector-dim", type=int, default=2048, help="hidden width of the REPA projector MLPs")
     g.add_argument("--grad-checkpointing", action="store_true", help="recompute SiT blocks in backward (memory)")
+    g.add_argument("--vae-grad-checkpointing", action="store_true",
+                   help="recompute the VAE encoder and decoder blocks in backward (most of the step's saved activations)")
     g = p.add_argument_group("tokenizer and discriminator")
     g.add_argument("--vae", type=str, default="f8d4", choices=sorted(VAE_PRESETS), help="VAE architecture preset")
     g.add_argument("--vae-ckpt", type=str, default=None, help="VAE state_dict (.pt/.safetensors)")
@@ -132,6 +133,8 @@ def main(args):
 
     # ---------------- models
     vae, stats = build_vae(args, logger)
+    if args.vae_grad_checkpointing:
+        vae.set_grad_checkpointing(True)
     encoders = []
     if args.enc_type.lower() != "none":
         from models.encoders import load_encoders
@@ -186,9 +189,7 @@ def main(args):
     if dataset.num_classes > args.num_classes:
         raise SystemExit(f"{args.data_dir} has {dataset.num_classes} classes but --num-classes is {args.num_classes}")
     sampler = ResumableDistributedSampler(len(dataset), local_bs, rank, world, seed=args.seed)
-    loader = DataLoader(dataset, batch_size=local_bs, sampler=sampler, num_workers=args.num_workers,
-                        pin_memory=torch.cuda.is_available(), drop_last=True,
-                        persistent_workers=False, generator=torch.Generator().manual_seed(args.seed))
+    loader = utils.training_loader(dataset, local_bs, sampler, args)
     logger.info(f"dataset {args.data_dir}: {len(dataset)} images, {dataset.num_classes} classes; "
                 f"batch {args.batch_size} = {world} x {args.gradient_accumulation_steps} x {local_bs}")
 
@@ -206,7 +207,13 @@ def main(args):
         opt_disc.load_state_dict(ckpt["opt_disc"])
         step, epoch, batch_pos = utils.resume_position(run, ckpt)
     if args.compile:
-        sit = torch.compile(sit)
+        # In place (nn.Module.compile): state_dict keys stay the same and every caller, the
+        # alignment pass through the frozen SiT included, runs the compiled network.
+        for net in (sit, vae, loss_fn.perceptual_loss, loss_fn.discriminator):
+            net.compile()
+    if torch.cuda.is_available():  # NHWC convolutions are the tensor cores' native layout
+        for net in (vae, loss_fn.perceptual_loss, loss_fn.discriminator):
+            net.to(memory_format=torch.channels_last)
     model, vae, loss_fn, opt, opt_vae, opt_disc = accelerator.prepare(sit, vae, loss_fn, opt, opt_vae, opt_disc)
     sit_m, vae_m, loss_m = utils.unwrap(model), utils.unwrap(vae), utils.unwrap(loss_fn)
     ema = ema.to(device)
@@ -339,7 +346,7 @@ def main(args):
             vals, stop_requested = monitor(losses, step, record=logged)
             if logged:
                 vals["images_per_sec"] = speed.rate()
-                accelerator.log(vals | {f"vae/{k}": float(v) for k, v in vae_logs.items() if torch.is_tensor(v) and v.numel() == 1}, step=step)
+                accelerator.log(vals | {f"vae/{k}": v for k, v in utils.scalars_to_host(vae_logs).items()}, step=step)
                 progress.set_postfix({k: f"{v:.4f}" for k, v in vals.items() if k != "images_per_sec"})
                 logger.info(f"step {step:07d} " + " ".join(f"{k}={v:.4f}" for k, v in vals.items()))
             progress.update(1)

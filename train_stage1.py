@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Subset
+from torch.utils.data import Subset
 from tqdm.auto import tqdm
 
 import utils
@@ -601,9 +601,7 @@ def main(args):
         if len(eval_ds) > args.eval_samples:
             eval_ds = Subset(eval_ds, range(args.eval_samples))
     sampler = ResumableDistributedSampler(len(train_ds), local_bs, rank, world, seed=args.seed)
-    loader = DataLoader(train_ds, batch_size=local_bs, sampler=sampler, num_workers=args.num_workers,
-                        pin_memory=torch.cuda.is_available(), drop_last=True, persistent_workers=False,
-                        generator=torch.Generator().manual_seed(args.seed))
+    loader = utils.training_loader(train_ds, local_bs, sampler, args)
     steps_per_epoch = max(sampler.batches_per_epoch // args.gradient_accumulation_steps, 1)
     utils.apply_config_epochs(args, steps_per_epoch, logger)
     total_steps = args.lr_total_steps or min(args.max_train_steps, args.epochs * steps_per_epoch)
@@ -858,7 +856,7 @@ def main(args):
             vals, stop_requested = monitor(losses, step, record=logged)
             if logged:
                 vals.update(lr=sched.get_last_lr()[0], disc_lr=sched_disc.get_last_lr()[0], images_per_sec=speed.rate())
-                accelerator.log(vals | {k: float(v) for k, v in logs.items() if torch.is_tensor(v) and v.numel() == 1},
+                accelerator.log(vals | utils.scalars_to_host(logs),
                                 step=step)
                 progress.set_postfix({k: f"{v:.4f}" for k, v in vals.items() if k in losses})
                 logger.info(f"step {step:07d} epoch {epoch} " + " ".join(f"{k}={v:.4g}" for k, v in vals.items()))

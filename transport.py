@@ -134,12 +134,15 @@ class Sampler:
                 return model_fn(x_, t_vec, **model_kwargs)
 
             if method in ("euler", "heun"):
+                # times and steps read to the host once (the same float32 values), not once per step
+                grid = self.time_grid(num_steps)
+                t_host, dt_host = grid.tolist(), (grid[1:] - grid[:-1]).tolist()
                 states = [x]
                 for k in range(num_steps - 1):  # a loop over time steps, not over samples
-                    dt = ts[k + 1] - ts[k]
-                    v = velocity(x, ts[k])
+                    dt = dt_host[k]
+                    v = velocity(x, t_host[k])
                     if method == "heun":
-                        v = 0.5 * (v + velocity(x + dt * v, ts[k + 1]))
+                        v = 0.5 * (v + velocity(x + dt * v, t_host[k + 1]))
                     x = x + dt * v
                     states.append(x)
                 return torch.stack(states)

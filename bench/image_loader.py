@@ -20,6 +20,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import emit  # noqa: E402
 from dataset import ArchiveDataset, ImageFolderDataset, make_procedural_dataset  # noqa: E402
 from preprocessing import preprocess  # noqa: E402
 
@@ -38,7 +40,7 @@ def loader_images_per_s(dataset, batch_size: int, workers: int, epochs: int) -> 
     return seen / (time.perf_counter() - t)
 
 
-def main():
+def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--workers", type=int, default=2, help="DataLoader workers (and preprocessing workers)")
     p.add_argument("--batch-size", type=int, default=64)
@@ -46,15 +48,15 @@ def main():
     p.add_argument("--resolution", type=int, default=256)
     p.add_argument("--epochs", type=int, default=2, help="timed epochs per reader")
     p.add_argument("--work-dir", default=str(Path(tempfile.gettempdir()) / "bench_image_loader"))
-    args = p.parse_args()
+    args = p.parse_args(argv)
     torch.set_num_threads(1)  # the workers are the parallelism being measured
     work = Path(args.work_dir)
     classes = 8
     t = time.perf_counter()
     folder = make_procedural_dataset(work / f"png-{args.resolution}", num_classes=classes,
                                      per_class=max(1, args.num_images // classes), resolution=args.resolution)
-    print(f"image folder: {folder} ({time.perf_counter() - t:.1f}s to make or find)")
-    archives = {}
+    print(f"image folder: {folder} ({time.perf_counter() - t:.1f}s to make or find)", file=sys.stderr)
+    archives, lines = {}, []
     for encoding in ("raw", "png"):
         dest = work / f"archive-{encoding}-{args.resolution}-{args.num_images}"
         shutil.rmtree(dest, ignore_errors=True)  # time the full preprocessing, not a resume
@@ -63,19 +65,20 @@ def main():
                            shard_size=128, encoding=encoding, progress=False)
         dt = time.perf_counter() - t
         size = sum(f.stat().st_size for f in dest.glob("images-*.npy"))
-        print(f"preprocessing ({encoding}): {index['num_images'] / dt:8.1f} images/s, "
-              f"{size / index['num_images'] / 1024:6.1f} KiB/image")
+        lines.append(emit("image_loader", f"preprocessing.py --encoding {encoding}, {args.resolution}px",
+                          images_per_s=index["num_images"] / dt, kib_per_image=size / index["num_images"] / 1024,
+                          workers=max(1, args.workers)))
         archives[encoding] = dest
     readers = {
         "PNG image folder": ImageFolderDataset(folder, args.resolution),
         "raw archive (mmap)": ArchiveDataset(archives["raw"]),
         "PNG-encoded archive": ArchiveDataset(archives["png"]),
     }
-    print(f"\nDataLoader, {args.resolution}px, batch {args.batch_size}, {args.workers} workers, "
-          f"{len(readers['raw archive (mmap)'])} images:")
     for name, ds in readers.items():
         rate = loader_images_per_s(ds, args.batch_size, args.workers, args.epochs)
-        print(f"  {name:22s} {rate:10.1f} images/s")
+        lines.append(emit("image_loader", f"DataLoader over {name}, {args.resolution}px", images_per_s=rate,
+                          batch=args.batch_size, workers=args.workers, images=len(ds)))
+    return lines
 
 
 if __name__ == "__main__":

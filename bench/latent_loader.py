@@ -22,6 +22,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
 
 NEEDED_SAMPLES_PER_S = 3 * 256  # ~3 it/s x batch 256 on one H100 (see the module docstring)
 
@@ -81,7 +82,9 @@ def measure(root: Path, batch_size: int, num_workers: int, seconds: float, batch
                 return count / (time.perf_counter() - t0)
 
 
-def main():
+def main(argv=None):
+    from common import emit
+
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--f8-samples", type=int, default=4096)
     p.add_argument("--rae-samples", type=int, default=512)
@@ -89,7 +92,7 @@ def main():
     p.add_argument("--num-workers", type=int, default=min(4, os.cpu_count() or 1))
     p.add_argument("--seconds", type=float, default=5.0, help="measuring time per folder")
     p.add_argument("--dir", type=str, default=None, help="where to write the folders (default: a temp dir)")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     cases = [("SiT-XL/2 on f8d4: 4x32x32 fp16, std + flips", (4, 32, 32), True, args.f8_samples),
              ("RAE DINOv2-B: 768x16x16 fp16, flips", (768, 16, 16), False, args.rae_samples)]
     import torch
@@ -102,22 +105,25 @@ def main():
     bandwidth = 5 * x.numel() * 4 / (time.perf_counter() - t) / 2**30
     # Each float32 latent row is written ~3 times (cast, shared-memory batch, trainer side).
     print(f"this machine: {os.cpu_count()} CPUs, single-thread copy bandwidth {bandwidth:.1f} GiB/s "
-          f"(RAE rows are 768 KiB in float32; the loader is bound by memory copies there)")
+          f"(RAE rows are 768 KiB in float32; the loader is bound by memory copies there)", file=sys.stderr)
     with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
-        print(f"needed: ~{NEEDED_SAMPLES_PER_S} samples/s (one H100, SiT-XL/2 bf16, ~3 it/s x batch 256)")
+        print(f"needed: ~{NEEDED_SAMPLES_PER_S} samples/s (one H100, SiT-XL/2 bf16, ~3 it/s x batch 256)",
+              file=sys.stderr)
+        lines = []
         for title, shape, has_std, num in cases:
             root = Path(tmp) / f"lat-{shape[0]}"
             t = time.perf_counter()
             write_synthetic_folder(root, num, shape, has_std, flip=True, shard_size=1024)
             size = sum(f.stat().st_size for f in (root / "shards").iterdir()) / 2**20
-            print(f"{title}: wrote {num} samples ({size:.0f} MiB) in {time.perf_counter() - t:.1f}s")
+            print(f"{title}: wrote {num} samples ({size:.0f} MiB) in {time.perf_counter() - t:.1f}s", file=sys.stderr)
             for batched, keep in ((True, True), (True, False), (False, False)):
                 rate = measure(root, args.batch_size, args.num_workers, args.seconds, batched, keep)
                 verdict = "enough" if rate >= NEEDED_SAMPLES_PER_S else "NOT enough"
                 how = ("collate_latents, stored dtype (train_ldm_only)" if keep else
                        "collate_latents, float32" if batched else "default collate, float32")
-                print(f"  {how}: {rate:,.0f} samples/s with {args.num_workers} workers, batch {args.batch_size} "
-                      f"(needed ~{NEEDED_SAMPLES_PER_S}: {verdict}, x{rate / NEEDED_SAMPLES_PER_S:.1f})")
+                lines.append(emit("latent_loader", f"{title}; {how}", samples_per_s=rate, workers=args.num_workers,
+                                  batch=args.batch_size, needed_samples_per_s=NEEDED_SAMPLES_PER_S, verdict=verdict))
+    return lines
 
 
 if __name__ == "__main__":

@@ -1,43 +1,52 @@
 """Sampling throughput through generate.py's code path (`generate.sample_batch`: index-keyed noise,
-guidance wrapper, sampler, denormalisation and decode): samples/s of a stage-2 model at 256 px with
-its tokenizer's decoder, and decode images/s.
+guidance wrapper, sampler, denormalisation and decode) with the published sampling recipes of
+configs/sampling/ run unchanged (read by generate.parse_args, as `generate.py --recipe NAME`), at
+generate.py's batch (--per-proc-batch-size, 64 per GPU). One step = one batch sampled and decoded.
 
-  python bench/sample.py [--model SiT-XL/2 | LightningDiT-XL/1 | DiTDH-XL] [--batch-size 64]
-                         [--mixed-precision bf16] [--compile]
+  python bench/sample.py [--model SiT-XL/2 | LightningDiT-XL/1 | DiTDH-XL] [--recipe NAME]
+                         [--mixed-precision bf16] [--compile] [--tiny]
 
-Models and latents (random weights: throughput does not depend on the values):
-  SiT-XL/2           REPA-E SiT, f8d4 VAE latents [4, 32, 32]; Euler 50 + CFG on t <= 0.75, SDE 250
-  LightningDiT-XL/1  hustvl, VA-VAE f16d32 latents [32, 16, 16]; Euler 250, shift 1/0.3, CFG on t <= 0.875
-  DiTDH-XL           RAE, DINOv2-B latents [768, 16, 16], ViT-XL pixel decoder; RAE grid of 50 points
-                     with the dimension shift, CFG and autoguidance (DiTDH-S guide)
-On CPU a tiny configuration of the same family runs (N sizes, 32 px) so the script still
-exercises everything. CFG doubling is restricted to the guidance interval, so the interval
-matters and is part of each setting.
+Models and recipes (random weights: throughput does not depend on the values):
+  SiT-XL/2           REPA-E SiT, f8d4 VAE latents [4, 32, 32]: repae-sde-250 (SDE 250, CFG 2.5 on t <= 0.75,
+                     the published gFID 1.26) and repae-ode-50 (the same with --mode ode --num-steps 50)
+  LightningDiT-XL/1  VA-VAE f16d32 latents [32, 16, 16]: lightningdit-euler-250
+  DiTDH-XL           RAE DINOv2-B latents [768, 16, 16], ViT-XL pixel decoder: rae-ddt-ode-50 (unguided) and
+                     rae-ddt-autoguidance (DiTDH-S guide)
+Without CUDA (or with --tiny) a tiny model of the same family runs (N sizes, small latents, batch
+8) with the same recipes. Prints one JSON line per recipe (bench/common.py says what each figure
+counts).
 """
 from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from generate import LatentDecoder, sample_batch  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import generate  # noqa: E402
+from common import StepProbe, add_probe_flags, record  # noqa: E402
+from generate import LatentDecoder, sample_batch, sampler_kwargs_from_args  # noqa: E402
 from models.autoencoder import build_vae  # noqa: E402
 from models.diffusion import VelocityModel, build_diffusion_model  # noqa: E402
 from models.rae import RAEDecoder  # noqa: E402
 from transport import shift_from_dims  # noqa: E402
 
-# name -> (CUDA: latents, tokenizer, CPU stand-in: model, latents, tokenizer)
+# name -> CUDA latents and tokenizer, tiny stand-ins, and the recipes: (label, generate.py flags)
 MODELS = {
-    "SiT-XL/2": dict(latents=(4, 32, 32), vae="f8d4", cpu_model="SiT-N/2", cpu_latents=(4, 8, 8), cpu_vae="tiny-f4d4"),
+    "SiT-XL/2": dict(latents=(4, 32, 32), vae="f8d4", cpu_model="SiT-N/2", cpu_latents=(4, 8, 8), cpu_vae="tiny-f4d4",
+                     recipes={"repae-sde-250": ["--recipe", "repae-sde-250"],
+                              "repae-ode-50": ["--recipe", "repae-sde-250", "--mode", "ode", "--num-steps", "50"]}),
     "LightningDiT-XL/1": dict(latents=(32, 16, 16), vae="vavae-f16d32", cpu_model="LightningDiT-N/1",
-                              cpu_latents=(32, 2, 2), cpu_vae="tiny-f16d32"),
+                              cpu_latents=(32, 2, 2), cpu_vae="tiny-f16d32",
+                              recipes={"lightningdit-euler-250": ["--recipe", "lightningdit-euler-250"]}),
     "DiTDH-XL": dict(latents=(768, 16, 16), vae="rae-vit-xl", cpu_model="DiTDH-N", cpu_latents=(32, 4, 4),
-                     cpu_vae="rae-tiny", guide="DiTDH-S", cpu_guide="DiTDH-N"),
+                     cpu_vae="rae-tiny", guide="DiTDH-S", cpu_guide="DiTDH-N",
+                     recipes={"rae-ddt-ode-50": ["--recipe", "rae-ddt-ode-50"],
+                              "rae-ddt-autoguidance": ["--recipe", "rae-ddt-autoguidance"]}),
 }
 
 
@@ -56,99 +65,69 @@ class _RAEPixelDecoder(nn.Module):
         return self.decoder(tokens) * 2 - 1
 
 
-def timed(fn, warmup: int, iters: int, device) -> float:
-    for _ in range(warmup):
-        fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    t = time.time()
-    for _ in range(iters):
-        fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return (time.time() - t) / iters
-
-
 def build_velocity(name: str, latents, num_classes: int, device) -> VelocityModel:
     opts = dict(z_dims=[768], encoder_depth=8 if name.endswith("XL/2") else 2) if name.startswith("SiT") else {}
     net = build_diffusion_model(name, latents, num_classes, 0.1, **opts)
     return VelocityModel(net.to(device).eval(), data_at_one=name.startswith("LightningDiT"))
 
 
-def main():
+def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default="SiT-XL/2", choices=list(MODELS))
-    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--model", default="SiT-XL/2", choices=list(MODELS), help="stage-2 model family to time")
+    p.add_argument("--recipe", default=None, help="one of the model's recipes (default: all of them)")
+    p.add_argument("--batch-size", type=int, default=None, help="default: generate.py's --per-proc-batch-size (8 tiny)")
     p.add_argument("--mixed-precision", default=None, choices=["no", "fp16", "bf16"],
-                   help="default: bf16 on CUDA, no on CPU (CPU autocast is slower than float32)")
-    p.add_argument("--compile", action="store_true")
-    p.add_argument("--iters", type=int, default=2)
-    args = p.parse_args()
+                   help="default: generate.py's (no)")
+    p.add_argument("--compile", action="store_true", help="compile the network as generate.py --compile does")
+    p.add_argument("--tiny", action=argparse.BooleanOptionalAction, default=None,
+                   help="tiny sizes (default: on without CUDA)")
+    add_probe_flags(p)
+    args = p.parse_args(argv)
     cuda = torch.cuda.is_available()
+    tiny = (not cuda) if args.tiny is None else args.tiny
     device = torch.device("cuda" if cuda else "cpu")
     if cuda:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     spec = MODELS[args.model]
-    model_name = args.model if cuda else spec["cpu_model"]
-    latents = spec["latents"] if cuda else spec["cpu_latents"]
-    vae_name = spec["vae"] if cuda else spec["cpu_vae"]
-    classes, bs = (1000, args.batch_size or 64) if cuda else (10, args.batch_size or 8)
-    args.mixed_precision = args.mixed_precision or ("bf16" if cuda else "no")
-    amp = {"no": None, "fp16": torch.float16, "bf16": torch.bfloat16}[args.mixed_precision]
+    model_name = spec["cpu_model"] if tiny else args.model
+    latents = spec["cpu_latents"] if tiny else spec["latents"]
+    vae_name = spec["cpu_vae"] if tiny else spec["vae"]
+    recipes = spec["recipes"]
+    if args.recipe is not None and args.recipe not in recipes:
+        p.error(f"--recipe {args.recipe}: {args.model} has {sorted(recipes)}")
+    classes = 10 if tiny else 1000
 
     c = latents[0]
-    if vae_name.startswith("rae"):
-        tok = _RAEPixelDecoder(c, latents[1], xl=cuda)
-    else:
-        tok = build_vae(vae_name)
+    tok = _RAEPixelDecoder(c, latents[1], xl=not tiny) if vae_name.startswith("rae") else build_vae(vae_name)
     decoder = LatentDecoder(tok.to(device).eval(), torch.zeros(c, 1, 1), torch.ones(c, 1, 1)).to(device)
     model = build_velocity(model_name, latents, classes, device)
-    field = model
-    if args.compile:
-        compiled = torch.compile(model)
-
-        class _Field:  # the samplers call .inference; route it through the compiled module
-            num_classes = model.num_classes
-
-            @staticmethod
-            def inference(x, t, y):
-                return compiled(x, t, y)
-
-        field = _Field()
-    idx = torch.arange(bs)
-    print(f"device {torch.cuda.get_device_name() if cuda else 'cpu'} | {model_name} on latents {list(latents)}, "
-          f"decoder {vae_name}, batch {bs}, mixed precision {args.mixed_precision}, compile {args.compile}")
-    if args.model == "SiT-XL/2":
-        settings = {
-            "ODE Euler 50 steps, CFG 4.0 on t<=0.75": dict(mode="ode", solver="euler", num_steps=50, cfg_scale=4.0,
-                                                         guidance_low=0.0, guidance_high=0.75),
-            "SDE 250 steps, CFG 2.5 on t<=0.75": dict(mode="sde", num_steps=250, cfg_scale=2.5, guidance_low=0.0,
-                                                     guidance_high=0.75),
-        }
-    elif args.model == "LightningDiT-XL/1":
-        settings = {
-            "ODE Euler 250 steps, shift 1/0.3, CFG 6.7 on t<=0.875": dict(
-                mode="ode", solver="euler", num_steps=250, shift=1 / 0.3, cfg_scale=6.7, guidance_high=0.875),
-        }
-    else:
-        rae = dict(mode="ode", solver="euler", num_steps=50, time_grid="rae", shift=shift_from_dims(c * latents[1] * latents[2]))
-        guide = build_velocity(spec["guide"] if cuda else spec["cpu_guide"], latents, classes, device)
-        settings = {
-            "RAE grid 50 points, unguided": dict(rae, cfg_scale=1.0),
-            "RAE grid 50 points, CFG 4.0 on all t": dict(rae, cfg_scale=4.0),
-            "RAE grid 50 points, autoguidance 1.42 (DiTDH-S guide)": dict(rae, cfg_scale=1.42, guide=guide),
-        }
-    for name, kw in settings.items():
-        dt = timed(lambda: sample_batch(field, decoder, latents, classes, idx, 0, kw, device, "random", amp),
-                   1, args.iters, device)
-        print(f"{name}: {bs / dt:.2f} samples/s ({dt:.2f} s per batch of {bs}, decode included)")
-    z = torch.randn(bs, *latents, device=device)
-    with torch.no_grad():
-        dt = timed(lambda: decoder(z), 1, max(3, args.iters), device)
-    print(f"decode ({vae_name}, fp32): {bs / dt:.1f} images/s")
-    if cuda:
-        print(f"peak memory {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB")
+    guide = build_velocity(spec["cpu_guide"] if tiny else spec["guide"], latents, classes, device) \
+        if "guide" in spec else None
+    lines = []
+    for name, flags in recipes.items():
+        if args.recipe not in (None, name):
+            continue
+        gen = generate.parse_args(flags)
+        kw = sampler_kwargs_from_args(gen)
+        kw["path_type"] = gen.path_type or "linear"  # generate.py's resolution of its defaults
+        if gen.shift == "auto":
+            kw["shift"] = shift_from_dims(c * latents[1] * latents[2])
+        if gen.guidance == "autoguidance":
+            kw["guide"] = generate._CompiledField(guide) if args.compile else guide
+        field = generate._CompiledField(model) if args.compile else model
+        precision = args.mixed_precision or gen.mixed_precision
+        amp = {"no": None, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
+        bs = args.batch_size or (8 if tiny else gen.per_proc_batch_size)
+        idx = torch.arange(bs)
+        probe = StepProbe(args.warmup, args.steps)
+        with torch.no_grad():
+            probe.run(lambda: sample_batch(field, decoder, latents, classes, idx, gen.global_seed, kw, device,
+                                           gen.label_sampling, amp))
+        lines.append(record("sample", f"{name} ({model_name} on {'x'.join(map(str, latents))}, decode {vae_name})",
+                            bs, probe, recipe=name, model=model_name, tiny=tiny, mixed_precision=precision,
+                            compile=args.compile))
+    return lines
 
 
 if __name__ == "__main__":

@@ -1,101 +1,93 @@
-"""Throughput and peak memory of diffusion-transformer training steps on latents, the step of
-`train_ldm_only.py` (forward + loss, backward, clip, fused AdamW, EMA) on random latents.
+"""Diffusion-transformer training step on cached latents, measured inside the real trainer
+(`train_ldm_only.main`: data loader, forward + loss, backward, clip, AdamW, EMA, logging) with its
+published configuration file, on a synthetic latent folder written by cache_latents' own writer
+(random latents and weights: the cost of real ones).
 
-  python bench/train_ldm_step.py                          # CUDA: SiT-XL/2 on 4x32x32 latents, batch 256, bf16
-  python bench/train_ldm_step.py --model DiTDH-XL         # DiT^DH-XL on 768x16x16 RAE latents, batch 128
-  python bench/train_ldm_step.py --model LightningDiT-XL/1 --batch-size 256
-  python bench/train_ldm_step.py --compile --grad-checkpointing
-On a machine without CUDA the tiny sizes run instead (the figures then only show the script works).
-Prints images/s after warm-up and peak GPU memory. Weights are random (same cost as trained ones).
+  python bench/train_ldm_step.py                          # CUDA: SiT-XL/2 + REPA, batch 256
+  python bench/train_ldm_step.py --model LightningDiT-XL/1
+  python bench/train_ldm_step.py --model DiTDH-XL
+  python bench/train_ldm_step.py --tiny                   # CPU: same configuration, tiny sizes (the CPU default)
+
+Configurations (configs/ldm/, run unchanged but for the batch, one GPU's share):
+  SiT-XL/2           sit_xl2_repa_sdvae.yaml: SD-VAE f8d4 latents [4, 32, 32] + DINOv2-B REPA at block 8, batch 256
+  LightningDiT-XL/1  lightningdit_xl1_vavae_800ep.yaml: VA-VAE latents [32, 16, 16], batch 128 (1024 / 8 GPUs)
+  DiTDH-XL           ddt_xl_rae_dinov2b.yaml: RAE DINOv2-B latents [768, 16, 16], batch 128 (1024 / 8 GPUs)
+The tiny mode keeps the file but shrinks the model (N size), the latents and the batch, fp32.
+Prints one JSON line (bench/common.py says what each figure counts).
 """
 import argparse
-import copy
+import os
 import sys
-import time
+import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
 
-# model -> (latent shape, default batch): the issue's reference points
-REFERENCE = {
-    "SiT-XL/2": ((4, 32, 32), 256),
-    "LightningDiT-XL/1": ((32, 16, 16), 256),
-    "DiTDH-XL": ((768, 16, 16), 128),
+# name -> (config file, latents, per-GPU batch, tiny model, tiny latents)
+CONFIGS = {
+    "SiT-XL/2": ("sit_xl2_repa_sdvae.yaml", (4, 32, 32), 256, "SiT-N/4", (4, 8, 8)),
+    "LightningDiT-XL/1": ("lightningdit_xl1_vavae_800ep.yaml", (32, 16, 16), 128, "LightningDiT-N/1", (32, 2, 2)),
+    "DiTDH-XL": ("ddt_xl_rae_dinov2b.yaml", (768, 16, 16), 128, "DiTDH-N", (32, 4, 4)),
 }
-TINY = {"SiT-XL/2": "SiT-N/2", "LightningDiT-XL/1": "LightningDiT-N/1", "DiTDH-XL": "DiTDH-N"}
 
 
-def main():
+def main(argv=None):
+    from common import StepProbe, add_probe_flags, cuda_optimizer_path, record
+    from latent_loader import write_synthetic_folder
+
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default="SiT-XL/2", help="any name of models.diffusion.DIFFUSION_MODELS")
-    p.add_argument("--latent-shape", type=int, nargs=3, default=None, help="C h w (default: the model's reference latents)")
-    p.add_argument("--batch-size", type=int, default=None)
-    p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--warmup", type=int, default=5)
-    p.add_argument("--mixed-precision", choices=["no", "bf16", "fp16"], default=None)
-    p.add_argument("--compile", action="store_true")
-    p.add_argument("--grad-checkpointing", action="store_true")
-    args = p.parse_args()
+    p.add_argument("--model", default="SiT-XL/2", choices=list(CONFIGS), help="published configuration to time")
+    p.add_argument("--tiny", action=argparse.BooleanOptionalAction, default=None,
+                   help="tiny sizes, fp32 (default: on without CUDA)")
+    p.add_argument("--batch-size", type=int, default=None, help="per-GPU batch (default: the configuration's)")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False, help="pass --compile to the trainer")
+    p.add_argument("--grad-checkpointing", action="store_true", help="pass --grad-checkpointing to the trainer")
+    p.add_argument("--num-workers", type=int, default=2, help="data loader workers")
+    add_probe_flags(p)
+    args = p.parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import torch
 
+    import train_ldm_only
     import utils
-    from models.diffusion import VelocityModel, build_diffusion_model, flow_matching_loss, model_family
+    from dataset import make_procedural_dataset
 
-    cuda = torch.cuda.is_available()
-    name = args.model if cuda else TINY.get(args.model, args.model)
-    shape, bs = REFERENCE.get(args.model, ((4, 32, 32), 256))
-    shape = tuple(args.latent_shape or shape)
-    if not cuda:
-        shape, bs = (shape[0] if shape[0] <= 32 else 64, 8, 8), 8
-    bs = args.batch_size or bs
-    precision = args.mixed_precision or ("bf16" if cuda else "no")
-    device = torch.device("cuda" if cuda else "cpu")
-    if cuda:
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-    family = model_family(name)
-    options = {"grad_checkpointing": args.grad_checkpointing} if family == "sit" else {"use_checkpoint": args.grad_checkpointing}
-    net = build_diffusion_model(name, shape, 1000, 0.1, **options).to(device)
-    ema = copy.deepcopy(net).requires_grad_(False)
-    model = torch.compile(net) if args.compile else net
-    opt = torch.optim.AdamW(net.parameters(), lr=1e-4, fused=cuda or None)
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
-    autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
-    vmodel = VelocityModel(model)
-    x = torch.randn(bs, *shape, device=device)
-    y = torch.randint(0, 1000, (bs,), device=device)
-
-    def step():
-        with autocast:
-            if family == "sit":
-                loss = model(x, y, loss_kwargs={"weighting": "uniform"})["denoising_loss"].mean()
-            else:
-                t = torch.sigmoid(torch.randn(bs, device=device))
-                loss = flow_matching_loss(vmodel, x, y, t, torch.randn_like(x))[0].mean()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        utils.update_ema(ema, net, 0.9999)
-
-    for _ in range(args.warmup):
-        step()
-    if cuda:
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-    t0 = time.perf_counter()
-    for _ in range(args.steps):
-        step()
-    if cuda:
-        torch.cuda.synchronize()
-    dt = time.perf_counter() - t0
-    params = sum(p.numel() for p in net.parameters()) / 1e6
-    mem = f"{torch.cuda.max_memory_allocated() / 2**30:.2f} GiB" if cuda else "n/a"
-    dev = torch.cuda.get_device_name() if cuda else "cpu"
-    print(f"[bench] train_ldm step | {name} ({params:.0f}M) on {'x'.join(map(str, shape))} | {dev} | batch {bs} | "
-          f"{precision}{' compile' if args.compile else ''}{' ckpt' if args.grad_checkpointing else ''} | "
-          f"{bs * args.steps / dt:.1f} images/s ({args.steps / dt:.2f} it/s) | peak memory {mem}")
+    tiny = (not torch.cuda.is_available()) if args.tiny is None else args.tiny
+    cfg_name, shape, bs, tiny_model, tiny_shape = CONFIGS[args.model]
+    model, shape = (tiny_model, tiny_shape) if tiny else (args.model, shape)
+    bs = args.batch_size or (4 if tiny else bs)
+    probe = StepProbe(args.warmup, args.steps)
+    num = max(2 * bs, 16)
+    with tempfile.TemporaryDirectory() as tmp:
+        latents = Path(tmp) / "latents"
+        write_synthetic_folder(latents, num, shape, has_std=shape[0] == 4, flip=True, shard_size=max(bs, 8))
+        flags = ["--config", str(ROOT / "configs/ldm" / cfg_name), "--latents-dir", str(latents),
+                 "--output-dir", tmp, "--exp-name", "bench", "--batch-size", str(bs), "--model", model,
+                 "--max-train-steps", str(probe.steps_needed + 1), "--checkpointing-steps", str(10**9),
+                 "--sampling-steps", "0", "--report-to", "none", "--num-workers", str(args.num_workers),
+                 "--compile" if args.compile else "--no-compile"]
+        if args.model == "SiT-XL/2":  # REPA: the images the latents stand for, through the encoder
+            res = 32 if tiny else 256  # SD-VAE f8 at 256 px; the tiny f4 latents stand for 32 px
+            images = make_procedural_dataset(Path(tmp) / "images", num_classes=8, per_class=num // 8,
+                                             resolution=res, seed=0)
+            flags += ["--data-dir", str(images), "--random-init-encoders", "--resolution", str(res)]
+            if tiny:
+                flags += ["--enc-type", "dinov2-vit-tiny", "--encoder-depth", "2", "--projector-dim", "64"]
+        if tiny:
+            flags += ["--mixed-precision", "no"]
+        if args.grad_checkpointing:
+            flags.append("--grad-checkpointing")
+        original = utils.infinite_epochs
+        utils.infinite_epochs = lambda *a, **k: probe.wrap(original(*a, **k))
+        try:
+            with cuda_optimizer_path(utils):
+                train_ldm_only.main(train_ldm_only.parse_args(flags))
+        finally:
+            utils.infinite_epochs = original
+    return record("train_ldm_step", f"{cfg_name} ({model} on {'x'.join(map(str, shape))})", bs, probe,
+                  model=model, tiny=tiny, compile=args.compile, grad_checkpointing=args.grad_checkpointing)
 
 
 if __name__ == "__main__":

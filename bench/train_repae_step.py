@@ -1,9 +1,17 @@
-"""Throughput and peak memory of full REPA-E training steps (VAE + discriminator + SiT updates,
-encoder features, EMA), measured by running the real trainer on generated data.
+"""REPA-E training step (VAE + discriminator + SiT updates, encoder features, EMA, logging),
+measured inside the real trainer (`train_repae.main`) on generated data with random weights (the
+cost of trained ones; nothing is downloaded).
 
-  python bench/train_repae_step.py                  # CUDA: SiT-XL/2, f8d4, DINOv2-B, batch 32, bf16
-  python bench/train_repae_step.py --preset tiny    # CPU-sized configuration
-Prints images/s after warm-up and the peak GPU memory. Weights are random (same cost as trained).
+  python bench/train_repae_step.py                  # CUDA: the published configuration (preset xl)
+  python bench/train_repae_step.py --preset tiny    # CPU: the same step at tiny sizes (the CPU default)
+  python bench/train_repae_step.py --preset tiny --grad-checkpointing sit,vae
+
+Preset xl is REPA-E's published ImageNet-256 run (specs/repae.md: SiT-XL/2, SD-VAE f8d4,
+DINOv2-B at block 8, proj-coeff 0.5, vae-align-proj-coeff 1.5, configs/l1_lpips_kl_gan.yaml,
+batch 256 = 32 per GPU on 8 GPUs), one GPU's share: batch 32, with our bf16 (the original: fp16).
+Preset tiny keeps every part and coefficient but shrinks the networks (SiT-N/4, tiny f4d4 VAE,
+tiny DINOv2, 32 px, batch 8) and runs fp32: its counts (FLOPs, kernels, syncs, saved bytes) judge a
+change without a GPU. Prints one JSON line (bench/common.py says what each figure counts).
 """
 import argparse
 import os
@@ -13,58 +21,73 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
 
 PRESETS = {
-    # the reference point of the issue: per-GPU batch 32 at 256px
-    "xl": ["--model", "SiT-XL/2", "--vae", "f8d4", "--enc-type", "dinov2-vit-b", "--resolution", "256",
-           "--batch-size", "32", "--mixed-precision", "bf16", "--allow-tf32"],
-    "tiny": ["--model", "SiT-N/4", "--vae", "tiny-f4d4", "--enc-type", "dinov2-vit-tiny", "--resolution", "32",
-             "--batch-size", "8", "--mixed-precision", "no", "--no-compile", "--encoder-depth", "2",
-             "--projector-dim", "64", "--loss-cfg-path", str(ROOT / "configs/repae/demo_loss.yaml")],
+    "xl": ["--model", "SiT-XL/2", "--vae", "f8d4", "--enc-type", "dinov2-vit-b", "--encoder-depth", "8",
+           "--resolution", "256", "--batch-size", "32", "--mixed-precision", "bf16", "--allow-tf32"],
+    "tiny": ["--model", "SiT-N/4", "--vae", "tiny-f4d4", "--enc-type", "dinov2-vit-tiny", "--encoder-depth", "2",
+             "--projector-dim", "64", "--resolution", "32", "--batch-size", "8", "--mixed-precision", "no"],
+}
+DESCRIPTION = {
+    "xl": "REPA-E published (SiT-XL/2 + SD-VAE f8d4 + DINOv2-B, 256px, LPIPS+GAN), 32/GPU",
+    "tiny": "REPA-E step at tiny sizes (SiT-N/4 + tiny f4d4 + tiny DINOv2, 32px, LPIPS+GAN), CPU",
 }
 
 
-def main():
+def main(argv=None):
+    from common import StepProbe, add_probe_flags, cuda_optimizer_path, record
+
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--preset", choices=sorted(PRESETS), default=None)
-    p.add_argument("--steps", type=int, default=30)
-    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False)
-    p.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"], default=None)
-    p.add_argument("--batch-size", type=int, default=None)
-    p.add_argument("--grad-checkpointing", action="store_true")
-    args = p.parse_args()
+    p.add_argument("--preset", choices=sorted(PRESETS), default=None, help="default: xl on CUDA, tiny otherwise")
+    add_probe_flags(p)
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
+                   help="pass --compile to the trainer (counts are then of the compiled step)")
+    p.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"], default=None, help="default: the preset's")
+    p.add_argument("--batch-size", type=int, default=None, help="per-GPU batch (default: the preset's)")
+    p.add_argument("--grad-checkpointing", type=str, default="",
+                   help="comma list of networks to checkpoint: sit, vae (empty: none)")
+    p.add_argument("--num-workers", type=int, default=2, help="data loader workers")
+    p.add_argument("--log-every", type=int, default=1, help="the trainer's --log-every (its default: 1)")
+    args = p.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import torch
 
     import train_repae
+    import utils
     from dataset import make_procedural_dataset
 
     preset = args.preset or ("xl" if torch.cuda.is_available() else "tiny")
     flags = list(PRESETS[preset])
-    res = int(flags[flags.index("--resolution") + 1])
     if args.batch_size:
         flags[flags.index("--batch-size") + 1] = str(args.batch_size)
     if args.mixed_precision:
         flags[flags.index("--mixed-precision") + 1] = args.mixed_precision
+    res = int(flags[flags.index("--resolution") + 1])
     bs = int(flags[flags.index("--batch-size") + 1])
+    ckpt = {n for n in args.grad_checkpointing.split(",") if n}
+    if ckpt - {"sit", "vae"}:
+        p.error(f"--grad-checkpointing: unknown networks {sorted(ckpt - {'sit', 'vae'})} (sit, vae)")
+    probe = StepProbe(args.warmup, args.steps)
     with tempfile.TemporaryDirectory() as tmp:
         data = make_procedural_dataset(Path(tmp) / "data", num_classes=10, per_class=max(4, bs // 2),
                                        resolution=res, seed=0)
         flags += ["--data-dir", str(data), "--output-dir", tmp, "--exp-name", "bench", "--random-init-vae",
-                  "--random-init-encoders", "--report-to", "none", "--max-train-steps", str(args.steps),
-                  "--checkpointing-steps", str(10**9), "--sampling-steps", "0", "--num-workers", "4",
-                  "--log-every", str(args.steps), "--num-classes", "10"]
-        if preset != "tiny":
-            flags += ["--compile"] if args.compile else ["--no-compile"]
-        if args.grad_checkpointing:
-            flags += ["--grad-checkpointing"]
-        summary = train_repae.main(train_repae.parse_args(flags))
-    dev = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
-    mem = summary["peak_memory_gb"]
-    print(f"[bench] train_repae step | preset {preset} | {dev} | batch {bs} | {args.steps} steps | "
-          f"{summary['images_per_sec_after_warmup']:.1f} images/s after warm-up "
-          f"({summary['images_per_sec']:.1f} overall) | peak memory "
-          f"{'n/a' if mem is None else f'{mem:.2f} GiB'}")
+                  "--random-init-encoders", "--lpips-weights", "random", "--report-to", "none",
+                  "--max-train-steps", str(probe.steps_needed + 1), "--checkpointing-steps", str(10**9),
+                  "--sampling-steps", "0", "--num-workers", str(args.num_workers), "--log-every", str(args.log_every),
+                  "--num-classes", "1000" if preset == "xl" else "10", "--compile" if args.compile else "--no-compile"]
+        flags += ["--grad-checkpointing"] * ("sit" in ckpt) + ["--vae-grad-checkpointing"] * ("vae" in ckpt)
+        original = utils.infinite_epochs
+        utils.infinite_epochs = lambda *a, **k: probe.wrap(original(*a, **k))
+        try:
+            with cuda_optimizer_path(utils):
+                train_repae.main(train_repae.parse_args(flags))
+        finally:
+            utils.infinite_epochs = original
+    return record("train_repae_step", DESCRIPTION[preset], bs, probe, preset=preset,
+                  mixed_precision=flags[flags.index("--mixed-precision") + 1], compile=args.compile, log_every=args.log_every,
+                  grad_checkpointing=sorted(ckpt))
 
 
 if __name__ == "__main__":

@@ -7,7 +7,8 @@ data with random weights (same cost as trained ones; nothing is downloaded).
   python bench/train_stage1_step.py --recipe tiny-rae        # CPU-sized (the default without CUDA)
 Recipes: rae-xl (DINOv2-B + ViT-XL decoder, 256px, per-GPU batch 64, bf16), vavae-f16d32 (VA-VAE
 with DINOv2-L VF loss, batch 32, fp32 as published), vqgan-f16 (taming ImageNet f16-1024, batch
-12), and tiny-{kl,vavae,vqgan,rae} for CPU. Prints images/s after warm-up and peak GPU memory.
+12), and tiny-{kl,vavae,vqgan,rae} for CPU. Prints one JSON line per recipe, measured inside the
+trainer (bench/common.py says what each figure counts).
 """
 import argparse
 import os
@@ -19,6 +20,7 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
 
 # The released RAE encoder's architecture (DINOv2-B with 4 registers) for a random-weight build.
 DINOV2_B_REG = dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072,
@@ -38,8 +40,11 @@ GPU_RECIPES = ("rae-xl", "vavae-f16d32", "vqgan-f16")
 CPU_RECIPES = ("tiny-kl", "tiny-vavae", "tiny-vqgan", "tiny-rae")
 
 
-def bench(name: str, batch_size: int, steps: int, mixed_precision, grad_checkpointing: bool, tmp: Path) -> dict:
+def bench(name: str, batch_size: int, probe, mixed_precision, grad_checkpointing: bool, tmp: Path,
+          num_workers: int) -> dict:
     import train_stage1
+    import utils
+    from common import cuda_optimizer_path
     from dataset import make_procedural_dataset
 
     cfg_name, default_bs, load_size, extra = RECIPES[name]
@@ -49,9 +54,9 @@ def bench(name: str, batch_size: int, steps: int, mixed_precision, grad_checkpoi
     data = make_procedural_dataset(tmp / f"data{load_size}", num_classes=8, per_class=max(4, 2 * bs // 8 + 1),
                                    resolution=load_size, seed=0)
     flags = ["--config", str(cfg_path), "--data-dir", str(data), "--output-dir", str(tmp), "--exp-name", name,
-             "--batch-size", str(bs), "--max-train-steps", str(steps), "--checkpointing-steps", str(10**9),
-             "--sampling-steps", "0", "--eval-samples", "0", "--log-every", str(steps), "--report-to", "none",
-             "--num-workers", "4", "--lpips-weights", "random", "--random-init-encoders", "--epochs", "1000000",
+             "--batch-size", str(bs), "--max-train-steps", str(probe.steps_needed + 1), "--checkpointing-steps", str(10**9),
+             "--sampling-steps", "0", "--eval-samples", "0", "--report-to", "none",
+             "--num-workers", str(num_workers), "--lpips-weights", "random", "--random-init-encoders", "--epochs", "1000000",
              # both updates from the first step: the cost being measured is generator + discriminator
              "--disc-start", "0", "--disc-every", "1", "--disc-start-epoch", "0", "--disc-update-start-epoch", "0"]
     if cfg.get("tokenizer") == "rae" and "encoder_config" not in cfg.get("model_config", {}):
@@ -72,19 +77,28 @@ def bench(name: str, batch_size: int, steps: int, mixed_precision, grad_checkpoi
     if torch.cuda.is_available():
         flags.append("--allow-tf32")
         torch.cuda.reset_peak_memory_stats()
-    summary = train_stage1.main(train_stage1.parse_args(flags))
-    return dict(summary, batch=bs, mixed_precision=mixed_precision or cfg.get("mixed_precision", "no"))
+    original = utils.infinite_epochs
+    utils.infinite_epochs = lambda *a, **k: probe.wrap(original(*a, **k))
+    try:
+        with cuda_optimizer_path(utils):
+            train_stage1.main(train_stage1.parse_args(flags))
+    finally:
+        utils.infinite_epochs = original
+    return dict(batch=bs, mixed_precision=mixed_precision or cfg.get("mixed_precision", "no"))
 
 
-def main():
+def main(argv=None):
+    from common import StepProbe, add_probe_flags, record
+
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--recipe", choices=sorted(RECIPES) + ["all"], default=None,
                    help="default: the three published recipes on CUDA, the tiny ones on CPU")
     p.add_argument("--batch-size", type=int, default=None, help="per-GPU batch (default per recipe)")
-    p.add_argument("--steps", type=int, default=None, help="steps timed (default 20 on CUDA, 4 on CPU)")
     p.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"], default=None, help="default: the recipe's")
-    p.add_argument("--grad-checkpointing", action="store_true")
-    args = p.parse_args()
+    p.add_argument("--grad-checkpointing", action="store_true", help="pass --grad-checkpointing to the trainer")
+    p.add_argument("--num-workers", type=int, default=2, help="data loader workers")
+    add_probe_flags(p)
+    args = p.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import torch
 
@@ -93,16 +107,15 @@ def main():
         torch.set_num_threads(1)  # tiny convolutions: one thread beats oversubscribed ones
     names = ([args.recipe] if args.recipe not in (None, "all") else
              list(GPU_RECIPES if cuda else CPU_RECIPES) if args.recipe is None else list(RECIPES))
-    steps = args.steps or (20 if cuda else 4)
-    dev = torch.cuda.get_device_name() if cuda else "cpu"
+    lines = []
     for name in names:
+        probe = StepProbe(args.warmup, args.steps)
         with tempfile.TemporaryDirectory() as tmp:
-            s = bench(name, args.batch_size, steps, args.mixed_precision, args.grad_checkpointing, Path(tmp))
-        mem = s["peak_memory_gb"]
-        rate = s["images_per_sec_after_warmup"] or s["images_per_sec"]
-        print(f"[bench] train_stage1 step | {name} | {dev} | batch {s['batch']} | {s['mixed_precision']} | "
-              f"{steps} steps | {rate:.1f} images/s after warm-up ({s['images_per_sec']:.1f} overall) | "
-              f"peak memory {'n/a' if mem is None else f'{mem:.2f} GiB'}", flush=True)
+            s = bench(name, args.batch_size, probe, args.mixed_precision, args.grad_checkpointing, Path(tmp),
+                      args.num_workers)
+        lines.append(record("train_stage1_step", f"{name} ({RECIPES[name][0]})", s["batch"], probe, recipe=name,
+                            mixed_precision=s["mixed_precision"], grad_checkpointing=args.grad_checkpointing))
+    return lines
 
 
 if __name__ == "__main__":

@@ -311,13 +311,14 @@ class SiT(nn.Module):
             return torch.utils.checkpoint.checkpoint(block, x, c, use_reentrant=False)
         return block(x, c)
 
-    def _network(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, align_only: bool = False):
-        """Returns (output [N, C, H, W], zs_tilde list of [N, T, z_dim])."""
+    def _network(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, align_only: bool = False,
+                 project: bool = True):
+        """Returns (output [N, C, H, W], zs_tilde list of [N, T, z_dim]; empty unless `project`)."""
         x, c = self._embed(x, t, y)
         zs_tilde: List[torch.Tensor] = []
         for i, block in enumerate(self.blocks):
             x = self._run_block(block, x, c)
-            if i + 1 == self.encoder_depth:
+            if i + 1 == self.encoder_depth and project:
                 zs_tilde = [proj(x) for proj in self.projectors]
                 if align_only:
                     break
@@ -328,8 +329,9 @@ class SiT(nn.Module):
         return out, zs_tilde
 
     def inference(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """Velocity on already-normalised latents x [N, C, H, W] at times t [N] for labels y [N]."""
-        return self._network(x, t, y)[0]
+        """Velocity on already-normalised latents x [N, C, H, W] at times t [N] for labels y [N]
+        (the REPA projectors, training-only, are skipped)."""
+        return self._network(x, t, y, project=False)[0]
 
     # ------------------------------------------------------------------ training forward
     def forward(
