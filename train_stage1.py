@@ -20,18 +20,16 @@ usage and perplexity for VQ) runs on --eval-data-dir or a seeded held-out slice 
 data, on the EMA model when there is one, with RAE noise off. Checkpoints hold everything needed
 to continue bit-for-bit (models, EMA, both optimizers and schedulers, discriminator, RNG of every
 rank, data position); export with save_vae_weights.py.
+What differs per family lives beside the family: models/stage1.py (networks), loss/stage1.py (losses).
 """
 from __future__ import annotations
 
 import argparse
 import copy
-import json
-import math
 from pathlib import Path
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from torch.utils.data import Subset
 from tqdm.auto import tqdm
 
@@ -49,19 +47,22 @@ from dataset import (
     load_class_to_idx,
     save_class_to_idx,
 )
-
-TOKENIZERS = ("kl", "vavae", "vqgan", "rae")
-# Per-kind defaults of flags left unset (None): the published recipes' values.
-KIND_DEFAULTS = {
-    "kl": dict(optimizer="adam", adam_beta1=0.5, adam_beta2=0.9, learning_rate=1e-4, disc_start=5001,
-               disc_weight=0.5, ema_decay=0.0, model="f16d32"),
-    "vavae": dict(optimizer="adam", adam_beta1=0.5, adam_beta2=0.9, learning_rate=1e-4, disc_start=5001,
-                  disc_weight=0.5, ema_decay=0.0, model="vavae-f16d32"),
-    "vqgan": dict(optimizer="adam", adam_beta1=0.5, adam_beta2=0.9, learning_rate=4.5e-6, disc_start=250001,
-                  disc_weight=0.8, ema_decay=0.0, model="imagenet-f16-1024"),
-    "rae": dict(optimizer="adamw", adam_beta1=0.9, adam_beta2=0.95, learning_rate=2e-4, disc_start=0,
-                disc_weight=0.75, ema_decay=0.9978, model="dinov2-b-xl"),
-}
+from loss.stage1 import build_loss, first_disc_step, loss_global_steps
+from models.stage1 import (
+    KIND_DEFAULTS,
+    TOKENIZERS,
+    GrayTokenizer,
+    TrainForward,
+    build_foundation,
+    build_model,
+    check_model,
+    codebook_counts,
+    codebook_size,
+    codebook_stats,
+    init_from,
+    model_in_channels,
+    trainable_parameters,
+)
 
 
 def parse_args(argv=None):
@@ -206,24 +207,6 @@ def resolve_defaults(args):
     return args
 
 
-def loss_global_steps(args, step: int) -> tuple:
-    """(generator, discriminator) global_step given to the loss at optimisation step `step`
-    (0-based). Lightning, which the VA-VAE original trains with, advances global_step once per
-    optimizer, so its disc_start=5001 switches the GAN term on at batch 2501 and the
-    discriminator loss at batch 2500 (its second optimizer step)."""
-    if args.lightning_global_step:
-        return 2 * step, 2 * step + 1
-    return step, step
-
-
-def first_disc_step(args, steps_per_epoch: int) -> int:
-    """The first optimisation step that steps the discriminator's optimizer (its schedule's clock
-    starts there); with --lightning-global-step it steps from the first batch, as Lightning."""
-    if args.tokenizer == "rae":
-        return args.disc_update_start_epoch * steps_per_epoch
-    return 0 if args.lightning_global_step else max(args.disc_start, 0)
-
-
 def build_schedulers(opt, opt_disc, args, total_steps: int, warmup: int, disc_first: int) -> tuple:
     """The two LR schedules, each stepped on its own optimizer's clock. With --disc-lr-horizon run
     (the originals) the discriminator's schedule is the generator's, so one that starts at epoch 6
@@ -261,213 +244,13 @@ def build_data(args, data_dir: str, channels: int, load_size: int, what: str):
 
 
 # ------------------------------------------------------------------------------------------------
-# Models
+# Optimisers (the tokenizer, the model side, and its loss: models/stage1.py, loss/stage1.py)
 # ------------------------------------------------------------------------------------------------
-class RepeatChannels(nn.Module):
-    """Wrap an RGB distance (LPIPS) so 1-channel images are repeated to 3 channels first."""
-
-    def __init__(self, distance: nn.Module):
-        super().__init__()
-        self.distance = distance
-
-    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        if x.shape[1] == 1:
-            x, y = x.expand(-1, 3, -1, -1), y.expand(-1, 3, -1, -1)
-        return self.distance(x, y)
-
-
-class FoundationFeatures(nn.Module):
-    """Frozen VF target for VA-VAE: images [B, C, H, W] in [-1, 1] -> features [B, D, h, w] on
-    the latent grid (h, w), whatever the resolution: the token grid is bilinearly resized.
-
-    Default input: the encoder's own preprocessing (ImageNet mean/std, bicubic resize).
-    `legacy_input`: the original's unnormalised [-1, 1] image, bilinearly resized (reproduction)."""
-
-    def __init__(self, encoder: nn.Module, legacy_input: bool = False):
-        super().__init__()
-        self.encoder, self.legacy_input = encoder, legacy_input
-        self.embed_dim = encoder.embed_dim
-
-    @torch.no_grad()
-    def forward(self, x: torch.Tensor, grid) -> torch.Tensor:
-        if x.shape[1] == 1:
-            x = x.expand(-1, 3, -1, -1)
-        if self.legacy_input:
-            m, S = self.encoder.model, self.encoder.input_size
-            x = F.interpolate(x.float(), size=(S, S), mode="bilinear", align_corners=False)
-            tokens = m.forward_features(x.to(m.patch_embed.proj.weight.dtype))[:, m.num_prefix_tokens:]
-        else:
-            tokens = self.encoder((x.float() + 1) * 127.5)  # [B, N, D]; the encoder normalises
-        B, N, D = tokens.shape
-        g = math.isqrt(N)
-        feats = tokens.transpose(1, 2).reshape(B, D, g, g).float()  # token n -> row n // g
-        if (g, g) != tuple(grid):
-            feats = F.interpolate(feats, size=tuple(grid), mode="bilinear", align_corners=False)
-        return feats
-
-
-class TrainForward(nn.Module):
-    """The generator pass as ONE module call, so DDP sees every trainable parameter used in
-    `forward` (VA-VAE's projection included). Returns a dict:
-      kl / vavae: posterior, recon [B, C, H, W] in [-1, 1], z_proj (vavae) [B, D_vf, h, w]
-      vqgan:      recon, qloss, indices (flat code ids)
-      rae:        recon in [-1, 1] (the input is [-1, 1] too; the RAE itself works in [0, 1])"""
-
-    def __init__(self, kind: str, model: nn.Module):
-        super().__init__()
-        self.kind, self.model = kind, model
-
-    def forward(self, x: torch.Tensor) -> dict:
-        if self.kind in ("kl", "vavae"):
-            posterior, z, recon = self.model(x)
-            out = {"posterior": posterior, "recon": recon}
-            if self.kind == "vavae":
-                out["z_proj"] = self.model.linear_proj(z)
-            return out
-        if self.kind == "vqgan":
-            quant, qloss, info = self.model.encode(x)
-            return {"recon": self.model.decode(quant), "qloss": qloss, "indices": info[2].reshape(-1)}
-        return {"recon": self.model((x + 1) / 2) * 2 - 1}
-
-
-def _read_mapping(value, what: str):
-    if value is None or isinstance(value, dict):
-        return value
-    path = Path(value)
-    if not path.is_file():
-        raise FileNotFoundError(f"{what} not found: {path}")
-    return utils.load_yaml(path) if path.suffix in (".yaml", ".yml") else json.loads(path.read_text())
-
-
-def build_model(args, vf_dim=None):
-    """The tokenizer with random weights (seeded: identical on every rank and world size)."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(args.seed)
-        cfg = _read_mapping(args.model_config, "--model-config")
-        if args.tokenizer in ("kl", "vavae"):
-            from models.autoencoder import VAE_PRESETS, AutoencoderKL, build_vae
-
-            over = {} if args.in_channels is None else dict(in_channels=args.in_channels, out_ch=args.in_channels)
-            if cfg is not None:
-                cfg = dict(cfg.get("model", cfg))
-                cfg = dict(cfg.get("params", cfg))
-                cfg["ddconfig"] = {**cfg["ddconfig"], **over}
-                if args.tokenizer == "kl":
-                    cfg.pop("use_vf", None)
-                elif "use_vf" not in cfg:
-                    cfg["use_vf"] = "dinov2"
-                return AutoencoderKL.from_ldm_config(cfg, vf_feature_dim=vf_dim, source="--model-config")
-            if args.model not in VAE_PRESETS:
-                raise SystemExit(f"--model {args.model}: not a VAE preset (known: {sorted(VAE_PRESETS)})")
-            if args.tokenizer == "vavae":
-                over.update(vf_dim=vf_dim, reverse_proj=True)
-            else:
-                over["vf_dim"] = None
-            return build_vae(args.model, **over)
-        if args.tokenizer == "vqgan":
-            from models.vqgan import VQ_PRESETS, VQModel
-
-            if cfg is not None:
-                cfg = dict(cfg.get("model", cfg))
-                cfg = dict(cfg.get("params", cfg))
-            elif args.model in VQ_PRESETS:
-                cfg = copy.deepcopy(VQ_PRESETS[args.model])
-            else:
-                raise SystemExit(f"--model {args.model}: not a VQGAN preset (known: {sorted(VQ_PRESETS)})")
-            if args.in_channels is not None:
-                cfg["ddconfig"] = {**cfg["ddconfig"], "in_channels": args.in_channels, "out_ch": args.in_channels}
-            if args.n_embed is not None:
-                cfg["n_embed"] = args.n_embed
-            quantizer = args.quantizer or cfg.get("quantizer", "vq2")
-            cfg.update(quantizer=quantizer, beta=args.vq_beta)
-            if quantizer == "ema":
-                cfg.update(decay=args.vq_ema_decay, restart_dead_codes=args.dead_code_restart,
-                           dead_code_threshold=args.dead_code_threshold)
-            else:
-                cfg["legacy"] = args.vq_legacy
-            return VQModel.from_config(cfg, source="--model-config")
-        from models.rae import build_rae
-        from models.tokenizers import rae_spec
-
-        if args.in_channels not in (None, 3):
-            raise SystemExit(f"--tokenizer rae takes RGB images (its encoders are RGB); got --in-channels {args.in_channels}")
-        _, spec = rae_spec(None if cfg is not None else args.model, cfg)
-        params = dict(spec["params"])
-        if args.noise_tau is not None:
-            params["noise_tau"] = args.noise_tau
-        params.pop("pretrained_decoder_path", None)  # the decoder trains; --init-from loads one
-        return build_rae(params, encoder_config=spec.get("encoder_config"), image_processor=spec.get("image_processor"),
-                         decoder_config=spec.get("decoder_config"), random_init=args.random_init_encoders)
-
-
-def model_in_channels(kind: str, model: nn.Module) -> int:
-    return 3 if kind == "rae" else int(model.ddconfig.get("in_channels", 3))
-
-
-def vq_state_dict(obj) -> dict:
-    """taming checkpoint -> VQModel weights: `state_dict` if present, training `loss.*` dropped."""
-    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
-        obj = obj["state_dict"]
-    return {k: v for k, v in obj.items() if not k.startswith("loss.")}
-
-
-def init_from(args, model: nn.Module, logger) -> None:
-    """Load released weights strictly (errors name --init-from and what does not fit)."""
-    path = args.init_from
-    obj = utils.load_checkpoint_file(path)
-    source = f"--init-from {path}"
-    if args.tokenizer in ("kl", "vavae"):
-        from models.autoencoder import vae_state_dict_from_checkpoint
-
-        sd = vae_state_dict_from_checkpoint(obj, model)
-    elif args.tokenizer == "vqgan":
-        sd = vq_state_dict(obj)
-        key = "quantize.embedding.weight"
-        if key in sd and tuple(sd[key].shape) != tuple(model.state_dict()[key].shape):
-            (k_ckpt, d_ckpt), (k_model, d_model) = sd[key].shape, model.state_dict()[key].shape
-            raise SystemExit(f"{source}: its codebook has {k_ckpt} codes of dimension {d_ckpt} but the model's has "
-                             f"{k_model} codes of dimension {d_model}; set --n-embed {k_ckpt} (or the matching "
-                             f"--model / --model-config)")
-    else:
-        sd, model = obj, model.decoder
-    own = model.state_dict()
-    conv = "encoder.conv_in.weight"
-    if conv in sd and conv in own and sd[conv].shape[1] != own[conv].shape[1]:
-        if (sd[conv].shape[1], own[conv].shape[1]) != (3, 1):
-            raise SystemExit(f"{source} takes {sd[conv].shape[1]}-channel images but the model was built for "
-                             f"--in-channels {own[conv].shape[1]}; pass --in-channels {sd[conv].shape[1]}")
-        sd = rgb_to_gray_state_dict(sd)
-        logger.info(f"{source}: RGB weights adapted to 1-channel images: encoder.conv_in sums its RGB kernels "
-                    f"(a grey image g seen as (g, g, g)), decoder.conv_out averages its RGB output rows and bias; "
-                    f"every other weight loads unchanged")
-    utils.load_state_dict_strict(model, sd, source)
-    logger.info(f"initialised from {path}")
-
-
-def rgb_to_gray_state_dict(sd: dict) -> dict:
-    """An RGB tokenizer's weights for 1-channel images. The first conv sees the grey image g as
-    the RGB image (g, g, g), so its kernels summed over the input channels give the same
-    response; the last conv's grey output is the mean of its R, G, B outputs (rows and bias)."""
-    sd = dict(sd)
-    sd["encoder.conv_in.weight"] = sd["encoder.conv_in.weight"].sum(dim=1, keepdim=True)  # [C, 3, k, k] -> [C, 1, k, k]
-    for key in ("decoder.conv_out.weight", "decoder.conv_out.bias"):
-        if key in sd:
-            sd[key] = sd[key].mean(dim=0, keepdim=True)  # [3, ...] -> [1, ...]
-    return sd
-
-
 def make_optimizer(params, lr: float, args) -> torch.optim.Optimizer:
     if args.optimizer == "adamw":
         return utils.adamw(params, lr, args, betas=(args.adam_beta1, args.adam_beta2))
     return torch.optim.Adam(params, lr=lr, betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon,
                             weight_decay=args.adam_weight_decay, fused=torch.cuda.is_available() or None)
-
-
-def codebook_stats(counts: torch.Tensor) -> dict:
-    """Fraction of codes used and perplexity exp(H(p)) of the usage histogram `counts` [K], as
-    0-d tensors on counts' device (no host sync in the training step)."""
-    p = counts.double() / counts.sum().clamp_min(1)
-    return {"codebook_usage": (counts > 0).double().mean(), "perplexity": torch.exp(-(p * torch.log(p + 1e-10)).sum())}
 
 
 def allreduce_grads(params, accelerator) -> None:
@@ -495,19 +278,9 @@ def main(args):
     exp_dir, local_bs = run.exp_dir, run.local_batch_size
 
     # ---------------- models
-    foundation = None
-    if kind == "vavae":
-        from models.encoders import build_encoder
-
-        if args.resolution % 16:
-            raise SystemExit(f"--vf-model {args.vf_model}: --resolution {args.resolution} must be a multiple of 16 "
-                             f"(the foundation token grid is resolution // 16 per side)")
-        foundation = FoundationFeatures(build_encoder(args.vf_model, args.resolution, args.random_init_encoders,
-                                                      args.encoder_weights_dir), args.vf_legacy_input).to(device)
+    foundation = build_foundation(args, device)  # vavae: the frozen VF target; None otherwise
     model = build_model(args, vf_dim=foundation.embed_dim if foundation is not None else None)
-    if kind == "vavae" and model.linear_proj.out_channels != foundation.embed_dim:
-        raise SystemExit(f"--model-config projects latents to {model.linear_proj.out_channels} channels but --vf-model "
-                         f"{args.vf_model} gives {foundation.embed_dim}-d features; use the matching use_vf / --vf-model")
+    latent_grid = check_model(args, model, foundation)  # (h, w) of the latents; None for rae
     in_channels = model_in_channels(kind, model)
     if args.in_channels is None:
         args.in_channels = in_channels
@@ -515,56 +288,10 @@ def main(args):
         init_from(args, model, logger)
     if args.grad_checkpointing:
         (model.decoder if kind == "rae" else model).set_grad_checkpointing(True)
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    if kind == "rae":
-        model.encoder.requires_grad_(False)
-        trainable = list(model.decoder.parameters())
-    if kind == "vqgan" and args.quantizer == "ema":
-        assert not any(p.requires_grad for p in model.quantize.parameters())  # EMA codebook: no gradient
-    latent_grid = None
-    if kind in ("kl", "vavae", "vqgan"):
-        f = model.downsample_factor
-        if args.resolution % f:
-            raise SystemExit(f"--resolution {args.resolution} is not a multiple of the model's downsampling factor {f}")
-        latent_grid = (args.resolution // f, args.resolution // f)
-    elif args.resolution != model.image_size:
-        raise SystemExit(f"--resolution {args.resolution}: the RAE decodes {model.image_size}px images "
-                         f"(decoder patch {model.decoder.patch_size} x {model.grid} tokens)")
+    trainable = trainable_parameters(args, model)
 
     # ---------------- loss (LPIPS shared with evaluation)
-    from loss.perceptual import LPIPS
-    from loss.reconstruction import RAELoss, VAVAELoss, VQLPIPSLoss
-
-    # The discriminator (and any random loss network) from one seed, not the per-rank stream:
-    # every rank and every world size starts from the same discriminator.
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(args.seed + 1)
-        lpips_net = LPIPS(vgg_weights=args.lpips_weights) if args.perceptual_weight > 0 or "lpips" in args.eval_metrics else None
-        perceptual = RepeatChannels(lpips_net) if lpips_net is not None and args.perceptual_weight > 0 else None
-        if kind in ("kl", "vavae"):
-            loss_fn = VAVAELoss(disc_start=args.disc_start, kl_weight=args.kl_weight, disc_num_layers=args.disc_num_layers,
-                                disc_in_channels=in_channels, disc_factor=args.disc_factor, disc_weight=args.disc_weight,
-                                perceptual_weight=args.perceptual_weight, use_actnorm=args.use_actnorm,
-                                disc_loss=args.disc_loss, vf_weight=args.vf_weight, adaptive_vf=args.adaptive_vf,
-                                cos_margin=args.cos_margin, distmat_margin=args.distmat_margin,
-                                distmat_weight=args.distmat_weight, cos_weight=args.cos_weight, disc_ndf=args.disc_ndf,
-                                perceptual=perceptual)
-        elif kind == "vqgan":
-            loss_fn = VQLPIPSLoss(disc_start=args.disc_start, codebook_weight=args.codebook_weight,
-                                  disc_num_layers=args.disc_num_layers, disc_in_channels=in_channels,
-                                  disc_factor=args.disc_factor, disc_weight=args.disc_weight,
-                                  perceptual_weight=args.perceptual_weight, use_actnorm=args.use_actnorm,
-                                  disc_ndf=args.disc_ndf, disc_loss=args.disc_loss, perceptual=perceptual)
-        else:
-            from models.discriminators import DINO_DISC_TINY
-
-            disc_cfg = DINO_DISC_TINY if args.disc_config == "tiny" else _read_mapping(args.disc_config, "--disc-config")
-            loss_fn = RAELoss(discriminator=dict(disc_cfg) if disc_cfg else None, perceptual_weight=args.perceptual_weight,
-                              gan_weight=args.gan_weight, disc_start_epoch=args.disc_start_epoch,
-                              disc_update_start_epoch=args.disc_update_start_epoch,
-                              diffaug_policy=args.diffaug_policy, disc_loss=args.disc_loss,
-                              perceptual=perceptual if perceptual is not None else None,
-                              vgg_weights=args.lpips_weights)
+    loss_fn, lpips_net = build_loss(args, in_channels)
     loss_fn = loss_fn.to(device)
     disc_params = [p for p in loss_fn.discriminator.parameters() if p.requires_grad]
 
@@ -729,17 +456,11 @@ def main(args):
         was_training = net.training
         ds = eval_ds
         if in_channels == 1:  # LPIPS / Inception are RGB networks: compare the grey image repeated
-            ds, tok = RGBView(eval_ds), _GrayTokenizer(tok)
+            ds, tok = RGBView(eval_ds), GrayTokenizer(tok)
         res = reconstruction_metrics(tok, ds, inception=extractor, metrics=metrics, batch_size=args.eval_batch_size,
                                      device=device, lpips=lpips_net if lpips_net is not None else "random")
         if kind == "vqgan":  # histogram of code ids over the evaluation set, summed over ranks
-            K = getattr(net.quantize, "re_embed", net.n_embed)
-            counts = torch.zeros(K, dtype=torch.float64, device=device)
-            idx = local_indices(len(eval_ds))
-            for s in range(0, len(idx), args.eval_batch_size):
-                x = torch.stack([eval_ds[i][0] for i in idx[s:s + args.eval_batch_size]]).to(device)
-                ids = net.encode(x.float() / 127.5 - 1)[2][2].reshape(-1)  # info = (.., .., indices)
-                counts += torch.bincount(ids, minlength=K).double()
+            counts = codebook_counts(net, eval_ds, local_indices(len(eval_ds)), args.eval_batch_size, device)
             res.update({k: float(v) for k, v in codebook_stats(accelerator.reduce(counts, reduction="sum")).items()})
         net.train(was_training)
         model.train()
@@ -850,8 +571,7 @@ def main(args):
 
             losses = {"g_loss": g_loss.detach(), "d_loss": d_loss.detach()}
             if kind == "vqgan":  # this batch's code usage (averaged over ranks with the losses)
-                K = getattr(model.quantize, "re_embed", model.n_embed)
-                losses.update(codebook_stats(torch.bincount(out["indices"].detach(), minlength=K)))
+                losses.update(codebook_stats(torch.bincount(out["indices"].detach(), minlength=codebook_size(model))))
             logged = step % args.log_every == 0 or step == args.max_train_steps
             vals, stop_requested = monitor(losses, step, record=logged)
             if logged:
@@ -877,19 +597,6 @@ def main(args):
 
     summary["final_eval"] = evaluate(step) if eval_ds is not None and step > summary["start_step"] else None
     return utils.finish_run(run, summary, step, monitor, speed)
-
-
-class _GrayTokenizer(nn.Module):
-    """Evaluation adapter for 1-channel tokenizers: takes the RGB view of a grey image (channel
-    0 is the image), reconstructs it and repeats the result to 3 channels."""
-
-    def __init__(self, tok: nn.Module):
-        super().__init__()
-        self.tok = tok
-
-    @torch.no_grad()
-    def reconstruct(self, images: torch.Tensor) -> torch.Tensor:
-        return self.tok.reconstruct(images[:, :1].contiguous()).expand(-1, 3, -1, -1)
 
 
 if __name__ == "__main__":

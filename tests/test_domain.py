@@ -14,6 +14,8 @@ from PIL import Image
 import cache_latents
 import generate
 import linear_probe
+import loss.stage1
+import models.stage1
 import save_vae_weights
 import train_ldm_only
 import train_stage1
@@ -57,7 +59,7 @@ def test_rgb_weights_adapted_to_one_channel_keep_the_function():
     torch.manual_seed(0)
     rgb = build_vae("tiny-f4d4").eval()
     gray = build_vae("tiny-f4d4", in_channels=1, out_ch=1).eval()
-    utils.load_state_dict_strict(gray, train_stage1.rgb_to_gray_state_dict(rgb.state_dict()), "adapted")
+    utils.load_state_dict_strict(gray, models.stage1.rgb_to_gray_state_dict(rgb.state_dict()), "adapted")
     g = torch.rand(2, 1, 32, 32) * 2 - 1
     with torch.no_grad():
         torch.testing.assert_close(gray.encode(g).mean, rgb.encode(g.expand(-1, 3, -1, -1)).mean, rtol=1e-4, atol=1e-5)
@@ -166,9 +168,9 @@ def test_rgb_networks_see_the_grey_channel_repeated():
     torch.manual_seed(0)
     g, h = torch.rand(2, 1, 32, 32) * 2 - 1, torch.rand(2, 1, 32, 32) * 2 - 1
     rgb = lambda t: t.expand(-1, 3, -1, -1)  # noqa: E731
-    vf = train_stage1.FoundationFeatures(build_encoder("dinov2-vit-tiny", 32, random_init=True))
+    vf = models.stage1.FoundationFeatures(build_encoder("dinov2-vit-tiny", 32, random_init=True))
     torch.testing.assert_close(vf(g, (8, 8)), vf(rgb(g), (8, 8)))
-    lpips = train_stage1.RepeatChannels(LPIPS(vgg_weights="random"))
+    lpips = loss.stage1.RepeatChannels(LPIPS(vgg_weights="random"))
     torch.testing.assert_close(lpips(g, h), lpips(rgb(g), rgb(h)))
 
 

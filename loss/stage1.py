@@ -1,0 +1,86 @@
+"""The objective of each tokenizer family as train_stage1.py trains it (the network side is
+`models/stage1.py`):
+
+  kl / vavae  loss.reconstruction.VAVAELoss: L1 + LPIPS + KL + adaptive-weight PatchGAN (+ VF)
+  vqgan       loss.reconstruction.VQLPIPSLoss: L1 + LPIPS + adaptive-weight PatchGAN + codebook
+  rae         loss.reconstruction.RAELoss: L1 + LPIPS + adaptive-weight DINO GAN through DiffAug
+
+and the clock its GAN runs on: global steps (kl / vavae / vqgan, optionally counted as Lightning
+does) or epochs (rae). It lives in loss/ beside the losses it configures.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from models.stage1 import read_mapping
+
+
+def build_loss(args, in_channels: int) -> tuple:
+    """(the family's loss with its discriminator, the LPIPS network shared with evaluation or None)."""
+    from loss.perceptual import LPIPS
+    from loss.reconstruction import RAELoss, VAVAELoss, VQLPIPSLoss
+
+    kind = args.tokenizer
+    # The discriminator (and any random loss network) from one seed, not the per-rank stream:
+    # every rank and every world size starts from the same discriminator.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(args.seed + 1)
+        lpips_net = LPIPS(vgg_weights=args.lpips_weights) if args.perceptual_weight > 0 or "lpips" in args.eval_metrics else None
+        perceptual = RepeatChannels(lpips_net) if lpips_net is not None and args.perceptual_weight > 0 else None
+        if kind in ("kl", "vavae"):
+            loss_fn = VAVAELoss(disc_start=args.disc_start, kl_weight=args.kl_weight, disc_num_layers=args.disc_num_layers,
+                                disc_in_channels=in_channels, disc_factor=args.disc_factor, disc_weight=args.disc_weight,
+                                perceptual_weight=args.perceptual_weight, use_actnorm=args.use_actnorm,
+                                disc_loss=args.disc_loss, vf_weight=args.vf_weight, adaptive_vf=args.adaptive_vf,
+                                cos_margin=args.cos_margin, distmat_margin=args.distmat_margin,
+                                distmat_weight=args.distmat_weight, cos_weight=args.cos_weight, disc_ndf=args.disc_ndf,
+                                perceptual=perceptual)
+        elif kind == "vqgan":
+            loss_fn = VQLPIPSLoss(disc_start=args.disc_start, codebook_weight=args.codebook_weight,
+                                  disc_num_layers=args.disc_num_layers, disc_in_channels=in_channels,
+                                  disc_factor=args.disc_factor, disc_weight=args.disc_weight,
+                                  perceptual_weight=args.perceptual_weight, use_actnorm=args.use_actnorm,
+                                  disc_ndf=args.disc_ndf, disc_loss=args.disc_loss, perceptual=perceptual)
+        else:
+            from models.discriminators import DINO_DISC_TINY
+
+            disc_cfg = DINO_DISC_TINY if args.disc_config == "tiny" else read_mapping(args.disc_config, "--disc-config")
+            loss_fn = RAELoss(discriminator=dict(disc_cfg) if disc_cfg else None, perceptual_weight=args.perceptual_weight,
+                              gan_weight=args.gan_weight, disc_start_epoch=args.disc_start_epoch,
+                              disc_update_start_epoch=args.disc_update_start_epoch,
+                              diffaug_policy=args.diffaug_policy, disc_loss=args.disc_loss,
+                              perceptual=perceptual if perceptual is not None else None,
+                              vgg_weights=args.lpips_weights)
+    return loss_fn, lpips_net
+
+
+class RepeatChannels(nn.Module):
+    """Wrap an RGB distance (LPIPS) so 1-channel images are repeated to 3 channels first."""
+
+    def __init__(self, distance: nn.Module):
+        super().__init__()
+        self.distance = distance
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        if x.shape[1] == 1:
+            x, y = x.expand(-1, 3, -1, -1), y.expand(-1, 3, -1, -1)
+        return self.distance(x, y)
+
+
+def loss_global_steps(args, step: int) -> tuple:
+    """(generator, discriminator) global_step given to the loss at optimisation step `step`
+    (0-based). Lightning, which the VA-VAE original trains with, advances global_step once per
+    optimizer, so its disc_start=5001 switches the GAN term on at batch 2501 and the
+    discriminator loss at batch 2500 (its second optimizer step)."""
+    if args.lightning_global_step:
+        return 2 * step, 2 * step + 1
+    return step, step
+
+
+def first_disc_step(args, steps_per_epoch: int) -> int:
+    """The first optimisation step that steps the discriminator's optimizer (its schedule's clock
+    starts there); with --lightning-global-step it steps from the first batch, as Lightning."""
+    if args.tokenizer == "rae":
+        return args.disc_update_start_epoch * steps_per_epoch
+    return 0 if args.lightning_global_step else max(args.disc_start, 0)
