@@ -306,13 +306,8 @@ def _rae_schedule(r: _Reader, prefix: str, stage: int):
 # ------------------------------------------------------------------------------------------------
 # RAE
 # ------------------------------------------------------------------------------------------------
-def _rae_stage1(r: _Reader):
-    r.set("tokenizer", "rae")
-    model = _rae_model(r, keep_decoder_weights=False)
-    # an explicit --model (a preset) replaces the file's model, as any explicit flag wins
-    r.set("model_config", model, yields=("model",))
-    _init_from(r, "stage_1.params.pretrained_decoder_path")
-    t = "training"
+def _rae_training(r: _Reader, t: str = "training") -> None:
+    """The `training` section both RAE stages share (stage 2 also spells two keys its own way)."""
     epochs = r.flag(f"{t}.epochs", "epochs", int)
     if epochs is not _MISSING:
         r.set("max_train_steps", UNLIMITED_STEPS)
@@ -322,12 +317,24 @@ def _rae_stage1(r: _Reader):
     r.flag(f"{t}.num_workers", "num_workers", int)
     r.flag(f"{t}.clip_grad", "max_grad_norm", float)
     r.flag(f"{t}.log_interval", "log_every", int)
+    r.flag(f"{t}.log_every", "log_every", int)
     r.flag(f"{t}.checkpoint_interval", "checkpointing_steps", float, epochs=True)
+    r.flag(f"{t}.ckpt_every", "checkpointing_steps", int)
     r.flag(f"{t}.sample_every", "sampling_steps", int)
     r.flag(f"{t}.global_seed", "seed", int)
     r.flag(f"{t}.optimizer.lr", "learning_rate", float)
     _betas(r, f"{t}.optimizer.betas")
     r.flag(f"{t}.optimizer.weight_decay", "adam_weight_decay", float)
+
+
+def _rae_stage1(r: _Reader):
+    r.set("tokenizer", "rae")
+    model = _rae_model(r, keep_decoder_weights=False)
+    # an explicit --model (a preset) replaces the file's model, as any explicit flag wins
+    r.set("model_config", model, yields=("model",))
+    _init_from(r, "stage_1.params.pretrained_decoder_path")
+    t = "training"
+    _rae_training(r, t)
     _rae_schedule(r, t, 1)
 
     g = "gan.disc"
@@ -472,23 +479,7 @@ def _rae_stage2_train(r: _Reader):
     r.unused("eval.data_path", "FID compares generated samples with --eval-reference")
     r.flag("eval.reference_npz_path", "eval_reference", r.path_value)
     t = "training"
-    epochs = r.flag(f"{t}.epochs", "epochs", int)
-    if epochs is not _MISSING:
-        r.set("max_train_steps", UNLIMITED_STEPS)
-    r.flag(f"{t}.global_batch_size", "batch_size", int)
-    r.flag(f"{t}.grad_accum_steps", "gradient_accumulation_steps", int)
-    r.flag(f"{t}.ema_decay", "ema_decay", float)
-    r.flag(f"{t}.num_workers", "num_workers", int)
-    r.flag(f"{t}.log_interval", "log_every", int)
-    r.flag(f"{t}.log_every", "log_every", int)
-    r.flag(f"{t}.checkpoint_interval", "checkpointing_steps", float, epochs=True)
-    r.flag(f"{t}.ckpt_every", "checkpointing_steps", int)
-    r.flag(f"{t}.sample_every", "sampling_steps", int)
-    r.flag(f"{t}.clip_grad", "max_grad_norm", float)
-    r.flag(f"{t}.global_seed", "seed", int)
-    r.flag(f"{t}.optimizer.lr", "learning_rate", float)
-    _betas(r, f"{t}.optimizer.betas")
-    r.flag(f"{t}.optimizer.weight_decay", "adam_weight_decay", float)
+    _rae_training(r, t)
     _betas(r, f"{t}.beta")
     r.flag(f"{t}.wd", "adam_weight_decay", float)
     _rae_schedule(r, t, 2)

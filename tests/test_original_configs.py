@@ -29,12 +29,7 @@ VAVAE = HUSTVL / "vavae" / "configs" / "f16d32_vfdinov2.yaml"
 VQGAN = TAMING / "custom_vqgan.yaml"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

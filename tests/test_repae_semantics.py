@@ -65,16 +65,17 @@ def test_sit_pos_embed_starts_as_sincos_and_is_documented_as_trained_by_repae():
 # --------------------------------------------------------------------------------------------
 # The bit-level check of rank identity
 # --------------------------------------------------------------------------------------------
-def test_bit_checksums_see_one_flipped_bit():
+def test_fingerprints_see_one_flipped_bit():
     a = torch.randn(1000)
     b = a.clone()
     b.view(torch.int32)[517] ^= 1  # the last mantissa bit of one value
     assert (a - b).abs().max() < 1e-6
-    ca, cb = utils._bit_checksums([a, a.double(), a.half(), torch.ones(3, dtype=torch.bool)]), utils._bit_checksums([b])
+    ca, cb = utils.tensor_fingerprints([a, a.double(), a.half(), torch.ones(3, dtype=torch.bool)]),\
+        utils.tensor_fingerprints([b])
     assert ca.shape == (4, 2) and not torch.equal(ca[0], cb[0])
     moved = a.clone()
     moved[[3, 4]] = moved[[4, 3]]  # the same values at other positions
-    assert not torch.equal(utils._bit_checksums([moved])[0], ca[0])
+    assert not torch.equal(utils.tensor_fingerprints([moved])[0], ca[0])
 
 
 def test_training_state_tensors_names_modules_and_optimizer_moments():

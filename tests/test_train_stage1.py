@@ -24,13 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 CKPT_KEYS = ("model", "loss", "opt", "opt_disc", "sched", "sched_disc", "args", "steps", "rng", "data")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Tiny convolutions on a shared 2-core machine: one thread avoids oversubscription (10x faster).
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
