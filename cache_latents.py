@@ -38,7 +38,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 
 import utils
-from dataset import (
+from datasources import (
     LATENT_INFO_FILE,
     LATENT_STATS_FILE,
     build_image_dataset,
@@ -46,8 +46,8 @@ from dataset import (
     latent_shard_path,
     latent_shard_range,
     load_class_to_idx,
-    map_shard_arrays,
     num_latent_shards,
+    open_shard,
     read_shard_header,
 )
 
@@ -146,8 +146,7 @@ def shard_problem(path: Path, k: int, info: dict) -> Optional[str]:
             return f"'{key}' has shape {header[key]['shape']}, expected {want}"
     if header["__metadata__"].get("fingerprint") != info["fingerprint"]:
         return "written by another tokenizer"
-    indices = map_shard_arrays(path, {"indices": header["indices"]})["indices"]
-    if not (torch.from_numpy(indices.copy()) == torch.arange(start, stop)).all():
+    if not (open_shard(path).get_tensor("indices") == torch.arange(start, stop)).all():
         return f"indices are not {start}..{stop - 1}"
     return None
 

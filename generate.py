@@ -936,7 +936,7 @@ def reference_for_eval(args, sample_file: Path):
         return args.ref_batch
     from PIL import Image
 
-    from dataset import build_image_dataset, image_channels_on_disk
+    from datasources import build_image_dataset, image_channels_on_disk
 
     with Image.open(sample_file) as im:
         resolution = im.size[0]
@@ -947,7 +947,7 @@ def experiment_class_names(args, num_classes: int) -> Dict[int, str]:
     """{id: name} of the classes the model was trained on: --class-to-idx, else what the run's data
     records (latents' tokenizer.json, an archive's index.json, or the sorted class folders of an
     image folder, numbered as the dataset numbers them); ids without a name are named by their id."""
-    from dataset import LATENT_INFO_FILE, is_archive, load_class_to_idx
+    from datasources import LATENT_INFO_FILE, is_archive, load_class_to_idx
 
     mapping = load_class_to_idx(args.class_to_idx, "--class-to-idx") if args.class_to_idx else None
     run = {}
