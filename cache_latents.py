@@ -46,8 +46,8 @@ from datasources import (
     latent_shard_path,
     latent_shard_range,
     load_class_to_idx,
+    map_shard_arrays,
     num_latent_shards,
-    open_shard,
     read_shard_header,
 )
 
@@ -146,7 +146,8 @@ def shard_problem(path: Path, k: int, info: dict) -> Optional[str]:
             return f"'{key}' has shape {header[key]['shape']}, expected {want}"
     if header["__metadata__"].get("fingerprint") != info["fingerprint"]:
         return "written by another tokenizer"
-    if not (open_shard(path).get_tensor("indices") == torch.arange(start, stop)).all():
+    indices = map_shard_arrays(path, {"indices": header["indices"]})["indices"]
+    if not (torch.from_numpy(indices.copy()) == torch.arange(start, stop)).all():
         return f"indices are not {start}..{stop - 1}"
     return None
 

@@ -12,7 +12,7 @@
 | `video` | `VideoClipDataset` and the video <-> image batch reshapes |
 | `sampler` | `ResumableDistributedSampler`: seeded per-epoch order that can restart mid-epoch |
 | `procedural` | `make_procedural_dataset`: the built-in class-conditional dataset of the demo and the tests |
-| `latents` | `LatentShardDataset`: the latent shards `cache_latents.py` writes, read with `safetensors` |
+| `latents` | `LatentShardDataset`: the latent shards `cache_latents.py` writes (checked header, positional row reads) |
 
 Why not `data/`: by the REPA-E convention users keep their preprocessed data in `./data` at the
 repository root (`--data-dir data`, `preprocessing.py --output-path data`, and `.gitignore`
@@ -31,7 +31,7 @@ from datasources.images import (CROP_MODES, HIGH_BIT_MODES, IMAGE_EXTENSIONS, UP
                                 convert_image, load_image, note_upsampled, resize_short_side)
 from datasources.latents import (LATENT_INFO_FILE, LATENT_SHARD_DIR, LATENT_STATS_FILE, LatentBatch,
                                  LatentShardDataset, collate_latents, latent_flip_choice, latent_shard_path,
-                                 latent_shard_range, num_latent_shards, open_shard, read_shard_header)
+                                 latent_shard_range, map_shard_arrays, num_latent_shards, read_shard_header)
 from datasources.procedural import make_procedural_dataset
 from datasources.sampler import ResumableDistributedSampler
 from datasources.video import VideoClipDataset, flatten_video_batch, unflatten_video_batch
@@ -43,7 +43,7 @@ __all__ = [
     "write_h5_archive", "ImageFolderDataset", "CROP_MODES", "HIGH_BIT_MODES", "IMAGE_EXTENSIONS", "UPSAMPLED",
     "center_crop_arr", "convert_image", "load_image", "note_upsampled", "resize_short_side", "LATENT_INFO_FILE",
     "LATENT_SHARD_DIR", "LATENT_STATS_FILE", "LatentBatch", "LatentShardDataset", "collate_latents",
-    "latent_flip_choice", "latent_shard_path", "latent_shard_range", "num_latent_shards", "open_shard",
+    "latent_flip_choice", "latent_shard_path", "latent_shard_range", "map_shard_arrays", "num_latent_shards",
     "read_shard_header", "make_procedural_dataset", "ResumableDistributedSampler", "VideoClipDataset",
     "flatten_video_batch", "unflatten_video_batch", "ClipFrames", "CropFlip", "RGBView", "image_channels_on_disk",
 ]
