@@ -251,8 +251,12 @@ def run_sampler(model, z: torch.Tensor, y: torch.Tensor, sampler_kwargs: dict,
         sample_fn = sampler.sample_ode(kw.get("solver", "euler"), int(kw.get("num_steps", 50)),
                                        atol=kw.get("atol", 1e-6), rtol=kw.get("rtol", 1e-3))
 
-        def velocity(x, t, y):  # the model runs in z's dtype, the state stays float64
-            return field.inference(x.to(z.dtype), t.to(z.dtype), y).to(x.dtype)
+        def velocity(x, t, y, t_host):  # the model runs in z's dtype, the state stays float64
+            # guidance decided on the host time the sampler passes: no device read per step
+            guided = field.scale > 1.0 and field.is_guided(t_host)
+            return field.guided_inference(x.to(z.dtype), t.to(z.dtype), y, guided).to(x.dtype)
+
+        velocity.takes_host_time = True
 
         return sample_fn(z.double(), velocity, y=y)[-1]
     if grid != "uniform":
