@@ -201,7 +201,7 @@ def reference_for_eval(args, sample_file: Path):
         return args.ref_batch
     from PIL import Image
 
-    from dataset import build_image_dataset, image_channels_on_disk
+    from datasources import build_image_dataset, image_channels_on_disk
 
     with Image.open(sample_file) as im:
         resolution = im.size[0]

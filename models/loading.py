@@ -395,7 +395,7 @@ def experiment_class_names(args, num_classes: int) -> Dict[int, str]:
     """{id: name} of the classes the model was trained on: --class-to-idx, else what the run's data
     records (latents' tokenizer.json, an archive's index.json, or the sorted class folders of an
     image folder, numbered as the dataset numbers them); ids without a name are named by their id."""
-    from dataset import LATENT_INFO_FILE, is_archive, load_class_to_idx
+    from datasources import LATENT_INFO_FILE, is_archive, load_class_to_idx
 
     mapping = load_class_to_idx(args.class_to_idx, "--class-to-idx") if args.class_to_idx else None
     run = {}

@@ -248,7 +248,7 @@ def test_compile_covers_every_trained_network_and_the_alignment_pass(monkeypatch
     from collections import Counter
 
     import train_repae
-    from dataset import make_procedural_dataset
+    from datasources import make_procedural_dataset
 
     calls = Counter()
 
