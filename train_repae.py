@@ -30,12 +30,13 @@ import torch
 from tqdm.auto import tqdm
 
 import utils
-from dataset import ResumableDistributedSampler, build_image_dataset
+from datasources import ResumableDistributedSampler, build_image_dataset
 from loss.reconstruction import ReconstructionLoss
 from models.autoencoder import VAE_PRESETS, load_vae
 from models.discriminators import discriminator_state_dict_from_checkpoint
 from models.sit import SiT_models, build_sit
-from generate import LatentDecoder, add_training_eval_flags, evaluate_generation, training_sample_grid
+from evaluation.training import add_training_eval_flags, evaluate_generation, training_sample_grid
+from models.loading import LatentDecoder
 from models.diffusion import VelocityModel
 
 

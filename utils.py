@@ -2,6 +2,7 @@
 experiment folders, seeding and logging."""
 from __future__ import annotations
 
+import argparse
 import errno
 import json
 import logging
@@ -260,6 +261,17 @@ def _strict_int(text) -> int:
         return int(str(text).strip())
     except ValueError:
         raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
+
+
+class OneDefaultHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """`--help` states each option's default once: options whose help already says what the
+    default is (or whose default is None, i.e. resolved at run time) get no second '(default: X)'."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if action.default is None or "default" in text.lower():
+            return text
+        return super()._get_help_string(action)
 
 
 def config_value(action, value, key: str, source: str):
