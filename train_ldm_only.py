@@ -12,7 +12,7 @@ One optimisation step:
      MSE(v, eps - x) (+ --direction-loss-weight x LightningDiT's velocity-direction term);
   3. clip, AdamW step, LR schedule, EMA (parameters and float buffers).
 Everything else (experiment folder, checkpoints with full state, exact resume, stop signals, NaN
-guard, summary) is the shared plumbing of `utils.py`, as in `train_repae.py`.
+guard, summary) is the shared plumbing of `utils/`, as in `train_repae.py`.
 
   accelerate launch train_ldm_only.py --latents-dir LATENTS --model SiT-XL/2 --enc-type dinov2-vit-b --data-dir IMAGES
   accelerate launch train_ldm_only.py --data-dir data --vae-latents-name NAME --vae f16d32 --vae-ckpt P.pt \
