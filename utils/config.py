@@ -116,6 +116,9 @@ def parse_args_with_config(parser, argv=None):
         defaults = {}
         for k, v in cfg.items():
             dest = k.replace("-", "_")
+            alias = parser._option_string_actions.get("--" + str(k).replace("_", "-"))
+            if dest not in actions and alias is not None:  # a flag's other name (e.g. random-init-vae)
+                dest = alias.dest
             if dest not in actions:
                 raise ValueError(f"{known.config}: unknown key '{k}' (not a flag of {parser.prog})")
             defaults[dest] = config_value(actions[dest], v, k, known.config)
@@ -219,6 +222,50 @@ def add_common_training_flags(p) -> None:
     g.add_argument("--adam-epsilon", type=float, default=1e-8, help="AdamW epsilon")
     g.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping norm (0: off)")
     g.add_argument("--seed", type=int, default=0, help="global seed (each rank derives its own stream)")
+
+
+# The flag groups of the diffusion trainers (train_repae.py, train_ldm_only.py): each defined once,
+# with what differs per script (a default, the family-specific part of a help text) as a parameter.
+def add_sit_projector_flags(g) -> None:
+    """SiT architecture flags of the REPA projectors (REPA-E names)."""
+    import argparse
+
+    g.add_argument("--fused-attn", action=argparse.BooleanOptionalAction, default=True, help="accepted for compatibility; attention always uses SDPA")
+    g.add_argument("--encoder-depth", type=int, default=8, help="SiT block after which the REPA projectors read features")
+    g.add_argument("--projector-dim", type=int, default=2048, help="hidden width of the REPA projector MLPs")
+
+
+def add_flow_loss_flags(g, path_type_help: str = "interpolant between data and noise",
+                        weighting_choices=("uniform", "lognormal"), weighting_help: str = "training time distribution") -> None:
+    """Flow-matching loss flags (REPA-E names): interpolant, target, label dropout, time distribution."""
+    g.add_argument("--path-type", type=str, default="linear", choices=["linear", "cosine"], help=path_type_help)
+    g.add_argument("--prediction", type=str, default="v", choices=["v"], help="network target (velocity)")
+    g.add_argument("--cfg-prob", type=float, default=0.1, help="label dropout probability for classifier-free guidance")
+    g.add_argument("--weighting", type=str, default="uniform", choices=list(weighting_choices), help=weighting_help)
+
+
+def add_repa_loss_flags(g, enc_type_default, enc_type_help: str, proj_coeff_help: str) -> None:
+    """REPA alignment flags (REPA-E names): the encoders, their weights, the loss weight."""
+    g.add_argument("--enc-type", type=str, default=enc_type_default, help=enc_type_help)
+    g.add_argument("--random-init-encoders", action="store_true", help="encoders with random weights (offline tests)")
+    g.add_argument("--encoder-weights-dir", type=str, default=None, help="local folder of encoder weights")
+    g.add_argument("--proj-coeff", type=float, default=0.5, help=proj_coeff_help)
+
+
+def add_lr_ema_flags(g, lr_help: str, ema_help: str) -> None:
+    """The trained network's AdamW learning rate and its EMA decay."""
+    g.add_argument("--learning-rate", type=float, default=1e-4, help=lr_help)
+    g.add_argument("--ema-decay", type=float, default=0.9999, help=ema_help)
+
+
+def add_sample_grid_flags(p):
+    """The "sample grids" group (Euler steps, guidance scale, grid size); returns it for the
+    script's own additions."""
+    g = p.add_argument_group("sample grids")
+    g.add_argument("--sample-num-steps", type=int, default=50, help="Euler steps for the sample grids")
+    g.add_argument("--sample-cfg-scale", type=float, default=1.0, help="guidance scale for the sample grids")
+    g.add_argument("--num-sample-images", type=int, default=16, help="images per sample grid")
+    return g
 
 
 # One-line notices about defaults switched at parse time; start_run writes them to the log.
