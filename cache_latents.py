@@ -38,7 +38,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 
 import utils
-from dataset import (
+from datasources import (
     LATENT_INFO_FILE,
     LATENT_STATS_FILE,
     build_image_dataset,

@@ -32,7 +32,7 @@ def main(argv=None):
     import torch
 
     import train_repae
-    from dataset import make_procedural_dataset
+    from datasources import make_procedural_dataset
 
     if args.gpu and not torch.cuda.is_available():
         raise SystemExit("--gpu given but no CUDA device is visible")

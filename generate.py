@@ -251,8 +251,12 @@ def run_sampler(model, z: torch.Tensor, y: torch.Tensor, sampler_kwargs: dict,
         sample_fn = sampler.sample_ode(kw.get("solver", "euler"), int(kw.get("num_steps", 50)),
                                        atol=kw.get("atol", 1e-6), rtol=kw.get("rtol", 1e-3))
 
-        def velocity(x, t, y):  # the model runs in z's dtype, the state stays float64
-            return field.inference(x.to(z.dtype), t.to(z.dtype), y).to(x.dtype)
+        def velocity(x, t, y, t_host):  # the model runs in z's dtype, the state stays float64
+            # guidance decided on the host time the sampler passes: no device read per step
+            guided = field.scale > 1.0 and field.is_guided(t_host)
+            return field.guided_inference(x.to(z.dtype), t.to(z.dtype), y, guided).to(x.dtype)
+
+        velocity.takes_host_time = True
 
         return sample_fn(z.double(), velocity, y=y)[-1]
     if grid != "uniform":
@@ -936,7 +940,7 @@ def reference_for_eval(args, sample_file: Path):
         return args.ref_batch
     from PIL import Image
 
-    from dataset import build_image_dataset, image_channels_on_disk
+    from datasources import build_image_dataset, image_channels_on_disk
 
     with Image.open(sample_file) as im:
         resolution = im.size[0]
@@ -947,7 +951,7 @@ def experiment_class_names(args, num_classes: int) -> Dict[int, str]:
     """{id: name} of the classes the model was trained on: --class-to-idx, else what the run's data
     records (latents' tokenizer.json, an archive's index.json, or the sorted class folders of an
     image folder, numbered as the dataset numbers them); ids without a name are named by their id."""
-    from dataset import LATENT_INFO_FILE, is_archive, load_class_to_idx
+    from datasources import LATENT_INFO_FILE, is_archive, load_class_to_idx
 
     mapping = load_class_to_idx(args.class_to_idx, "--class-to-idx") if args.class_to_idx else None
     run = {}

@@ -46,7 +46,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from dataset import RGBView, build_image_dataset, image_channels_on_disk
+from datasources import RGBView, build_image_dataset, image_channels_on_disk
 from utils import atomic_write_text, parse_args_with_config
 
 

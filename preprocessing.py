@@ -10,7 +10,7 @@ SRC is one of
 * a REPA-E archive folder: `images.h5` + `images_h5.json`;
 * an EDM / REPA `dataset_tool.py` output: a folder or `.zip` of images with a `dataset.json`.
 
-Every image goes through the same reader training would use on SRC (`dataset.build_image_dataset`:
+Every image goes through the same reader training would use on SRC (`datasources.build_image_dataset`:
 RGB or L conversion, ADM center crop), so the archive holds exactly the pixels the folder would
 give, computed once instead of every epoch.
 
@@ -25,7 +25,7 @@ Output format (DEST), and why it is the fast one
   one PNG decode per image read.
 * `labels.npy` int64 [N], `class_to_idx.json` (folder name -> id), and `index.json` (format name
   and version, resolution, channels, encoding, num_images, num_classes, per-shard files and counts,
-  class_to_idx, source path, skipped images). `dataset.ArchiveDataset` reads it.
+  class_to_idx, source path, skipped images). `datasources.ArchiveDataset` reads it.
 
 Determinism and resume
 * The sorted source list fixes the global order; shard k holds source images
@@ -52,8 +52,8 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-import dataset
-from dataset import (
+import datasources
+from datasources import (
     ARCHIVE_FORMAT,
     ARCHIVE_VERSION,
     EDMImageDataset,
@@ -126,7 +126,7 @@ def _write_shard(k: int) -> dict:
     lo, hi = k * size, min((k + 1) * size, _WORKER["num_source"])
     images = np.empty((hi - lo, res, res, ch), dtype=np.uint8)  # [n, H, W, C]
     labels, bad = [], []
-    upsampled_before = dataset.UPSAMPLED["count"]
+    upsampled_before = datasources.UPSAMPLED["count"]
     for i in range(lo, hi):
         try:
             x, y = reader[i]  # uint8 [C, H, W]
@@ -149,7 +149,7 @@ def _write_shard(k: int) -> dict:
         _save_npy(flat, dest / names["images"])
         _save_npy(offsets, dest / names["offsets"])
     record = {"shard": k, "count": len(labels), "labels": labels, "bad": bad,
-              "upsampled": dataset.UPSAMPLED["count"] - upsampled_before}
+              "upsampled": datasources.UPSAMPLED["count"] - upsampled_before}
     atomic_write_text(json.dumps(record), dest / names["record"])
     return record
 

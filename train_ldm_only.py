@@ -30,7 +30,7 @@ import torch
 from tqdm.auto import tqdm
 
 import utils
-from dataset import LatentShardDataset, ResumableDistributedSampler, build_image_dataset, collate_latents
+from datasources import LatentShardDataset, ResumableDistributedSampler, build_image_dataset, collate_latents
 from models.diffusion import (DIFFUSION_MODELS, LatentNormalizer, VelocityModel, build_diffusion_model,
                               default_time_convention, flow_matching_loss, model_family, sit_bn_from_stats)
 from generate import LatentDecoder, add_training_eval_flags, evaluate_generation, training_sample_grid
@@ -226,6 +226,8 @@ def main(args):
             raise SystemExit("--enc-type needs --data-dir (the images the latents were cached from)")
     dataset = LatentShardDataset(args.latents_dir, flip=not args.no_flip, seed=args.seed, keep_dtype=True)
     info, latent_shape = dataset.tokenizer_info, tuple(dataset.latent_shape)
+    # grid rows are captioned with the data's class folder names (cache_latents records them)
+    class_names = {int(v): str(k) for k, v in (info.get("class_to_idx") or {}).items()} if args.num_classes > 1 else None
     resolution = args.resolution or int(info.get("resolution", 256))
     if use_repa:
         image_dataset = build_image_dataset(args.data_dir, resolution)
@@ -335,7 +337,8 @@ def main(args):
 
     def sample_grid():
         return training_sample_grid(ema_field, decoder, latent_shape, args.num_classes, args.num_sample_images,
-                                    args.seed, args.sample_num_steps, args.sample_cfg_scale, device, sample_shift)
+                                    args.seed, args.sample_num_steps, args.sample_cfg_scale, device, sample_shift,
+                                    class_names=class_names)
 
     def evaluate(at_step: int) -> dict:
         return evaluate_generation(ema_field, decoder, latent_shape, args.num_classes, args, device, at_step,

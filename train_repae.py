@@ -30,7 +30,7 @@ import torch
 from tqdm.auto import tqdm
 
 import utils
-from dataset import ResumableDistributedSampler, build_image_dataset
+from datasources import ResumableDistributedSampler, build_image_dataset
 from loss.reconstruction import ReconstructionLoss
 from models.autoencoder import VAE_PRESETS, load_vae
 from models.discriminators import discriminator_state_dict_from_checkpoint

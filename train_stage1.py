@@ -36,7 +36,7 @@ from torch.utils.data import Subset
 from tqdm.auto import tqdm
 
 import utils
-from dataset import (
+from datasources import (
     ClipFrames,
     CropFlip,
     ResumableDistributedSampler,

@@ -131,6 +131,8 @@ class Sampler:
 
             def velocity(x_, t_scalar):
                 t_vec = torch.full((x_.shape[0],), float(t_scalar), device=x_.device, dtype=torch.float32)
+                if getattr(model_fn, "takes_host_time", False):  # e.g. to decide guidance without a device read
+                    return model_fn(x_, t_vec, t_host=float(t_scalar), **model_kwargs)
                 return model_fn(x_, t_vec, **model_kwargs)
 
             if method in ("euler", "heun"):

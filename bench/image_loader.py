@@ -22,7 +22,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import emit  # noqa: E402
-from dataset import ArchiveDataset, ImageFolderDataset, make_procedural_dataset  # noqa: E402
+from datasources import ArchiveDataset, ImageFolderDataset, make_procedural_dataset  # noqa: E402
 from preprocessing import preprocess  # noqa: E402
 
 

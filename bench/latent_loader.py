@@ -32,7 +32,7 @@ def write_synthetic_folder(root: Path, num: int, shape, has_std: bool, flip: boo
     import torch
 
     import cache_latents as cl
-    from dataset import latent_shard_range, num_latent_shards
+    from datasources import latent_shard_range, num_latent_shards
 
     info = dict(kind="synthetic", name=f"random-{'x'.join(map(str, shape))}", fingerprint="0" * 16,
                 latent_shape=list(shape), in_channels=3, stats_mode="channel", has_std=has_std, resolution=256,
@@ -62,7 +62,7 @@ def measure(root: Path, batch_size: int, num_workers: int, seconds: float, batch
     """Samples/s over whole shuffled epochs (first batch excluded: worker start-up)."""
     import torch
 
-    from dataset import LatentShardDataset, collate_latents
+    from datasources import LatentShardDataset, collate_latents
 
     ds = LatentShardDataset(root, flip=True, seed=0, keep_dtype=keep_dtype)
     # Persistent workers: the figure is the steady state, not the worker start-up of each epoch.

@@ -52,7 +52,7 @@ def main(argv=None):
 
     import train_ldm_only
     import utils
-    from dataset import make_procedural_dataset
+    from datasources import make_procedural_dataset
 
     tiny = (not torch.cuda.is_available()) if args.tiny is None else args.tiny
     cfg_name, shape, bs, tiny_model, tiny_shape = CONFIGS[args.model]

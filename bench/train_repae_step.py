@@ -55,7 +55,7 @@ def main(argv=None):
 
     import train_repae
     import utils
-    from dataset import make_procedural_dataset
+    from datasources import make_procedural_dataset
 
     preset = args.preset or ("xl" if torch.cuda.is_available() else "tiny")
     flags = list(PRESETS[preset])

@@ -45,7 +45,7 @@ def bench(name: str, batch_size: int, probe, mixed_precision, grad_checkpointing
     import train_stage1
     import utils
     from common import cuda_optimizer_path
-    from dataset import make_procedural_dataset
+    from datasources import make_procedural_dataset
 
     cfg_name, default_bs, load_size, extra = RECIPES[name]
     cfg_path = ROOT / "configs/stage1" / cfg_name

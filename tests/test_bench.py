@@ -232,7 +232,7 @@ def test_sample_tiny(capsys):
 
     lines = sample.main(["--model", "SiT-XL/2", "--recipe", "repae-ode-50", "--batch-size", "2", *FAST])
     _check_lines(lines, capsys)
-    assert lines[0]["syncs_per_step"] <= 51  # the host grid, then only the guidance decision per step
+    assert lines[0]["syncs_per_step"] <= 2  # the host grid (and the labels), never one per sampler step
 
 
 def test_train_stage1_step_tiny(capsys):
@@ -248,7 +248,7 @@ def test_compile_covers_every_trained_network_and_the_alignment_pass(monkeypatch
     from collections import Counter
 
     import train_repae
-    from dataset import make_procedural_dataset
+    from datasources import make_procedural_dataset
 
     calls = Counter()
 
@@ -284,3 +284,24 @@ def test_loader_benches_tiny(tmp_path, capsys):
     printed = [json.loads(x) for x in capsys.readouterr().out.splitlines() if x.startswith("{")]
     assert printed == lines and len(lines) == 5 + 6
     assert all((x.get("images_per_s") or x.get("samples_per_s")) > 0 for x in lines)
+
+
+def test_rae_grid_guidance_is_decided_on_the_host_with_unchanged_results():
+    import generate
+    import transport
+
+    class LabelField(_Field):
+        def inference(self, x, t, y):
+            return super().inference(x, t, y) + 0.1 * y.view(-1, 1, 1, 1).to(x.dtype)
+
+    z, y = torch.randn(2, 1, 2, 2), torch.tensor([0, 2])
+    kw = dict(mode="ode", solver="euler", num_steps=8, time_grid="rae", shift=2.0, cfg_scale=3.0,
+              guidance_low=0.0, guidance_high=0.6)
+    syncs, _, out = count_syncs(lambda: generate.run_sampler(LabelField(), z, y, kw))
+    assert syncs == 2  # the host grid and its steps; the guidance decision read t[0] at every step before
+    # the path it replaced: the guided field's own decision from the device time
+    field = generate.GuidedVelocity(LabelField(), 3.0, 0.0, 0.6, None, None)
+    sampler = transport.Sampler(transport.Transport(time_dist_shift=2.0))
+    reference = sampler.sample_ode("euler", 8)(
+        z.double(), lambda x, t, y: field.inference(x.float(), t.float(), y).to(x.dtype), y=y)[-1]
+    assert torch.equal(out, reference)

@@ -14,8 +14,8 @@ from safetensors.torch import load_file, save_file
 
 from tests.cli import free_port
 import cache_latents
-from dataset import (LatentShardDataset, build_image_dataset, collate_latents, latent_flip_choice, latent_shard_path,
-                     make_procedural_dataset)
+from datasources import (LatentShardDataset, build_image_dataset, collate_latents, latent_flip_choice,
+                         latent_shard_path, latent_shard_range, make_procedural_dataset, num_latent_shards)
 from models.tokenizers import build_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -315,3 +315,41 @@ def test_class_remapping(data_dir, tmp_path):
     (tmp_path / "bad.json").write_text(json.dumps({names[0]: -1}))
     with pytest.raises(ValueError, match="--class-to-idx"):
         run(flags(data_dir, tmp_path / "lat2", flip=False, class_to_idx=tmp_path / "bad.json"))
+
+
+@pytest.mark.parametrize("dtype,has_std", [("bfloat16", True), ("float32", False)])
+def test_dataset_reads_the_stored_tensors_exactly(tmp_path, dtype, has_std):
+    """Items and batches (float32 and stored dtype) are the shard tensors as safetensors' own
+    whole-file reader returns them, bit for bit, for every stored dtype, with and without std."""
+    num, shard_size, shape = 7, 3, (2, 4, 4)
+    info = dict(kind="synthetic", name="random", fingerprint="0" * 16, latent_shape=list(shape), in_channels=3,
+                stats_mode="channel", has_std=has_std, resolution=16, flip=True, dtype=dtype, num_images=num,
+                num_classes=5, class_to_idx=None, shard_size=shard_size,
+                num_shards=num_latent_shards(num, shard_size), data_dir="synthetic", format=1)
+    g = torch.Generator().manual_seed(0)
+    for k in range(info["num_shards"]):
+        start, stop = latent_shard_range(k, shard_size, num)
+        out = {"mean": [torch.randn(stop - start, *shape, generator=g)],
+               "labels": [torch.randint(0, 5, (stop - start,), generator=g)], "indices": [torch.arange(start, stop)]}
+        out["mean_flip"] = [out["mean"][0].flip(-1)]
+        if has_std:
+            out["std"] = [torch.rand(stop - start, *shape, generator=g)]
+            out["std_flip"] = [out["std"][0].flip(-1)]
+        cache_latents.save_shard(tmp_path, k, out, cache_latents.latent_moments(out["mean"] + out["mean_flip"],
+                                                                                out.get("std", [])), info)
+    cache_latents.write_info(tmp_path, info)
+    got, _ = read_folder(tmp_path)
+    assert got["mean"].dtype == cache_latents.DTYPES[dtype]
+    order = [5, 0, 6, 3, 3, 1]
+    for keep in (False, True):
+        ds = LatentShardDataset(tmp_path, flip=True, seed=1, keep_dtype=keep)
+        batch = ds.get_batch(order)
+        for b, i in enumerate(order):
+            item, suffix = ds[i], "_flip" if ds.uses_flip(i) else ""
+            assert int(item["label"]) == int(got["labels"][i]) and int(batch["index"][b]) == i
+            for key in ("mean", "std"):
+                ref = got[key + suffix][i] if has_std or key == "mean" else torch.zeros(shape)
+                assert torch.equal(item[key], ref.float()), (key, i)
+                assert batch[key].dtype == (got["mean"].dtype if keep else torch.float32)
+                assert torch.equal(batch[key][b], ref.to(batch[key].dtype)), (key, i, keep)
+        assert torch.equal(batch["label"], got["labels"][order])

@@ -6,8 +6,8 @@ import pytest
 import torch
 from PIL import Image
 
-from dataset import (H5ArchiveDataset, ImageFolderDataset, ResumableDistributedSampler, build_image_dataset,
-                     center_crop_arr, make_procedural_dataset, write_h5_archive)
+from datasources import (H5ArchiveDataset, ImageFolderDataset, ResumableDistributedSampler, build_image_dataset,
+                         center_crop_arr, make_procedural_dataset, write_h5_archive)
 
 
 @pytest.fixture(scope="module")
@@ -94,8 +94,8 @@ def test_sampler_resume_and_rank_split():
 def test_short_side_load_keeps_the_aspect_and_feeds_random_crops(tmp_path):
     from PIL import Image
 
-    from dataset import ImageFolderDataset, build_image_dataset
-    from dataset import CropFlip
+    from datasources import ImageFolderDataset, build_image_dataset
+    from datasources import CropFlip
 
     (tmp_path / "a").mkdir()
     rng = np.random.default_rng(0)

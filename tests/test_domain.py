@@ -18,7 +18,7 @@ import save_vae_weights
 import train_ldm_only
 import train_stage1
 import utils
-from dataset import make_procedural_dataset
+from datasources import make_procedural_dataset
 from models.autoencoder import build_vae, load_vae
 from models.tokenizers import Tokenizer, build_tokenizer, describe_model, load_tokenizer, write_export_description
 from tests.cli import to_argv

@@ -457,7 +457,7 @@ def ldm_exps(tmp_path_factory):
     train_ldm_only.py experiments (LightningDiT-N/1, DiTDH-N), 2 steps each."""
     import cache_latents
     import train_ldm_only
-    from dataset import make_procedural_dataset
+    from datasources import make_procedural_dataset
 
     root = tmp_path_factory.mktemp("ldm")
     data = make_procedural_dataset(root / "data", num_classes=3, per_class=4, resolution=32, seed=0)

@@ -15,7 +15,7 @@ import generate
 import train_ldm_only
 import train_stage1
 from configs_compat import OriginalConfigError, translate_original
-from dataset import make_procedural_dataset
+from datasources import make_procedural_dataset
 
 FIX = Path(__file__).resolve().parent / "fixtures" / "configs"
 RAE = FIX / "bytetriper+RAE" / "configs"

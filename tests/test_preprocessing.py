@@ -12,8 +12,8 @@ import pytest
 import torch
 from PIL import Image
 
-from dataset import (ArchiveDataset, EDMImageDataset, ImageFolderDataset, VideoClipDataset, build_image_dataset,
-                     flatten_video_batch, load_image, unflatten_video_batch, write_h5_archive)
+from datasources import (ArchiveDataset, EDMImageDataset, ImageFolderDataset, VideoClipDataset,
+                         build_image_dataset, flatten_video_batch, load_image, unflatten_video_batch, write_h5_archive)
 from preprocessing import main as preprocessing_main, preprocess
 
 ROOT = Path(__file__).resolve().parents[1]

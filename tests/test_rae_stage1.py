@@ -269,7 +269,7 @@ def test_rae_decoder_checkpointing_same_outputs_and_grads():
 # --------------------------------------------------------------------------------------------
 def test_linear_probe_separates_classes_and_shuffled_labels_are_chance(tmp_path):
     import linear_probe
-    from dataset import make_procedural_dataset
+    from datasources import make_procedural_dataset
 
     data = make_procedural_dataset(tmp_path / "data", num_classes=4, per_class=40, resolution=32, seed=0)
     cfg = tmp_path / "probe.yaml"

@@ -23,7 +23,7 @@ import train_ldm_only
 import train_repae
 import train_stage1
 import utils
-from dataset import UPSAMPLED, load_image, make_procedural_dataset
+from datasources import UPSAMPLED, load_image, make_procedural_dataset
 from tests.cli import to_argv
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -293,7 +293,7 @@ def latents(tmp_path_factory):
 
 
 def test_cache_latents_rerun_removes_interrupted_writes(latents):
-    from dataset import latent_shard_path
+    from datasources import latent_shard_path
 
     shards = latent_shard_path(latents, 0).parent
     stale, mine = shards / ".latents-00000.safetensors.x1y2z3w4.tmp", shards / "notes.tmp"

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from dataset import make_procedural_dataset
+from datasources import make_procedural_dataset
 from tests.cli import free_port, to_argv
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -21,7 +21,7 @@ import save_vae_weights
 import train_ldm_only
 import train_repae
 import utils
-from dataset import make_procedural_dataset
+from datasources import make_procedural_dataset
 from models.autoencoder import load_vae
 from models.discriminators import NLayerDiscriminator
 from tests.cli import free_port

@@ -9,7 +9,7 @@ import torch
 import cache_latents
 import train_ldm_only
 import utils
-from dataset import make_procedural_dataset
+from datasources import make_procedural_dataset
 from models.diffusion import LatentNormalizer, VelocityModel, flow_matching_loss
 from tests.cli import to_argv
 from tests.multiprocess_runs import differing_tensors, launch_two_processes
@@ -184,7 +184,7 @@ def test_unconditional_training_on_a_flat_folder(data, tmp_path):
 def test_periodic_fid_uses_the_shared_evaluation_path(data, tmp_path):
     import numpy as np
 
-    from dataset import build_image_dataset
+    from datasources import build_image_dataset
 
     images, latents = data
     ds = build_image_dataset(images, 32)

@@ -12,7 +12,7 @@ import torch
 import save_vae_weights
 import train_repae
 import utils
-from dataset import make_procedural_dataset
+from datasources import make_procedural_dataset
 from tests.cli import to_argv
 from tests.multiprocess_runs import differing_tensors, launch_two_processes
 
@@ -184,7 +184,7 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(data_dir, tmp_path):
 def test_periodic_fid(data_dir, tmp_path):
     import numpy as np
 
-    from dataset import build_image_dataset
+    from datasources import build_image_dataset
 
     ds = build_image_dataset(data_dir, 32)
     ref = tmp_path / "ref.npz"

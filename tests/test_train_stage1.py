@@ -17,7 +17,7 @@ from PIL import Image
 import save_vae_weights
 import train_stage1
 import utils
-from dataset import make_procedural_dataset
+from datasources import make_procedural_dataset
 from tests.cli import free_port, to_argv
 
 ROOT = Path(__file__).resolve().parents[1]
