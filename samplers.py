@@ -13,14 +13,29 @@ near noise; LightningDiT's data-time shift 0.3 is s = 1 / 0.3 here).
 
 The model runs in the latents' dtype while the sampler state stays in float64, as the original.
 Randomness of the SDE comes from `randn_like`, so a caller can key the noise by sample index.
+
+The sampling code generate.py, the trainers (grids, periodic FID) and bench/sample.py share,
+one code path for every family:
+* index-keyed randomness (`index_normal`, `index_labels`, `IndexedSDENoise`): sample i's initial
+  noise, label and SDE noise come from a counter-based generator (splitmix64 + Box-Muller) of
+  (seed, i, stream, element), so images do not depend on the number of processes or the batch;
+* guidance (`GuidedVelocity`: CFG on an interval, legacy-channel CFG, autoguidance) and the
+  sampler call `run_sampler` (uniform grid or RAE's grid);
+* `sample_batch` / `sample_for_eval`: uint8 images of sample indices, distributed over ranks.
 """
 from __future__ import annotations
 
 import math
-from typing import Callable, Optional
+from typing import Callable, Dict, List, Optional, Sequence
 
+import numpy as np
 import torch
+import torch.distributed as dist
 
+from evaluation.metrics import broadcast_object, dist_info, images_to_uint8
+from models.autoencoder import denormalize_latents
+from models.diffusion import VelocityModel
+from models.lightningdit import LEGACY_CFG_CHANNELS
 from models.sit import interpolant
 
 
@@ -40,7 +55,7 @@ def _null_class(model, null_class: Optional[int]) -> int:
 class _Guided:
     """Velocity evaluation with interval-restricted classifier-free guidance.
 
-    A model that guides itself (generate.GuidedVelocity: `is_guided(t)` and
+    A model that guides itself (`GuidedVelocity` below: `is_guided(t)` and
     `guided_inference(x, t, y, guided)`) gets the sampler's decision passed in, so Heun's corrector
     at t_next is guided as t_cur's predictor was, whichever guidance the model implements."""
 
@@ -182,3 +197,310 @@ def sample(model, latents: torch.Tensor, y: torch.Tensor, mode: str = "ode", sol
     if name in ("euler", "heun") or name == "dopri5":
         kwargs.pop("randn_like", None)
     return SAMPLERS[name](model, latents, y, **kwargs)
+
+
+# ------------------------------------------------------------------------------------------------
+# Index-keyed randomness: a counter-based generator, vectorised over the batch
+# ------------------------------------------------------------------------------------------------
+def _u64(v: int) -> int:
+    """An unsigned 64-bit constant as the int64 with the same bits."""
+    return v - (1 << 64) if v >= (1 << 63) else v
+
+
+_M1, _M2, _GOLDEN = _u64(0xBF58476D1CE4E5B9), _u64(0x94D049BB133111EB), _u64(0x9E3779B97F4A7C15)
+STREAM_NOISE, STREAM_LABEL, STREAM_SDE = 0, 1, 2  # SDE step k uses stream STREAM_SDE + k
+
+
+def _srl(x: torch.Tensor, k: int) -> torch.Tensor:
+    """Logical right shift of int64 bit patterns (torch's >> is arithmetic)."""
+    return (x >> k) & ((1 << (64 - k)) - 1)
+
+
+def _mix(x: torch.Tensor) -> torch.Tensor:
+    """splitmix64's finaliser on int64 tensors (multiplication wraps mod 2^64)."""
+    x = (x ^ _srl(x, 30)) * _M1
+    x = (x ^ _srl(x, 27)) * _M2
+    return x ^ _srl(x, 31)
+
+
+def _keys(seed: int, indices: torch.Tensor, stream: int) -> torch.Tensor:
+    """One 64-bit key per sample [B] from (seed, index, stream)."""
+    k = _mix(torch.full_like(indices, _u64(seed % (1 << 64))) + _GOLDEN)
+    k = _mix(k + indices * _GOLDEN)
+    return _mix(k + _u64((stream * _GOLDEN) % (1 << 64)))
+
+
+def index_bits(seed: int, indices: torch.Tensor, stream: int, numel: int) -> torch.Tensor:
+    """Random int64 bits [B, numel]; element j of sample i depends only on (seed, i, stream, j)."""
+    keys = _keys(seed, indices.to(torch.int64), stream)
+    j = torch.arange(1, numel + 1, dtype=torch.int64, device=indices.device)
+    return _mix(keys[:, None] + j[None, :] * _GOLDEN)
+
+
+def index_uniform(seed: int, indices: torch.Tensor, stream: int, numel: int) -> torch.Tensor:
+    """Uniform (0, 1) float64 [B, numel] from the top 53 bits."""
+    bits = _srl(index_bits(seed, indices, stream, numel), 11)
+    return (bits.double() + 0.5) * 2.0 ** -53
+
+
+def index_normal(seed: int, indices: torch.Tensor, stream: int, shape: Sequence[int],
+                 dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Standard normal [B, *shape] (Box-Muller on the two 32-bit halves of each draw)."""
+    numel = int(np.prod(shape))
+    bits = index_bits(seed, indices, stream, numel)
+    u1 = (_srl(bits, 32).double() + 0.5) * 2.0 ** -32
+    u2 = ((bits & 0xFFFFFFFF).double() + 0.5) * 2.0 ** -32
+    z = torch.sqrt(-2.0 * torch.log(u1)) * torch.cos(2 * math.pi * u2)
+    return z.reshape(len(indices), *shape).to(dtype)
+
+
+def index_labels(seed: int, indices: torch.Tensor, num_classes: int, mode: str = "random") -> torch.Tensor:
+    """Class label per sample index: 'random' (uniform, keyed by (seed, i)) or 'equal'
+    (i mod num_classes: exactly N / num_classes per class when num_classes divides N, whatever
+    the world size, and a prefix of the same sequence for every N)."""
+    if mode == "equal":
+        return indices.to(torch.int64) % num_classes
+    if mode == "random":
+        u = index_uniform(seed, indices, STREAM_LABEL, 1)[:, 0]
+        return (u * num_classes).floor().to(torch.int64).clamp_max(num_classes - 1)
+    raise ValueError(f"--label-sampling must be 'random' or 'equal', got {mode!r}")
+
+
+def class_label_table(classes: Sequence[int], n: int, per_class: Optional[int]) -> torch.Tensor:
+    """The label of each sample index [n]: blocks of `per_class` per class, or the classes cycled."""
+    c = torch.as_tensor(list(classes), dtype=torch.int64)
+    idx = torch.arange(n)
+    return c[idx // per_class] if per_class else c[idx % len(c)]
+
+
+class IndexedSDENoise:
+    """The SDE sampler's `randn_like` hook: call k returns the noise of step k for these indices."""
+
+    def __init__(self, seed: int, indices: torch.Tensor):
+        self.seed, self.indices, self.step = seed, indices, 0
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        noise = index_normal(self.seed, self.indices, STREAM_SDE + self.step, x.shape[1:], torch.float64)
+        self.step += 1
+        return noise.to(device=x.device, dtype=x.dtype)
+
+
+# ------------------------------------------------------------------------------------------------
+# Guidance and the sampler call (one code path for every family, used by generate.py and trainers)
+# ------------------------------------------------------------------------------------------------
+class GuidedVelocity:
+    """The sampled field: `model` (anything with `.inference(x, t, y)` and `.num_classes` in the
+    toolkit's convention) with classifier-free guidance or autoguidance on [low, high] of noise time.
+
+    CFG: u + s (c - u) from ONE call on the doubled [cond; null] batch, only inside the interval
+    (outside, one call on the n conditional rows). `cfg_channels=k` guides channels 0..k-1 only and
+    keeps the conditional velocity elsewhere (hustvl LightningDiT's legacy CFG, k = 3).
+    Autoguidance (`guide` given): g + s (m - g) with ONE call of the main and ONE of the guide
+    model, both on the n conditional rows (no doubled batch). Guided velocities are float64."""
+
+    def __init__(self, model, scale: float = 1.0, low: float = 0.0, high: float = 1.0, guide=None,
+                 cfg_channels: Optional[int] = None):
+        if guide is not None and int(guide.num_classes) != int(model.num_classes):
+            raise ValueError(f"the guide model has {guide.num_classes} classes, the main model {model.num_classes}")
+        if guide is not None and cfg_channels is not None:
+            raise ValueError("--cfg-legacy-channels applies to classifier-free guidance, not to autoguidance")
+        self.model, self.guide = model, guide
+        self.scale, self.low, self.high = float(scale), float(low), float(high)
+        self.cfg_channels = cfg_channels
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.model.num_classes)
+
+    def is_guided(self, t: float) -> bool:
+        return self.scale > 1.0 and self.low <= t <= self.high
+
+    def inference(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        # every sampler passes one time for the whole batch: t[0] decides (as the originals)
+        # unguided fields never read t to the host (a device wait per step on CUDA)
+        return self.guided_inference(x, t, y, self.scale > 1.0 and self.is_guided(float(t[0])))
+
+    def guided_inference(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, guided: bool) -> torch.Tensor:
+        """The velocity with the guidance decision made by the caller: samplers.py decides once per
+        step at t_cur and Heun's corrector at t_next reuses it (REPA-E's euler_sampler)."""
+        if not guided:
+            return self.model.inference(x, t, y)
+        if self.guide is not None:
+            m = self.model.inference(x, t, y).double()  # [n, C, h, w]
+            g = self.guide.inference(x, t, y).double()
+            return g + self.scale * (m - g)
+        n = x.shape[0]
+        y_null = torch.full_like(y, self.num_classes)
+        out = self.model.inference(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, y_null])).double()  # [2n, ...]
+        cond, uncond = out[:n], out[n:]
+        guided = uncond + self.scale * (cond - uncond)
+        if self.cfg_channels is not None:
+            k = int(self.cfg_channels)
+            guided = torch.cat([guided[:, :k], cond[:, k:]], dim=1)
+        return guided
+
+
+GUIDANCE_KEYS = ("cfg_scale", "guidance_low", "guidance_high", "guide", "cfg_channels", "time_grid")
+
+
+def run_sampler(model, z: torch.Tensor, y: torch.Tensor, sampler_kwargs: dict,
+                randn_like: Optional[Callable[[torch.Tensor], torch.Tensor]] = None) -> torch.Tensor:
+    """Integrate from noise z [B, C, h, w] (float32) to normalised latents (float64).
+
+    sampler_kwargs: those of `samplers.sample` (mode, solver, num_steps, shift, path_type, t_last,
+    rtol, atol) plus cfg_scale, guidance_low, guidance_high, cfg_channels (int or None), guide (a
+    VelocityModel or None) and time_grid ("uniform": samplers.py's linspace(1, 0, steps + 1);
+    "rae": transport.py's RAE grid of num_steps points, ODE only)."""
+    kw = dict(sampler_kwargs)
+    field = GuidedVelocity(model, kw.pop("cfg_scale", 1.0), kw.pop("guidance_low", 0.0), kw.pop("guidance_high", 1.0),
+                           kw.pop("guide", None), kw.pop("cfg_channels", None))
+    grid = kw.pop("time_grid", "uniform")
+    if grid == "rae":
+        import transport
+
+        if kw.get("mode", "ode") != "ode":
+            raise ValueError("--time-grid rae is RAE's ODE grid: use --mode ode")
+        sampler = transport.Sampler(transport.Transport(time_dist_shift=float(kw.get("shift", 1.0))))
+        sample_fn = sampler.sample_ode(kw.get("solver", "euler"), int(kw.get("num_steps", 50)),
+                                       atol=kw.get("atol", 1e-6), rtol=kw.get("rtol", 1e-3))
+
+        def velocity(x, t, y, t_host):  # the model runs in z's dtype, the state stays float64
+            # guidance decided on the host time the sampler passes: no device read per step
+            guided = field.scale > 1.0 and field.is_guided(t_host)
+            return field.guided_inference(x.to(z.dtype), t.to(z.dtype), y, guided).to(x.dtype)
+
+        velocity.takes_host_time = True
+
+        return sample_fn(z.double(), velocity, y=y)[-1]
+    if grid != "uniform":
+        raise ValueError(f"--time-grid must be 'uniform' or 'rae', got {grid!r}")
+    if kw.get("mode") == "sde" and randn_like is not None:
+        kw["randn_like"] = randn_like
+    return sample(field, z, y, cfg_scale=1.0, **kw)  # the field guides itself
+
+
+def sampler_kwargs_from_args(args) -> dict:
+    """`run_sampler` kwargs from the flags (the guide model is added by the caller)."""
+    kw = dict(mode=args.mode, solver=args.solver, num_steps=args.num_steps, cfg_scale=args.cfg_scale,
+              guidance_low=args.guidance_low, guidance_high=args.guidance_high, path_type=args.path_type,
+              shift=args.shift, time_grid=args.time_grid,
+              cfg_channels=LEGACY_CFG_CHANNELS if args.cfg_legacy_channels else None)
+    if args.mode == "sde":
+        kw["t_last"] = args.t_last
+    if args.mode == "ode" and args.solver == "dopri5":
+        kw.update(rtol=args.rtol, atol=args.atol)
+    return kw
+
+
+# ------------------------------------------------------------------------------------------------
+# Index-keyed batches of images (generate.py's loop, the trainers' grids and evaluation)
+# ------------------------------------------------------------------------------------------------
+@torch.no_grad()
+def sample_batch(model, decode_fn: Callable[[torch.Tensor], torch.Tensor], latent_shape: Sequence[int],
+                 num_classes: int, indices: torch.Tensor, seed: int, sampler_kwargs: dict, device,
+                 label_sampling: str = "random", autocast_dtype: Optional[torch.dtype] = None,
+                 uint8_conversion: str = "truncate", labels: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """uint8 images [B, C, H, W] for sample indices [B]; depends only on (seed, indices, config).
+    `uint8_conversion`: see evaluation.metrics.images_to_uint8 (truncate: the originals');
+    `labels`: a label per sample index (e.g. `class_label_table`) instead of `label_sampling`."""
+    device = torch.device(device)
+    indices = indices.to(device=device, dtype=torch.int64)
+    z = index_normal(seed, indices, STREAM_NOISE, tuple(int(v) for v in latent_shape)).to(device)
+    if labels is not None:
+        y = labels.to(torch.int64)[indices.cpu()].to(device)
+    else:
+        y = index_labels(seed, indices, num_classes, label_sampling).to(device)
+    noise = IndexedSDENoise(seed, indices) if sampler_kwargs.get("mode") == "sde" else None
+    use_amp = autocast_dtype is not None
+    with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=use_amp):
+        latents = run_sampler(model, z, y, sampler_kwargs, noise)  # float64 [B, C, h, w], normalised
+    images = decode_fn(latents.float()).float()  # [B, 3, H, W] in [-1, 1]
+    return images_to_uint8(images, uint8_conversion)
+
+
+@torch.no_grad()
+def sample_for_eval(model, decode_fn: Callable[[torch.Tensor], torch.Tensor], latent_shape: Sequence[int],
+                    num_classes: int, n: int, seed: int, batch_size: int, sampler_kwargs: dict, device,
+                    label_sampling: str = "random", autocast_dtype: Optional[torch.dtype] = None,
+                    indices: Optional[Sequence[int]] = None,
+                    on_batch: Optional[Callable[[List[int], np.ndarray], None]] = None,
+                    gather: bool = True, progress: bool = False, uint8_conversion: str = "truncate",
+                    labels: Optional[torch.Tensor] = None) -> Optional[np.ndarray]:
+    """Samples 0..n-1 (or `indices`) as uint8 [n, H, W, 3] in index order, on every rank.
+
+    `model`: a VelocityModel-like object (`.inference(x, t, y)`, `.num_classes`) in the toolkit's
+    convention; `decode_fn`: normalised latents -> images in [-1, 1] (e.g. `LatentDecoder`);
+    `sampler_kwargs`: see `run_sampler`. Distributed-aware (collective when gather=True): rank r
+    makes indices[r::world] in full batches of `batch_size` (short batches padded with repeats
+    and the padding discarded: kernels pick algorithms by batch size), then every rank gathers
+    all of them. Noise, labels and SDE noise are keyed by sample index (see index_normal), so the
+    result does not depend on the number of processes. `on_batch(chunk, images [b, H, W, 3])` is
+    called after each local batch (generate.py writes its PNGs there, with gather=False)."""
+    rank, world = dist_info()
+    todo = list(range(n)) if indices is None else [int(i) for i in indices]
+    mine = todo[rank::world]
+    parts = []
+    bar = None
+    if progress and rank == 0:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(todo), desc="sampling", unit="img", dynamic_ncols=True)
+    for start in range(0, len(mine), batch_size):
+        chunk = mine[start:start + batch_size]
+        idx = torch.tensor(chunk + [chunk[-1]] * (batch_size - len(chunk)), dtype=torch.int64)
+        images = sample_batch(model, decode_fn, latent_shape, num_classes, idx, seed, sampler_kwargs, device,
+                              label_sampling, autocast_dtype, uint8_conversion, labels)
+        arr = images[:len(chunk)].permute(0, 2, 3, 1).contiguous().cpu()  # [b, H, W, 3]
+        if on_batch is not None:
+            on_batch(chunk, arr.numpy())
+        if gather:
+            parts.append(arr)
+        if bar is not None:
+            bar.update(min(len(chunk) * world, len(todo) - bar.n))
+    if bar is not None:
+        bar.close()
+    if not gather:
+        return None
+    if not todo:
+        return np.zeros((0, 0, 0, 3), np.uint8)
+    if world == 1:
+        return torch.cat(parts).numpy()
+    from evaluation.metrics import _comm_device
+
+    # rank 0 always holds the first index, hence the image shape
+    shape = broadcast_object(tuple(parts[0].shape[1:]) if rank == 0 and parts else None)
+    per_rank = -(-len(todo) // world)
+    local = torch.cat(parts) if parts else torch.zeros((0, *shape), dtype=torch.uint8)
+    padded = torch.zeros((per_rank, *shape), dtype=torch.uint8)
+    padded[:len(local)] = local
+    padded = padded.to(_comm_device(padded))
+    gathered = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(gathered, padded)
+    out = np.empty((len(todo), *shape), dtype=np.uint8)
+    for r in range(world):  # a loop over ranks: rank r made positions r, r + world, ...
+        count = len(todo[r::world])
+        out[r::world] = gathered[r][:count].cpu().numpy()
+    return out
+
+
+@torch.no_grad()
+def generate_images(model, vae, latent_stats: Dict[str, torch.Tensor], indices: torch.Tensor, seed: int,
+                    sampler_kwargs: dict, num_classes: int, label_sampling: str = "random",
+                    autocast_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """REPA-E SiT + VAE shortcut of `sample_batch` (latents denormalised with latents_scale/bias)."""
+    device = next(model.parameters()).device
+    side = int(round(math.sqrt(model.x_embedder.num_patches))) * model.patch_size
+    decode = lambda z: vae.decode(denormalize_latents(z, latent_stats))
+    return sample_batch(model, decode, (model.in_channels, side, side), num_classes, indices, seed, sampler_kwargs,
+                        device, label_sampling, autocast_dtype)
+
+
+class CompiledField:
+    """torch.compile of a VelocityModel, reachable through `.inference` as the samplers call it
+    (calling `.inference` on torch.compile's wrapper would run the uncompiled method)."""
+
+    def __init__(self, model: VelocityModel):
+        self.compiled, self.num_classes = torch.compile(model), model.num_classes
+
+    def inference(self, x, t, y):
+        return self.compiled(x, t, y)

@@ -33,7 +33,8 @@ import utils
 from datasources import LatentShardDataset, ResumableDistributedSampler, build_image_dataset, collate_latents
 from models.diffusion import (DIFFUSION_MODELS, LatentNormalizer, VelocityModel, build_diffusion_model,
                               default_time_convention, flow_matching_loss, model_family, sit_bn_from_stats)
-from generate import LatentDecoder, add_training_eval_flags, evaluate_generation, training_sample_grid
+from evaluation.training import add_training_eval_flags, evaluate_generation, training_sample_grid
+from models.loading import LatentDecoder
 from transport import Transport, shift_from_dims
 
 

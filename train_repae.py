@@ -35,7 +35,8 @@ from loss.reconstruction import ReconstructionLoss
 from models.autoencoder import VAE_PRESETS, load_vae
 from models.discriminators import discriminator_state_dict_from_checkpoint
 from models.sit import SiT_models, build_sit
-from generate import LatentDecoder, add_training_eval_flags, evaluate_generation, training_sample_grid
+from evaluation.training import add_training_eval_flags, evaluate_generation, training_sample_grid
+from models.loading import LatentDecoder
 from models.diffusion import VelocityModel
 
 

@@ -15,7 +15,7 @@ One optimisation step, for every kind:
      over ranks explicitly (the loss module is not wrapped in DDP);
   3. EMA of the tokenizer (optional; default on for the RAE recipes).
 Each optimizer has its own LR schedule on its own clock (its own count of steps taken).
-Evaluation (PSNR, SSIM, LPIPS, rFID through evaluation.metrics.reconstruction_metrics; codebook
+Evaluation (PSNR, SSIM, LPIPS, rFID through evaluation.reconstruction.reconstruction_metrics; codebook
 usage and perplexity for VQ) runs on --eval-data-dir or a seeded held-out slice of the training
 data, on the EMA model when there is one, with RAE noise off. Checkpoints hold everything needed
 to continue bit-for-bit (models, EMA, both optimizers and schedulers, discriminator, RNG of every
@@ -723,7 +723,8 @@ def main(args):
     def evaluate(at_step: int) -> dict:
         """Collective. PSNR / SSIM / LPIPS / rFID on the evaluation set through the shared code
         path (+ codebook usage and perplexity for VQ) and a reconstruction grid."""
-        from evaluation.metrics import format_scores, local_indices, reconstruction_metrics
+        from evaluation.metrics import format_scores, local_indices
+        from evaluation.reconstruction import reconstruction_metrics
 
         net, tok = eval_tokenizer()
         was_training = net.training

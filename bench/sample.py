@@ -1,4 +1,4 @@
-"""Sampling throughput through generate.py's code path (`generate.sample_batch`: index-keyed noise,
+"""Sampling throughput through generate.py's code path (`samplers.sample_batch`: index-keyed noise,
 guidance wrapper, sampler, denormalisation and decode) with the published sampling recipes of
 configs/sampling/ run unchanged (read by generate.parse_args, as `generate.py --recipe NAME`), at
 generate.py's batch (--per-proc-batch-size, 64 per GPU). One step = one batch sampled and decoded.
@@ -27,12 +27,14 @@ import torch.nn as nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+# generate.py's own parse_args only: the recipes and defaults read exactly as `generate.py --recipe NAME`
 import generate  # noqa: E402
 from common import StepProbe, add_probe_flags, record  # noqa: E402
-from generate import LatentDecoder, sample_batch, sampler_kwargs_from_args  # noqa: E402
 from models.autoencoder import build_vae  # noqa: E402
 from models.diffusion import VelocityModel, build_diffusion_model  # noqa: E402
+from models.loading import LatentDecoder  # noqa: E402
 from models.rae import RAEDecoder  # noqa: E402
+from samplers import CompiledField, sample_batch, sampler_kwargs_from_args  # noqa: E402
 from transport import shift_from_dims  # noqa: E402
 
 # name -> CUDA latents and tokenizer, tiny stand-ins, and the recipes: (label, generate.py flags)
@@ -114,8 +116,8 @@ def main(argv=None):
         if gen.shift == "auto":
             kw["shift"] = shift_from_dims(c * latents[1] * latents[2])
         if gen.guidance == "autoguidance":
-            kw["guide"] = generate._CompiledField(guide) if args.compile else guide
-        field = generate._CompiledField(model) if args.compile else model
+            kw["guide"] = CompiledField(guide) if args.compile else guide
+        field = CompiledField(model) if args.compile else model
         precision = args.mixed_precision or gen.mixed_precision
         amp = {"no": None, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
         bs = args.batch_size or (8 if tiny else gen.per_proc_batch_size)

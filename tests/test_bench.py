@@ -287,7 +287,7 @@ def test_loader_benches_tiny(tmp_path, capsys):
 
 
 def test_rae_grid_guidance_is_decided_on_the_host_with_unchanged_results():
-    import generate
+    import samplers
     import transport
 
     class LabelField(_Field):
@@ -297,10 +297,10 @@ def test_rae_grid_guidance_is_decided_on_the_host_with_unchanged_results():
     z, y = torch.randn(2, 1, 2, 2), torch.tensor([0, 2])
     kw = dict(mode="ode", solver="euler", num_steps=8, time_grid="rae", shift=2.0, cfg_scale=3.0,
               guidance_low=0.0, guidance_high=0.6)
-    syncs, _, out = count_syncs(lambda: generate.run_sampler(LabelField(), z, y, kw))
+    syncs, _, out = count_syncs(lambda: samplers.run_sampler(LabelField(), z, y, kw))
     assert syncs == 2  # the host grid and its steps; the guidance decision read t[0] at every step before
     # the path it replaced: the guided field's own decision from the device time
-    field = generate.GuidedVelocity(LabelField(), 3.0, 0.0, 0.6, None, None)
+    field = samplers.GuidedVelocity(LabelField(), 3.0, 0.0, 0.6, None, None)
     sampler = transport.Sampler(transport.Transport(time_dist_shift=2.0))
     reference = sampler.sample_ode("euler", 8)(
         z.double(), lambda x, t, y: field.inference(x.float(), t.float(), y).to(x.dtype), y=y)[-1]

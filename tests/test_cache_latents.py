@@ -262,7 +262,7 @@ def test_vq_and_rae_end_to_end(data_dir, tmp_path, kind, name, dtype, flip):
 
 
 def test_reconstruction_metrics_accepts_any_tokenizer(data_dir):
-    from evaluation.metrics import reconstruction_metrics
+    from evaluation.reconstruction import reconstruction_metrics
 
     images, _ = all_images(data_dir)
     tok = build_tokenizer("vq", "tiny-f4", random_init=True, seed=0)

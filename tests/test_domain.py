@@ -20,6 +20,7 @@ import train_stage1
 import utils
 from datasources import make_procedural_dataset
 from models.autoencoder import build_vae, load_vae
+from models.loading import load_models
 from models.tokenizers import Tokenizer, build_tokenizer, describe_model, load_tokenizer, write_export_description
 from tests.cli import to_argv
 
@@ -233,7 +234,7 @@ def test_domain_pipeline_end_to_end(spectrograms, rgb_release, tmp_path):
     obj = torch.load(tmp_path / "doppler-dit/checkpoints/0000002.pt", map_location="cpu", weights_only=False)
     torch.save({"ema": obj["ema"]}, tmp_path / "dit.pt")
     torch.save({k: obj["latent_stats"][k].view(1, -1, 1, 1) for k in ("mean", "std")}, tmp_path / "dit-stats.pt")
-    setup = generate.load_models(generate.parse_args(to_argv(
+    setup = load_models(generate.parse_args(to_argv(
         {"ckpt": tmp_path / "dit.pt", "model": "LightningDiT-N/1", "vae-ckpt": export,
          "vae-stats": tmp_path / "dit-stats.pt", "resolution": 32, "device": "cpu"}, {})), print)
     assert setup.info["vae"] == "vavae:doppler" and setup.latent_shape == (4, 8, 8)

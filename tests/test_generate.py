@@ -14,8 +14,11 @@ import torch
 
 from tests.cli import free_port
 import generate
+import samplers
+from evaluation.training import caption_rows, evaluate_generation, grid_row_labels
 from models.autoencoder import build_vae
 from models.diffusion import VelocityModel
+from models.loading import LatentDecoder, load_models
 from models.sit import build_sit
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -63,19 +66,19 @@ def load_pngs(folder: Path, n: int) -> np.ndarray:
 
 def test_index_randomness_is_batch_and_subset_invariant():
     idx = torch.arange(20)
-    full = generate.index_normal(3, idx, 0, (4, 8, 8))
-    part = generate.index_normal(3, idx[[17, 2, 9]], 0, (4, 8, 8))
+    full = samplers.index_normal(3, idx, 0, (4, 8, 8))
+    part = samplers.index_normal(3, idx[[17, 2, 9]], 0, (4, 8, 8))
     assert torch.equal(full[[17, 2, 9]], part)
-    assert not torch.equal(generate.index_normal(4, idx, 0, (4, 8, 8)), full)  # the seed matters
-    assert not torch.equal(generate.index_normal(3, idx, 1, (4, 8, 8)), full)  # and the stream
-    big = generate.index_normal(0, torch.arange(4000), 0, (64,)).double()
+    assert not torch.equal(samplers.index_normal(4, idx, 0, (4, 8, 8)), full)  # the seed matters
+    assert not torch.equal(samplers.index_normal(3, idx, 1, (4, 8, 8)), full)  # and the stream
+    big = samplers.index_normal(0, torch.arange(4000), 0, (64,)).double()
     assert abs(big.mean().item()) < 0.01 and abs(big.std().item() - 1) < 0.01
-    labels = generate.index_labels(0, torch.arange(4000), 10, "random")
+    labels = samplers.index_labels(0, torch.arange(4000), 10, "random")
     assert labels.min() == 0 and labels.max() == 9 and torch.bincount(labels).min() > 300
-    eq = generate.index_labels(0, torch.arange(12), 4, "equal")
+    eq = samplers.index_labels(0, torch.arange(12), 4, "equal")
     assert torch.bincount(eq).tolist() == [3, 3, 3, 3]
     # 'equal' labels per index are the same however the indices are split over ranks
-    assert torch.equal(torch.cat([generate.index_labels(0, torch.arange(r, 12, 5), 4, "equal") for r in range(5)]).sort().values,
+    assert torch.equal(torch.cat([samplers.index_labels(0, torch.arange(r, 12, 5), 4, "equal") for r in range(5)]).sort().values,
                        eq.sort().values)
 
 
@@ -177,11 +180,11 @@ def test_uint8_conversion_truncates_like_the_originals_by_default():
     decode = lambda z: values.view(1, 1, 1, -1).expand(z.shape[0], 3, 1, -1)  # noqa: E731
     field = _tiny_velocity(0)
     kw = dict(mode="ode", solver="euler", num_steps=1)
-    out = generate.sample_batch(field, decode, (4, 4, 4), 3, torch.arange(2), 0, kw, "cpu")
+    out = samplers.sample_batch(field, decode, (4, 4, 4), 3, torch.arange(2), 0, kw, "cpu")
     original = torch.clamp(255.0 * ((values + 1) / 2.0), 0, 255).to(torch.uint8)
     assert torch.equal(out[0, 0, 0], original)
     assert original.tolist() == [0, 0, 0, 63, 127, 165, 191, 254, 255, 255]
-    rounded = generate.sample_batch(field, decode, (4, 4, 4), 3, torch.arange(2), 0, kw, "cpu", uint8_conversion="round")
+    rounded = samplers.sample_batch(field, decode, (4, 4, 4), 3, torch.arange(2), 0, kw, "cpu", uint8_conversion="round")
     assert rounded[0, 0, 0].tolist() == [0, 0, 0, 64, 128, 166, 191, 255, 255, 255]
     assert generate.parse_args([]).uint8_conversion == "truncate"
 
@@ -195,17 +198,17 @@ def test_exp_dir_decodes_with_the_checkpoints_trained_statistics(tmp_path):
     args = json.loads((exp / "args.json").read_text())
     (exp / "args.json").write_text(json.dumps(dict(args, vae_stats=str(tmp_path / "initial-latents-stats.pt"))))
     ckpt = torch.load(exp / "checkpoints" / "0000010.pt", map_location="cpu", weights_only=False)
-    setup = generate.load_models(generate.parse_args(["--exp-dir", str(exp), "--device", "cpu"]), lambda m: None)
+    setup = load_models(generate.parse_args(["--exp-dir", str(exp), "--device", "cpu"]), lambda m: None)
     assert torch.allclose(setup.decoder.mean, ckpt["latent_stats"]["latents_bias"])
     assert torch.allclose(setup.decoder.std, 1 / ckpt["latent_stats"]["latents_scale"])
     # without the checkpoint's record, the EMA SiT's BatchNorm (REPA-E's generate.py)
     del ckpt["latent_stats"]
     torch.save(ckpt, exp / "checkpoints" / "0000010.pt")
-    setup = generate.load_models(generate.parse_args(["--exp-dir", str(exp), "--device", "cpu"]), lambda m: None)
+    setup = load_models(generate.parse_args(["--exp-dir", str(exp), "--device", "cpu"]), lambda m: None)
     assert torch.allclose(setup.decoder.mean.flatten(), ckpt["ema"]["bn.running_mean"])
     explicit = generate.parse_args(["--exp-dir", str(exp), "--device", "cpu", "--vae-stats",
                                     str(tmp_path / "initial-latents-stats.pt")])
-    assert torch.allclose(generate.load_models(explicit, lambda m: None).decoder.mean, initial["latents_bias"])
+    assert torch.allclose(load_models(explicit, lambda m: None).decoder.mean, initial["latents_bias"])
 
 
 def test_npz_holds_exactly_the_requested_samples_and_eval_reads_only_those(exp, tmp_path, capsys):
@@ -337,12 +340,12 @@ def test_data_at_one_adapter_matches_the_other_convention():
     z = torch.randn(2, 4, 8, 8)
     y = torch.zeros(2, dtype=torch.int64)
     kw = dict(mode="ode", solver="euler", num_steps=7)
-    ours = generate.run_sampler(VelocityModel(net, data_at_one=True), z, y, kw)
+    ours = samplers.run_sampler(VelocityModel(net, data_at_one=True), z, y, kw)
     x, s = z.double(), torch.linspace(0, 1, 8, dtype=torch.float64)  # the net's own convention
     for k in range(7):
         x = x + (s[k + 1] - s[k]) * net(x, s[k].expand(2), y)
     assert torch.allclose(ours, x, atol=1e-6) and torch.allclose(ours, a.double().expand(2, -1, -1, -1), atol=1e-5)
-    wrong = generate.run_sampler(VelocityModel(net, data_at_one=False), z, y, dict(kw, num_steps=6))
+    wrong = samplers.run_sampler(VelocityModel(net, data_at_one=False), z, y, dict(kw, num_steps=6))
     assert not torch.allclose(wrong, ours, atol=1e-2)  # the convention matters
     # a SiT (velocity through .inference) gets the same adapter
     sit = build_sit("SiT-N/2", input_size=8, in_channels=4, num_classes=2, z_dims=[], encoder_depth=2).eval()
@@ -385,37 +388,35 @@ def test_autoguidance_runs_main_and_guide_once_per_step_on_n_rows():
     main, guide = _Counting(_tiny_velocity(0)), _Counting(_tiny_velocity(1))
     z, y = torch.randn(5, 4, 4, 4), torch.tensor([0, 1, 2, 0, 1])
     kw = dict(mode="ode", solver="euler", num_steps=6, cfg_scale=1.42, guide=guide)
-    out = generate.run_sampler(main, z, y, kw)
+    out = samplers.run_sampler(main, z, y, kw)
     assert (main.calls, main.rows, guide.calls, guide.rows) == (6, 30, 6, 30)
     # the formula, on one step
     x, t = torch.randn(5, 4, 4, 4), torch.full((5,), 0.5)
     m, g = main.inner.inference(x, t, y).double(), guide.inner.inference(x, t, y).double()
-    field = generate.GuidedVelocity(main.inner, 1.42, guide=guide.inner)
+    field = samplers.GuidedVelocity(main.inner, 1.42, guide=guide.inner)
     assert torch.allclose(field.inference(x, t, y), g + 1.42 * (m - g))
     # interval: outside it only the main model runs; RAE's grid: K points, K - 1 evaluations
     main.calls = guide.calls = 0
-    generate.run_sampler(main, z, y, dict(kw, guidance_low=0.0, guidance_high=0.5))
+    samplers.run_sampler(main, z, y, dict(kw, guidance_low=0.0, guidance_high=0.5))
     assert main.calls == 6 and guide.calls == 3  # t = 1, 5/6, 4/6 are outside [0, 0.5]
     main.calls = guide.calls = 0
-    generate.run_sampler(main, z, y, dict(kw, time_grid="rae", num_steps=5, shift=2.0))
+    samplers.run_sampler(main, z, y, dict(kw, time_grid="rae", num_steps=5, shift=2.0))
     assert main.calls == 4 and guide.calls == 4
     # a guide identical to the main model changes nothing
-    same = generate.run_sampler(main.inner, z, y, dict(kw, guide=main.inner))
-    assert torch.allclose(same, generate.run_sampler(main.inner, z, y, dict(kw, cfg_scale=1.0)), atol=1e-6)
+    same = samplers.run_sampler(main.inner, z, y, dict(kw, guide=main.inner))
+    assert torch.allclose(same, samplers.run_sampler(main.inner, z, y, dict(kw, cfg_scale=1.0)), atol=1e-6)
     assert torch.isfinite(out).all()
 
 
 def test_heun_corrector_reuses_the_predictor_guidance_decision():
     """Heun with a guidance interval: the corrector at t_next is guided iff t_cur was (REPA-E's
     euler_sampler), so generate.py's sampler equals samplers.py's own CFG on the plain model."""
-    import samplers
-
     model = _Counting(_tiny_velocity(3))
     z, y = torch.randn(3, 4, 4, 4), torch.tensor([0, 1, 2])
     # 4 steps on 1, .75, .5, .25, 0: t_cur = .75 is guided, its corrector at t_next = .5 (outside
     # [0.6, 1]) must be guided too
     kw = dict(mode="ode", solver="heun", num_steps=4, cfg_scale=2.0, guidance_low=0.6, guidance_high=1.0)
-    ours = generate.run_sampler(model, z, y, kw)
+    ours = samplers.run_sampler(model, z, y, kw)
     assert model.rows == 3 * (2 + 2 + 2 + 2 + 1 + 1 + 1)  # predictor+corrector doubled at t = 1 and .75
     ref = samplers.sample(model.inner, z, y, **kw)
     assert torch.equal(ours, ref)
@@ -424,12 +425,12 @@ def test_heun_corrector_reuses_the_predictor_guidance_decision():
 def test_cfg_doubles_only_inside_the_interval_and_legacy_channels():
     main = _Counting(_tiny_velocity(0))
     z, y = torch.randn(2, 4, 4, 4), torch.tensor([0, 2])
-    generate.run_sampler(main, z, y, dict(mode="ode", solver="euler", num_steps=4, cfg_scale=3.0, guidance_high=0.5))
+    samplers.run_sampler(main, z, y, dict(mode="ode", solver="euler", num_steps=4, cfg_scale=3.0, guidance_high=0.5))
     assert main.calls == 4 and main.rows == 2 * 2 + 2 * 4  # t = 1, .75 plain; t = .5, .25 doubled
     x, t = torch.randn(2, 4, 4, 4), torch.full((2,), 0.3)
     c = main.inner.inference(x, t, y).double()
     u = main.inner.inference(x, t, torch.full_like(y, 3)).double()
-    legacy = generate.GuidedVelocity(main.inner, 3.0, cfg_channels=3).inference(x, t, y)
+    legacy = samplers.GuidedVelocity(main.inner, 3.0, cfg_channels=3).inference(x, t, y)
     assert torch.allclose(legacy[:, :3], u[:, :3] + 3.0 * (c[:, :3] - u[:, :3]), atol=1e-5)
     assert torch.allclose(legacy[:, 3:], c[:, 3:], atol=1e-5)  # channel 3 stays conditional
 
@@ -438,13 +439,14 @@ def test_cfg_doubles_only_inside_the_interval_and_legacy_channels():
 WORKER = r'''
 import sys, numpy as np, torch
 sys.path.insert(0, {root!r})
-import generate
+import generate, samplers
+from models.loading import load_models
 for argv in {runs!r}:
     generate.main(argv)
 # sample_for_eval (what trainers call): gathered in index order on every rank
-setup = generate.load_models(generate.parse_args({eval_args!r}), lambda m: None)
+setup = load_models(generate.parse_args({eval_args!r}), lambda m: None)
 kw = dict(mode="ode", solver="euler", num_steps=2, cfg_scale=2.0)
-arr = generate.sample_for_eval(setup.model, setup.decoder, setup.latent_shape, setup.num_classes, 5, 0, 2, kw, "cpu")
+arr = samplers.sample_for_eval(setup.model, setup.decoder, setup.latent_shape, setup.num_classes, 5, 0, 2, kw, "cpu")
 if torch.distributed.get_rank() == 0:
     np.save({out!r}, arr)
 torch.distributed.destroy_process_group()
@@ -495,9 +497,9 @@ def test_ldm_experiments_one_vs_two_processes(ldm_exps, tmp_path):
     try:
         for argv in runs.values():
             generate.main(argv)
-        setup = generate.load_models(generate.parse_args(eval_args), lambda m: None)
+        setup = load_models(generate.parse_args(eval_args), lambda m: None)
         kw = dict(mode="ode", solver="euler", num_steps=2, cfg_scale=2.0)
-        one_eval = generate.sample_for_eval(setup.model, setup.decoder, setup.latent_shape, setup.num_classes, 5, 0, 2,
+        one_eval = samplers.sample_for_eval(setup.model, setup.decoder, setup.latent_shape, setup.num_classes, 5, 0, 2,
                                             kw, "cpu")
     finally:
         torch.set_num_threads(threads)
@@ -613,11 +615,11 @@ class _GrayTokenizer(torch.nn.Module):
 def test_one_channel_samples_npz_and_eval(exp, tmp_path, monkeypatch, capsys):
     """A 1-channel tokenizer: PNGs are grayscale, arr_0 is [N, H, W, 1]; --eval replicates to 3
     channels for Inception (saying so) against a 1-channel reference."""
-    real = generate.load_models
+    real = load_models
 
     def gray_models(args, log):
         setup = real(args, log)
-        setup.decoder = generate.LatentDecoder(_GrayTokenizer(), setup.decoder.mean, setup.decoder.std)
+        setup.decoder = LatentDecoder(_GrayTokenizer(), setup.decoder.mean, setup.decoder.std)
         return setup
 
     monkeypatch.setattr(generate, "load_models", gray_models)
@@ -636,11 +638,11 @@ def test_one_channel_samples_npz_and_eval(exp, tmp_path, monkeypatch, capsys):
 
 
 def test_training_grid_rows_are_classes():
-    assert generate.grid_row_labels(9, 3).tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2]
-    assert generate.grid_row_labels(16, 1000).view(4, 4)[:, 0].tolist() == [0, 1, 2, 3]
-    assert generate.grid_row_labels(4, 1).tolist() == [0, 0, 0, 0]
+    assert grid_row_labels(9, 3).tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2]
+    assert grid_row_labels(16, 1000).view(4, 4)[:, 0].tolist() == [0, 1, 2, 3]
+    assert grid_row_labels(4, 1).tolist() == [0, 0, 0, 0]
     images = torch.full((4, 1, 32, 32), 100, dtype=torch.uint8)
-    captioned = generate.caption_rows(images, generate.grid_row_labels(4, 2), {0: "user_03", 1: "user_17"})
+    captioned = caption_rows(images, grid_row_labels(4, 2), {0: "user_03", 1: "user_17"})
     assert not torch.equal(captioned[0], images[0]) and not torch.equal(captioned[2], images[2])  # first of each row
     assert torch.equal(captioned[1], images[1]) and torch.equal(captioned[3], images[3])
     assert captioned[0].max() > 200 and captioned[0].min() == 0  # light text on a black box
@@ -651,7 +653,7 @@ def test_training_evaluation_labels_random_inception(exp, tmp_path):
     (which go into summary.json) say the Inception was random."""
     from types import SimpleNamespace
 
-    setup = generate.load_models(generate.parse_args(["--exp-dir", str(exp), "--device", "cpu"]), lambda m: None)
+    setup = load_models(generate.parse_args(["--exp-dir", str(exp), "--device", "cpu"]), lambda m: None)
     rng = np.random.default_rng(0)
     np.savez(tmp_path / "ref.npz", arr_0=rng.integers(0, 256, (6, 32, 32, 3), dtype=np.uint8))
     args = SimpleNamespace(inception_weights=None, inception_size=75, random_init_inception=True, eval_num_steps=1,
@@ -659,7 +661,7 @@ def test_training_evaluation_labels_random_inception(exp, tmp_path):
                            eval_metrics="fid", eval_reference=str(tmp_path / "ref.npz"))
     logged, lines = [], []
     accelerator = SimpleNamespace(log=lambda d, step: logged.append(d), is_main_process=True)
-    scores = generate.evaluate_generation(setup.model, setup.decoder, setup.latent_shape, setup.num_classes, args, "cpu",
-                                          3, accelerator, SimpleNamespace(info=lines.append))
+    scores = evaluate_generation(setup.model, setup.decoder, setup.latent_shape, setup.num_classes, args, "cpu",
+                                 3, accelerator, SimpleNamespace(info=lines.append))
     assert scores["inception"].startswith("random weights") and np.isfinite(scores["fid"])
     assert "FID (random Inception: not comparable)=" in lines[0] and set(logged[0]) == {"eval/num_samples", "eval/fid"}

@@ -17,6 +17,7 @@ import torch.nn as nn
 from tests.cli import free_port
 from evaluation import metrics as M
 from evaluation.inception import InceptionFeatures, build_inception
+from evaluation.reconstruction import reconstruction_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -186,16 +187,16 @@ def test_reconstruction_metrics(extractor):
 
     imgs = torch.from_numpy(make_images(12, 3)).permute(0, 3, 1, 2).contiguous()
     dataset = [(imgs[i], 0) for i in range(len(imgs))]
-    perfect = M.reconstruction_metrics(IdentityTokenizer(), dataset, inception=extractor, device="cpu", batch_size=5,
-                                       metrics=("rfid", "psnr", "ssim"))
+    perfect = reconstruction_metrics(IdentityTokenizer(), dataset, inception=extractor, device="cpu", batch_size=5,
+                                     metrics=("rfid", "psnr", "ssim"))
     assert perfect["psnr"] > 100 and perfect["ssim"] == pytest.approx(1.0) and perfect["rfid"] == pytest.approx(0.0, abs=1e-6)
     torch.manual_seed(0)
     vae = build_vae("tiny-f4d4")
     from loss.perceptual import LPIPS
 
     lp = LPIPS(vgg_weights="random")
-    a = M.reconstruction_metrics(vae, dataset, inception=extractor, device="cpu", batch_size=5, lpips=lp)
-    b = M.reconstruction_metrics(vae, dataset, inception=extractor, device="cpu", batch_size=12, lpips=lp)
+    a = reconstruction_metrics(vae, dataset, inception=extractor, device="cpu", batch_size=5, lpips=lp)
+    b = reconstruction_metrics(vae, dataset, inception=extractor, device="cpu", batch_size=12, lpips=lp)
     assert a == b
     assert a["rfid"] > 0 and a["psnr"] < perfect["psnr"] and a["ssim"] < 1 and a["lpips"] > 0
 

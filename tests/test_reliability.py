@@ -387,7 +387,7 @@ def test_truncated_latest_checkpoint_falls_back_and_names_the_file(latents, tmp_
 
 
 def test_failed_resume_leaves_args_json_and_keeps_one_args_file_per_start(latents, tmp_path):
-    import generate
+    from models.loading import _experiment_checkpoint
 
     ldm_run(ldm_flags(latents, tmp_path, "exp", 2))
     exp = tmp_path / "exp"
@@ -395,7 +395,7 @@ def test_failed_resume_leaves_args_json_and_keeps_one_args_file_per_start(latent
     with pytest.raises(utils.StateDictMismatch):
         ldm_run(ldm_flags(latents, tmp_path, "exp", 4, resume="latest", model="DiTDH-N"))
     assert (exp / "args.json").read_bytes() == before
-    exp_args, ckpt = generate._experiment_checkpoint(exp, None, "--exp-dir")
+    exp_args, ckpt = _experiment_checkpoint(exp, None, "--exp-dir")
     assert exp_args["model"] == "LightningDiT-N/1" and ckpt.name == "0000002.pt"
     assert len(list(exp.glob("args-*.json"))) == 1
     time.sleep(1.1)  # history files are named by the start time (seconds)

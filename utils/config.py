@@ -4,6 +4,7 @@ same way for both, the flag groups the trainers share and the parse-time default
 compile) with their notices."""
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import sys
@@ -54,6 +55,17 @@ def _strict_int(text) -> int:
         return int(str(text).strip())
     except ValueError:
         raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
+
+
+class OneDefaultHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """`--help` states each option's default once: options whose help already says what the
+    default is (or whose default is None, i.e. resolved at run time) get no second '(default: X)'."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if action.default is None or "default" in text.lower():
+            return text
+        return super()._get_help_string(action)
 
 
 def config_value(action, value, key: str, source: str):
