@@ -259,12 +259,14 @@ def build_args(argv=None):
     p.add_argument("--vae-stats", type=str, default=None, help="latent statistics file that travels with the tokenizer")
     p.add_argument("--vae-config", type=str, default=None, help="LDM / taming model config (YAML / JSON) instead of --vae")
     p.add_argument("--rae-config", type=str, default=None, help="RAE config (YAML / JSON) or an RAE preset name")
-    p.add_argument("--random-init", action="store_true", help="random tokenizer weights (tests, demos)")
+    p.add_argument("--random-init", "--random-init-vae", dest="random_init", action="store_true",
+                   help="random tokenizer weights (tests, demos; --random-init-vae: the trainers' and generate.py's name)")
     p.add_argument("--seed", type=int, default=0, help="seed of --random-init")
     p.add_argument("--resolution", type=utils.positive_int, default=None,
                    help="image size the tokenizer encodes (ADM center crop); default: the archive's (index.json), else 256")
-    p.add_argument("--batch-size", "--pproc-batch-size", dest="batch_size", type=utils.positive_int, default=128,
-                   help="images per encoder batch, per process")
+    p.add_argument("--batch-size", "--pproc-batch-size", "--per-proc-batch-size", dest="batch_size", type=utils.positive_int,
+                   default=128, help="images per encoder batch, per process (--per-proc-batch-size / --pproc-batch-size: "
+                                     "generate.py's names; the trainers' --batch-size is the global batch)")
     p.add_argument("--flip", action="store_true", help="also store the latents of the mirrored images")
     p.add_argument("--shard-size", type=utils.positive_int, default=4096, help="images per shard file (RAE: 1024 keeps a shard's memory small)")
     p.add_argument("--dtype", type=str, default="float16", choices=sorted(DTYPES), help="storage dtype of the latents (statistics are computed in float64 before the cast)")

@@ -300,7 +300,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="latent statistics file: latents_scale/bias (REPA-E), mean/std (hustvl) or mean/var (RAE)")
     g.add_argument("--latent-scale", type=float, default=None, help="constant latent scale, no bias (SD-VAE: 0.18215)")
     g.add_argument("--rae-config", type=str, default=None, help="RAE config (tokenizer rae)")
-    g.add_argument("--random-init-vae", action="store_true", help="tokenizer with seeded random weights (tests)")
+    g.add_argument("--random-init-vae", "--random-init", dest="random_init_vae", action="store_true",
+                   help="tokenizer with seeded random weights (tests; --random-init: cache_latents.py's name)")
     g.add_argument("--tokenizer-seed", type=int, default=None, help="seed of --random-init-vae (default: the run's seed)")
     g.add_argument("--vae-ckpt-override", action="store_true", help="use --vae-ckpt even if the checkpoint holds a VAE")
     g = p.add_argument_group("guidance")

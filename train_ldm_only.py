@@ -12,7 +12,7 @@ One optimisation step:
      MSE(v, eps - x) (+ --direction-loss-weight x LightningDiT's velocity-direction term);
   3. clip, AdamW step, LR schedule, EMA (parameters and float buffers).
 Everything else (experiment folder, checkpoints with full state, exact resume, stop signals, NaN
-guard, summary) is the shared plumbing of `utils.py`, as in `train_repae.py`.
+guard, summary) is the shared plumbing of `utils/`, as in `train_repae.py`.
 
   accelerate launch train_ldm_only.py --latents-dir LATENTS --model SiT-XL/2 --enc-type dinov2-vit-b --data-dir IMAGES
   accelerate launch train_ldm_only.py --data-dir data --vae-latents-name NAME --vae f16d32 --vae-ckpt P.pt \
@@ -47,11 +47,8 @@ def parse_args(argv=None):
     g = p.add_argument_group("model")
     g.add_argument("--model", type=str, default="SiT-XL/2", choices=list(DIFFUSION_MODELS), help="diffusion transformer (SiT, LightningDiT or DiT^DH; N / T sizes are tiny CPU sizes)")
     g.add_argument("--num-classes", type=int, default=1000, help="number of class labels (1 = unconditional; the null label for guidance is this id)")
-    g.add_argument("--cfg-prob", type=float, default=0.1, help="label dropout probability for classifier-free guidance")
     g.add_argument("--qk-norm", action=argparse.BooleanOptionalAction, default=False, help="normalise queries and keys (LayerNorm for SiT, RMSNorm for LightningDiT / DiT^DH)")
-    g.add_argument("--fused-attn", action=argparse.BooleanOptionalAction, default=True, help="accepted for compatibility; attention always uses SDPA")
-    g.add_argument("--encoder-depth", type=int, default=8, help="SiT block after which the REPA projectors read features")
-    g.add_argument("--projector-dim", type=int, default=2048, help="hidden width of the REPA projector MLPs")
+    utils.add_sit_projector_flags(g)
     g.add_argument("--bn-momentum", type=float, default=None, help="refused: the SiT's BatchNorm holds the latent folder's statistics and never updates here (it learns them only in train_repae.py)")
     g.add_argument("--use-gembed", action="store_true", help="LightningDiT with RAE's Gaussian-Fourier time embedding")
     g.add_argument("--time-convention", type=str, default="auto", choices=["auto", "noise-at-1", "data-at-1"],
@@ -73,34 +70,28 @@ def parse_args(argv=None):
     g.add_argument("--vae", type=str, default=None, help="tokenizer preset name (default: the one recorded in the latent folder)")
     g.add_argument("--vae-ckpt", type=str, default=None, help="tokenizer weights")
     g.add_argument("--rae-config", type=str, default=None, help="RAE config file (tokenizer rae)")
-    g.add_argument("--random-init-vae", action="store_true", help="tokenizer with seeded random weights (tests; must match the latent folder)")
+    g.add_argument("--random-init-vae", "--random-init", dest="random_init_vae", action="store_true",
+                   help="tokenizer with seeded random weights (tests; must match the latent folder; --random-init: cache_latents.py's name)")
     g.add_argument("--no-sample-grids", action="store_true", help="do not build the tokenizer; no sample grids")
     g = p.add_argument_group("loss")
-    g.add_argument("--path-type", type=str, default="linear", choices=["linear", "cosine"], help="interpolant (SiT; the other families use linear)")
-    g.add_argument("--prediction", type=str, default="v", choices=["v"], help="network target (velocity)")
-    g.add_argument("--weighting", type=str, default="uniform", choices=["uniform", "lognormal", "logit-normal"],
-                   help="training time distribution (SiT: uniform | lognormal; LightningDiT / DiT^DH: uniform | logit-normal)")
+    utils.add_flow_loss_flags(g, path_type_help="interpolant (SiT; the other families use linear)",
+                              weighting_choices=("uniform", "lognormal", "logit-normal"),
+                              weighting_help="training time distribution (SiT: uniform | lognormal; LightningDiT / DiT^DH: uniform | logit-normal)")
     g.add_argument("--time-shift", type=str, default="1", help="t' = s t / (1 + (s - 1) t) on training times: a number or 'auto' (RAE: sqrt(C*h*w / 4096))")
     g.add_argument("--direction-loss-weight", type=float, default=0.0, help="LightningDiT velocity-direction (cosine) loss weight")
-    g.add_argument("--enc-type", type=str, default=None, help="REPA encoders (comma list) or 'none' (default: dinov2-vit-b for the SiT, as REPA-E; none for the other families)")
-    g.add_argument("--random-init-encoders", action="store_true", help="encoders with random weights (offline tests)")
-    g.add_argument("--encoder-weights-dir", type=str, default=None, help="local folder of encoder weights")
-    g.add_argument("--proj-coeff", type=float, default=0.5, help="weight of the REPA loss")
+    utils.add_repa_loss_flags(g, None, enc_type_help="REPA encoders (comma list) or 'none' (default: dinov2-vit-b for the SiT, as REPA-E; none for the other families)",
+                              proj_coeff_help="weight of the REPA loss")
     g.add_argument("--resolution", type=int, default=None, help="image size for the REPA encoders (default: the latent folder's)")
     g = p.add_argument_group("learning rate and EMA")
-    g.add_argument("--learning-rate", type=float, default=1e-4, help="AdamW learning rate")
+    utils.add_lr_ema_flags(g, lr_help="AdamW learning rate", ema_help="EMA decay")
     g.add_argument("--lr-schedule", type=str, default="constant", choices=["constant", "linear", "cosine"], help="LR schedule after warm-up")
     g.add_argument("--lr-warmup-steps", type=int, default=0, help="linear warm-up steps")
     g.add_argument("--lr-decay-start", type=int, default=0, help="linear schedule: step where the decay starts")
     g.add_argument("--final-lr", type=float, default=0.0, help="LR at the end of the schedule (linear / cosine schedules)")
     g.add_argument("--lr-total-steps", type=int, default=None,
                    help="step where the linear / cosine decay reaches --final-lr (default: --max-train-steps)")
-    g.add_argument("--ema-decay", type=float, default=0.9999, help="EMA decay")
-    g = p.add_argument_group("sample grids")
-    g.add_argument("--sample-num-steps", type=int, default=50, help="Euler steps for the sample grids")
-    g.add_argument("--sample-cfg-scale", type=float, default=1.0, help="guidance scale for the sample grids")
+    g = utils.add_sample_grid_flags(p)
     g.add_argument("--sample-shift", type=str, default="1", help="time shift of the sampling grid (number or 'auto')")
-    g.add_argument("--num-sample-images", type=int, default=16, help="images per sample grid")
     add_training_eval_flags(p)
     args = utils.finish_args(utils.parse_args_with_config(p, argv), "ldm", mixed_precision_default="fp16")
     if args.enc_type is None:

@@ -6,6 +6,7 @@ originals load without renaming.
 from __future__ import annotations
 
 import math
+from typing import Sequence
 
 import torch
 import torch.nn as nn
@@ -264,3 +265,23 @@ class GaussianFourierEmbedder(nn.Module):
         f = t.float()[:, None] * self.W.float()[None, :] * 2 * math.pi  # the original's float32 order
         emb = torch.cat([torch.sin(f), torch.cos(f)], dim=-1)
         return self.mlp(emb.to(self.mlp[0].weight.dtype))
+
+
+# --------------------------------------------------------------------------------------------
+# Representation alignment (REPA): the SiT's training forward returns this loss with its features
+# --------------------------------------------------------------------------------------------
+def projection_loss(zs: Sequence[torch.Tensor], zs_tilde: Sequence[torch.Tensor]) -> torch.Tensor:
+    """REPA loss: mean over encoders, samples and tokens of -cos(z_enc, z_proj).
+
+    zs[j], zs_tilde[j]: [N, T, D_j]. Normalisation along features with eps 1e-12 (F.normalize),
+    as the original; one fused reduction per encoder instead of a loop over samples.
+    """
+    if len(zs) != len(zs_tilde):
+        raise ValueError(f"projection_loss: {len(zs)} encoder feature sets but {len(zs_tilde)} projector outputs")
+    total = zs_tilde[0].new_zeros(())
+    for z, z_tilde in zip(zs, zs_tilde):
+        if z.shape != z_tilde.shape:
+            raise ValueError(f"projection_loss: encoder features {tuple(z.shape)} vs projector output {tuple(z_tilde.shape)}")
+        cos = (F.normalize(z.to(z_tilde.dtype), dim=-1) * F.normalize(z_tilde, dim=-1)).sum(dim=-1)  # [N, T]
+        total = total - cos.mean(dim=-1).sum()
+    return total / (len(zs) * zs_tilde[0].shape[0])

@@ -34,9 +34,8 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.utils.checkpoint
 
-from loss.alignment import projection_loss
 from models.layers import (Attention, LabelEmbedder, Mlp, PatchEmbed, TimestepEmbedder, modulate,
-                           sincos_2d, unpatchify)
+                           projection_loss, sincos_2d, unpatchify)
 
 
 SIT_BN_EPS = 1e-4  # eps of the SiT's input BatchNorm

@@ -225,6 +225,49 @@ def test_config_values_go_through_the_flag_types(tmp_path):
     assert args.learning_rate == 1e-4 and args.max_train_steps == 7
 
 
+def test_one_name_per_idea_both_names_work_everywhere(tmp_path):
+    """cache_latents' --random-init is the trainers' --random-init-vae and generate.py's
+    --per-proc-batch-size its per-process batch: each script takes both names, on the command line
+    and as --config keys."""
+    cache = ["--data-dir", "d", "--output-dir", "o"]
+    args = cache_latents.build_args(cache + ["--random-init-vae", "--per-proc-batch-size", "4"])
+    assert args.random_init and args.batch_size == 4
+    (tmp_path / "c.yaml").write_text("random-init-vae: true\nper_proc_batch_size: 5\n")
+    args = cache_latents.build_args(cache + ["--config", str(tmp_path / "c.yaml")])
+    assert args.random_init and args.batch_size == 5
+    assert train_ldm_only.parse_args(["--latents-dir", "l", "--random-init"]).random_init_vae
+    assert train_repae.parse_args(["--random-init"]).random_init_vae
+    (tmp_path / "t.yaml").write_text("random_init: true\n")
+    assert train_repae.parse_args(["--config", str(tmp_path / "t.yaml")]).random_init_vae
+
+
+def _parser_of(parse, argv, monkeypatch):
+    class Built(Exception):
+        pass
+
+    def capture(parser, argv=None):
+        raise Built(parser)
+
+    monkeypatch.setattr(utils, "parse_args_with_config", capture)
+    with pytest.raises(Built) as e:
+        parse(argv)
+    return e.value.args[0]
+
+
+def test_flags_shared_by_the_diffusion_trainers_are_one_definition(monkeypatch):
+    """The SiT / REPA / flow-loss / sample-grid flags come from utils.config's groups: the same
+    names, types, defaults and choices in train_repae.py and train_ldm_only.py."""
+    shared = ["fused_attn", "encoder_depth", "projector_dim", "path_type", "prediction", "cfg_prob", "weighting",
+              "random_init_encoders", "encoder_weights_dir", "proj_coeff", "learning_rate", "ema_decay",
+              "sample_num_steps", "sample_cfg_scale", "num_sample_images", "random_init_vae"]
+    parsers = [_parser_of(train_repae.parse_args, [], monkeypatch), _parser_of(train_ldm_only.parse_args, [], monkeypatch)]
+    described = [{a.dest: a for a in p._actions} for p in parsers]
+    for dest in shared:
+        a, b = (d[dest] for d in described)
+        assert (a.option_strings, a.type, a.default, a.nargs) == (b.option_strings, b.type, b.default, b.nargs), dest
+        assert a.choices is None or set(a.choices) <= set(b.choices), dest  # ldm adds logit-normal for LightningDiT
+
+
 def test_cache_latents_refuses_a_zero_batch(capsys):
     with pytest.raises(SystemExit):
         cache_latents.build_args(["--data-dir", "d", "--output-dir", "o", "--batch-size", "0"])

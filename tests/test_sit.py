@@ -138,3 +138,22 @@ def test_frozen_batchnorm_stays_in_eval_mode():
     sit(x, torch.zeros(4, dtype=torch.long))
     assert torch.equal(sit.bn.running_mean, before)  # a training forward does not move the statistics
     assert build_sit("SiT-N/2", input_size=8, in_channels=4, num_classes=2, z_dims=[]).train().bn.training
+
+
+def test_models_never_import_losses():
+    """Models compute features, losses live in loss/: no module of models/ imports the loss package
+    (the REPA projection loss the SiT's training forward returns lives in models.layers)."""
+    import ast
+    from pathlib import Path
+
+    import loss.alignment
+    import models.layers
+
+    upward = []
+    for path in sorted((Path(__file__).resolve().parents[1] / "models").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            upward += [f"{path.name}: {n}" for n in names if n == "loss" or n.startswith("loss.")]
+    assert not upward, upward
+    assert loss.alignment.projection_loss is models.layers.projection_loss  # the loss package still offers it
