@@ -129,6 +129,9 @@ def parse_args(argv=None):
     g.add_argument("--gan-weight", type=float, default=None, help="GAN weight (default --disc-weight of the kind: 0.75)")
     g.add_argument("--disc-start-epoch", type=int, default=8, help="epoch from which the GAN term is used")
     g.add_argument("--disc-update-start-epoch", type=int, default=6, help="epoch from which the discriminator trains")
+    g.add_argument("--rae-loss-full-precision", action="store_true",
+                   help="RAE: run LPIPS and the DINO discriminator in float32 outside autocast (default: under "
+                        "--mixed-precision, as the original)")
     g.add_argument("--diffaug-policy", type=str, default="translation,color",
                    help="DiffAug policy, applied in the order given (the original: translation, then colour)")
     g.add_argument("--disc-config", default=None, help="DINO discriminator config (mapping in --config, or 'tiny')")
@@ -512,8 +515,9 @@ def main(args):
                                            z=out.get("z_proj"), aux_feature=aux, enc_last_layer=enc_last_layer)
                 elif kind == "vqgan":
                     g_loss, logs = loss_fn(out["qloss"], x, recon, 0, g_step, last_layer=last_layer)
-                else:
-                    g_loss, logs = loss_fn.generator_loss(x, recon, last_layer, epoch)
+                else:  # RAE: the loss runs under the step's autocast, as the original's (see RAELoss)
+                    with accelerator.autocast():
+                        g_loss, logs = loss_fn.generator_loss(x, recon, last_layer, epoch)
                 accelerator.backward(g_loss)
                 if accelerator.sync_gradients and args.max_grad_norm > 0:
                     accelerator.clip_grad_norm_(trainable, args.max_grad_norm)
@@ -525,12 +529,13 @@ def main(args):
                 # -- discriminator update
                 d_loss = torch.zeros((), device=device)
                 if use_d:
-                    if kind == "rae":  # a fresh reconstruction in eval mode: noise off
-                        with torch.no_grad():
+                    if kind == "rae":  # a fresh reconstruction in eval mode (noise off), under autocast as the original
+                        with torch.no_grad(), accelerator.autocast():
                             model.eval()
                             fake = model((x + 1) / 2) * 2 - 1
                             model.train()
-                        d_loss, d_logs = loss_fn.discriminator_loss(x, fake)
+                        with accelerator.autocast():
+                            d_loss, d_logs = loss_fn.discriminator_loss(x, fake)
                     elif kind == "vqgan":
                         d_loss, d_logs = loss_fn(out["qloss"], x, recon.detach(), 1, d_step)
                     else:

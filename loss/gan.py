@@ -10,6 +10,7 @@
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Callable, Dict
 
 import torch
@@ -101,18 +102,23 @@ def update_lecam_ema_(ema_real: torch.Tensor, ema_fake: torch.Tensor, real_mean:
 # --------------------------------------------------------------------------------------------
 # Running the discriminator
 # --------------------------------------------------------------------------------------------
-def run_discriminator(discriminator: nn.Module, x: torch.Tensor, freeze_params: bool = False) -> torch.Tensor:
-    """D(x) in float32 with autocast disabled (the GAN is sensitive to fp16 rounding).
+def run_discriminator(discriminator: nn.Module, x: torch.Tensor, freeze_params: bool = False,
+                      full_precision: bool = True) -> torch.Tensor:
+    """D(x), by default in float32 with autocast disabled (the REPA-E / taming GANs, sensitive to
+    fp16 rounding, run so in the originals); `full_precision=False` runs D under the caller's
+    autocast, as RAE's original does with its DINO discriminator.
 
     freeze_params: run D with detached parameters (the generator step): gradients reach x but not
     D, without toggling `requires_grad` (no global state, torch.compile-friendly). Buffers are
     D's own, so BatchNorm in train mode still updates its running statistics as in the originals.
     """
-    with torch.autocast(device_type=x.device.type, enabled=False):
+    with torch.autocast(device_type=x.device.type, enabled=False) if full_precision else contextlib.nullcontext():
+        if full_precision:
+            x = x.float()
         if freeze_params:
             params = {name: p.detach() for name, p in discriminator.named_parameters()}
-            return torch.func.functional_call(discriminator, params, (x.float(),))
-        return discriminator(x.float())
+            return torch.func.functional_call(discriminator, params, (x,))
+        return discriminator(x)
 
 
 __all__ = ["hinge_d_loss", "vanilla_d_loss", "D_LOSSES", "get_d_loss", "generator_loss", "adopt_weight",

@@ -16,6 +16,7 @@ Returned log values are detached 0-d tensors.
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Dict, Mapping, Optional, Tuple, Union
 
 import torch
@@ -383,7 +384,7 @@ from loss.diffaug import diff_augment, parse_policy  # noqa: E402  (kept with th
 
 RAE_LOSS_DEFAULTS = dict(perceptual_weight=1.0, gan_weight=0.75, disc_start_epoch=8, disc_update_start_epoch=6,
                          adaptive_eps=1e-6, adaptive_max=1e4, diffaug_policy="translation,color",
-                         vgg_weights="imagenet", disc_loss="hinge")
+                         vgg_weights="imagenet", disc_loss="hinge", full_precision=False)
 
 
 def quantize_8bit(x: torch.Tensor) -> torch.Tensor:
@@ -413,6 +414,9 @@ class RAELoss(nn.Module):
         perceptual: a distance module `(x, y) -> [B, 1, 1, 1]` on [-1, 1] images replacing LPIPS;
             with perceptual_weight 0 no VGG is built.
         vgg_weights: LPIPS trunk ("imagenet", a local torchvision VGG16 file, or "random").
+        full_precision: False (the original): LPIPS and the discriminator run under the caller's
+            autocast (train_stage1.py computes the RAE losses inside it, so bf16 covers the whole
+            step); True runs them in float32 with autocast off. The adaptive weight is fp32 always.
     Inputs are [B, 3, H, W] in [-1, 1]. Log values are detached 0-d tensors. `state_dict()`
     holds the discriminator heads only (`discriminator.heads.*`; LPIPS and the frozen DINO
     backbone are constants kept out of it).
@@ -421,10 +425,12 @@ class RAELoss(nn.Module):
     def __init__(self, discriminator: Union[None, Mapping, nn.Module] = None, perceptual_weight: float = 1.0,
                  gan_weight: float = 0.75, disc_start_epoch: int = 8, disc_update_start_epoch: int = 6,
                  adaptive_eps: float = 1e-6, adaptive_max: float = 1e4, diffaug_policy: str = "translation,color",
-                 vgg_weights: str = "imagenet", disc_loss: str = "hinge", perceptual: Optional[nn.Module] = None):
+                 vgg_weights: str = "imagenet", disc_loss: str = "hinge", perceptual: Optional[nn.Module] = None,
+                 full_precision: bool = False):
         super().__init__()
         from models.discriminators import build_dino_discriminator
 
+        self.full_precision = bool(full_precision)
         self.perceptual_weight = float(perceptual_weight)
         self.gan_weight = float(gan_weight)
         self.disc_start_epoch = int(disc_start_epoch)
@@ -463,11 +469,15 @@ class RAELoss(nn.Module):
         return diff_augment(x, self.diffaug_policy, generator)
 
     def reconstruction_terms(self, x: torch.Tensor, recon: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        """(l1 on [0, 1] pixels, mean LPIPS), both 0-d."""
-        l1 = 0.5 * (x - recon).abs().mean()  # |x/2 + 1/2 - (r/2 + 1/2)| = |x - r| / 2
+        """(l1 on [0, 1] pixels, mean LPIPS), both 0-d float32."""
+        l1 = 0.5 * (x.float() - recon.float()).abs().mean()  # |x/2 + 1/2 - (r/2 + 1/2)| = |x - r| / 2
         if self.perceptual_loss is None or self.perceptual_weight == 0:
             return l1, torch.zeros((), device=x.device)
-        return l1, self.perceptual_loss(x, recon).mean()
+        # full_precision: LPIPS in float32 with autocast off; else under the caller's autocast
+        with torch.autocast(device_type=x.device.type, enabled=False) if self.full_precision else contextlib.nullcontext():
+            if self.full_precision:
+                x, recon = x.float(), recon.float()
+            return l1, self.perceptual_loss(x, recon).float().mean()
 
     def adaptive_weight(self, rec: torch.Tensor, gan: torch.Tensor, last_layer: torch.Tensor) -> torch.Tensor:
         """clamp(||grad_W rec|| / (||grad_W gan|| + eps), 0, max), detached, in fp32."""
@@ -477,14 +487,14 @@ class RAELoss(nn.Module):
     # ---- the two losses ------------------------------------------------------------------------
     def generator_loss(self, x: torch.Tensor, recon: torch.Tensor, last_layer: Optional[torch.Tensor], epoch: int,
                        generator: Optional[torch.Generator] = None) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
-        x, recon = x.float(), recon.float()
         l1, lp = self.reconstruction_terms(x, recon)
         rec = l1 + self.perceptual_weight * lp
         zero = torch.zeros((), device=x.device)
         gan, weight, loss = zero, zero, rec
         if self.use_gan(epoch):
-            logits = run_discriminator(self.discriminator, self.augment(recon, generator), freeze_params=True)
-            gan = generator_loss(logits)
+            logits = run_discriminator(self.discriminator, self.augment(recon, generator), freeze_params=True,
+                                       full_precision=self.full_precision)
+            gan = generator_loss(logits.float())
             if can_backprop(rec, gan):
                 if last_layer is None:
                     raise ValueError("RAELoss.generator_loss: the adaptive GAN weight needs last_layer "
@@ -500,7 +510,8 @@ class RAELoss(nn.Module):
         real = self.augment(x.detach().float(), generator)
         fake = self.augment(quantize_8bit(recon.detach().float()), generator)  # an independent draw
         B = real.shape[0]
-        logits = run_discriminator(self.discriminator, torch.cat([real, fake], dim=0))  # [2B, L]
+        logits = run_discriminator(self.discriminator, torch.cat([real, fake], dim=0),
+                                   full_precision=self.full_precision).float()  # [2B, L]
         logits_real, logits_fake = logits[:B], logits[B:]
         loss = self.d_loss_fn(logits_real, logits_fake)
         logs = {"disc_loss": loss.detach(), "logits_real": logits_real.detach().mean(),

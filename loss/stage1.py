@@ -51,7 +51,7 @@ def build_loss(args, in_channels: int) -> tuple:
                               disc_update_start_epoch=args.disc_update_start_epoch,
                               diffaug_policy=args.diffaug_policy, disc_loss=args.disc_loss,
                               perceptual=perceptual if perceptual is not None else None,
-                              vgg_weights=args.lpips_weights)
+                              vgg_weights=args.lpips_weights, full_precision=args.rae_loss_full_precision)
     return loss_fn, lpips_net
 
 

@@ -177,6 +177,29 @@ def test_rae_loss_adaptive_weight_matches_autograd(rae_loss):
     assert dec.pred.weight.grad is not None
 
 
+@pytest.mark.parametrize("full_precision", [False, True])
+def test_rae_loss_runs_under_the_callers_autocast_unless_full_precision(rae_loss, full_precision):
+    """As the original, LPIPS and the DINO discriminator run in the step's bf16 autocast (the
+    whole RAE step in bf16); `--rae-loss-full-precision` keeps them in float32."""
+    dtypes = []
+    hooks = [m.register_forward_hook(lambda mod, i, o: dtypes.append(o.dtype)) for m in rae_loss.modules()
+             if isinstance(m, (nn.Conv2d, nn.Conv1d, nn.Linear))]
+    rae_loss.full_precision = full_precision
+    try:
+        dec, x = _TinyDecoder(), _images(B=2)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            recon = dec(torch.randn(2, 8))
+            loss, logs = rae_loss.generator_loss(x, recon, dec.pred.weight, epoch=8)
+            d_loss, _ = rae_loss.discriminator_loss(x, recon)
+    finally:
+        rae_loss.full_precision = False
+        for h in hooks:
+            h.remove()
+    assert dtypes and set(dtypes) == ({torch.float32} if full_precision else {torch.bfloat16})
+    assert loss.dtype == d_loss.dtype == torch.float32 and logs["adaptive_weight"].dtype == torch.float32
+    assert torch.isfinite(loss) and torch.isfinite(d_loss)
+
+
 def test_rae_loss_no_gan_before_start_epoch(rae_loss):
     calls = []
     handle = rae_loss.discriminator.register_forward_hook(lambda *a: calls.append(1))
