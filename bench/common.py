@@ -152,6 +152,19 @@ def cuda_optimizer_path(utils_module):
         utils_module.adamw = original
 
 
+@contextlib.contextmanager
+def probed_trainer(utils_module, probe):
+    """Within: a trainer's batches pass through `probe` (which times and counts the work between
+    two batches) and its AdamW is the fused one (`cuda_optimizer_path`)."""
+    original = utils_module.infinite_epochs
+    utils_module.infinite_epochs = lambda *a, **k: probe.wrap(original(*a, **k))
+    try:
+        with cuda_optimizer_path(utils_module):
+            yield
+    finally:
+        utils_module.infinite_epochs = original
+
+
 def _cuda() -> bool:
     return torch.cuda.is_available()
 

@@ -34,7 +34,7 @@ CONFIGS = {
 
 
 def main(argv=None):
-    from common import StepProbe, add_probe_flags, cuda_optimizer_path, record
+    from common import StepProbe, add_probe_flags, probed_trainer, record
     from latent_loader import write_synthetic_folder
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -79,13 +79,8 @@ def main(argv=None):
             flags += ["--mixed-precision", "no"]
         if args.grad_checkpointing:
             flags.append("--grad-checkpointing")
-        original = utils.infinite_epochs
-        utils.infinite_epochs = lambda *a, **k: probe.wrap(original(*a, **k))
-        try:
-            with cuda_optimizer_path(utils):
-                train_ldm_only.main(train_ldm_only.parse_args(flags))
-        finally:
-            utils.infinite_epochs = original
+        with probed_trainer(utils, probe):
+            train_ldm_only.main(train_ldm_only.parse_args(flags))
     return record("train_ldm_step", f"{cfg_name} ({model} on {'x'.join(map(str, shape))})", bs, probe,
                   model=model, tiny=tiny, compile=args.compile, grad_checkpointing=args.grad_checkpointing)
 

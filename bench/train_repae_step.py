@@ -36,7 +36,7 @@ DESCRIPTION = {
 
 
 def main(argv=None):
-    from common import StepProbe, add_probe_flags, cuda_optimizer_path, record
+    from common import StepProbe, add_probe_flags, probed_trainer, record
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--preset", choices=sorted(PRESETS), default=None, help="default: xl on CUDA, tiny otherwise")
@@ -78,13 +78,8 @@ def main(argv=None):
                   "--sampling-steps", "0", "--num-workers", str(args.num_workers), "--log-every", str(args.log_every),
                   "--num-classes", "1000" if preset == "xl" else "10", "--compile" if args.compile else "--no-compile"]
         flags += ["--grad-checkpointing"] * ("sit" in ckpt) + ["--vae-grad-checkpointing"] * ("vae" in ckpt)
-        original = utils.infinite_epochs
-        utils.infinite_epochs = lambda *a, **k: probe.wrap(original(*a, **k))
-        try:
-            with cuda_optimizer_path(utils):
-                train_repae.main(train_repae.parse_args(flags))
-        finally:
-            utils.infinite_epochs = original
+        with probed_trainer(utils, probe):
+            train_repae.main(train_repae.parse_args(flags))
     return record("train_repae_step", DESCRIPTION[preset], bs, probe, preset=preset,
                   mixed_precision=flags[flags.index("--mixed-precision") + 1], compile=args.compile, log_every=args.log_every,
                   grad_checkpointing=sorted(ckpt))

@@ -44,7 +44,7 @@ def bench(name: str, batch_size: int, probe, mixed_precision, grad_checkpointing
           num_workers: int) -> dict:
     import train_stage1
     import utils
-    from common import cuda_optimizer_path
+    from common import probed_trainer
     from datasources import make_procedural_dataset
 
     cfg_name, default_bs, load_size, extra = RECIPES[name]
@@ -77,13 +77,8 @@ def bench(name: str, batch_size: int, probe, mixed_precision, grad_checkpointing
     if torch.cuda.is_available():
         flags.append("--allow-tf32")
         torch.cuda.reset_peak_memory_stats()
-    original = utils.infinite_epochs
-    utils.infinite_epochs = lambda *a, **k: probe.wrap(original(*a, **k))
-    try:
-        with cuda_optimizer_path(utils):
-            train_stage1.main(train_stage1.parse_args(flags))
-    finally:
-        utils.infinite_epochs = original
+    with probed_trainer(utils, probe):
+        train_stage1.main(train_stage1.parse_args(flags))
     return dict(batch=bs, mixed_precision=mixed_precision or cfg.get("mixed_precision", "no"))
 
 

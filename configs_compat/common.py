@@ -215,3 +215,17 @@ def _disc_in_channels(r: _Reader, p: str, model: dict):
     if k in r.leaves:
         images = int(model.get("ddconfig", {}).get("in_channels", 3))
         r.fixed(k, (images,), "the discriminator sees the images (ddconfig.in_channels)")
+
+
+def _sampler_keys(r: _Reader, mode_key: str, method_key: str, steps_key: str, tol_prefix: str) -> None:
+    """The sampler settings both RAE and LightningDiT configs carry, under their own key names:
+    ODE / SDE, the solver, the step count and the dopri5 tolerances."""
+    mode = r.flag(mode_key, "mode", lambda v: str(v).lower())
+    if mode is not _MISSING and mode not in ("ode", "sde"):
+        r.error(mode_key, f"= {mode!r}: ODE or SDE")
+    method = r.flag(method_key, "solver", lambda v: str(v).lower())
+    if method is not _MISSING and method not in ("euler", "heun", "dopri5"):
+        r.error(method_key, f"= {method!r}: known euler, heun, dopri5")
+    r.flag(steps_key, "num_steps", int)
+    r.flag(f"{tol_prefix}atol", "atol", float)
+    r.flag(f"{tol_prefix}rtol", "rtol", float)

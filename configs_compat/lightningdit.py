@@ -6,8 +6,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from configs_compat.common import (_MISSING, _disc_in_channels, _init_from, _lightning_data, _model_params,
-                                   _Reader)
+from configs_compat.common import (_MISSING, _disc_in_channels, _init_from, _lightning_data, _model_params, _Reader,
+                                   _sampler_keys)
 
 # ------------------------------------------------------------------------------------------------
 # LightningDiT (hustvl)
@@ -93,15 +93,7 @@ def _lightningdit_sample(r: _Reader):
         r.unused(section, "training settings")
     for k in ("loss_weight", "train_eps", "use_cosine_loss", "use_lognorm"):
         r.unused(f"transport.{k}", "training settings")
-    mode = r.flag("sample.mode", "mode", lambda v: str(v).lower())
-    if mode is not _MISSING and mode not in ("ode", "sde"):
-        r.error("sample.mode", f"= {mode!r}: ODE or SDE")
-    method = r.flag("sample.sampling_method", "solver", lambda v: str(v).lower())
-    if method is not _MISSING and method not in ("euler", "heun", "dopri5"):
-        r.error("sample.sampling_method", f"= {method!r}: known euler, heun, dopri5")
-    r.flag("sample.atol", "atol", float)
-    r.flag("sample.rtol", "rtol", float)
-    r.flag("sample.num_sampling_steps", "num_steps", int)
+    _sampler_keys(r, "sample.mode", "sample.sampling_method", "sample.num_sampling_steps", "sample.")
     r.flag("sample.cfg_scale", "cfg_scale", float)
     r.flag("sample.per_proc_batch_size", "per_proc_batch_size", int)
     r.flag("sample.fid_num", "num_fid_samples", int)

@@ -7,7 +7,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from configs_compat.common import _MISSING, UNLIMITED_STEPS, _betas, _flatten, _init_from, _Reader, _same
+from configs_compat.common import _sampler_keys, _MISSING, UNLIMITED_STEPS, _betas, _flatten, _init_from, _Reader, _same
 
 _RAE_PARAMS = {"encoder_cls", "encoder_config_path", "encoder_input_size", "encoder_params", "decoder_config_path",
                "decoder_patch_size", "pretrained_decoder_path", "noise_tau", "reshape_to_2d",
@@ -275,15 +275,7 @@ def _rae_stage2_sample(r: _Reader):
         r.set("shift", shift)
     r.flag("stage_2.ckpt", "ckpt", r.path_value)
     r.unused("transport.params.time_dist_type", "the training time distribution")
-    mode = r.flag("sampler.mode", "mode", lambda v: str(v).lower())
-    if mode is not _MISSING and mode not in ("ode", "sde"):
-        r.error("sampler.mode", f"= {mode!r}: ODE or SDE")
-    method = r.flag("sampler.params.sampling_method", "solver", lambda v: str(v).lower())
-    if method is not _MISSING and method not in ("euler", "heun", "dopri5"):
-        r.error("sampler.params.sampling_method", f"= {method!r}: known euler, heun, dopri5")
-    r.flag("sampler.params.num_steps", "num_steps", int)
-    r.flag("sampler.params.atol", "atol", float)
-    r.flag("sampler.params.rtol", "rtol", float)
+    _sampler_keys(r, "sampler.mode", "sampler.params.sampling_method", "sampler.params.num_steps", "sampler.params.")
     r.fixed("sampler.params.reverse", (False,), "sampling runs from noise to data")
     method = r.flag("guidance.method", "guidance", lambda v: str(v).lower())
     if method is not _MISSING and method not in ("cfg", "autoguidance"):
