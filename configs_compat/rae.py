@@ -7,7 +7,8 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from configs_compat.common import _sampler_keys, _MISSING, UNLIMITED_STEPS, _betas, _flatten, _init_from, _Reader, _same
+from configs_compat.common import (_MISSING, UNLIMITED_STEPS, _betas, _flatten, _init_from, _Reader, _same,
+                                   _sampler_keys)
 
 _RAE_PARAMS = {"encoder_cls", "encoder_config_path", "encoder_input_size", "encoder_params", "decoder_config_path",
                "decoder_patch_size", "pretrained_decoder_path", "noise_tau", "reshape_to_2d",
