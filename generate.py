@@ -398,12 +398,6 @@ def parse_args(argv=None):
     pre.add_argument("--recipe", type=str, default=None, help="named sampling recipe from configs/sampling/")
     pre.add_argument("--config", type=str, default=None, help="YAML file of flag values (explicit flags win)")
     known, _ = pre.parse_known_args(argv)
-    # config keys may use any of a flag's names (REPA-E's or ours), hyphens or underscores
-    dests = {a.dest: a.dest for a in parser._actions}
-    for action in parser._actions:
-        for opt in action.option_strings:
-            if opt.startswith("--") and not opt.startswith("--no-"):
-                dests[opt[2:].replace("-", "_")] = action.dest
     files = []
     if known.recipe:
         path = Path(known.recipe) if known.recipe.endswith(".yaml") else RECIPE_DIR / f"{known.recipe}.yaml"
@@ -412,40 +406,16 @@ def parse_args(argv=None):
         files.append(path)
     if known.config:
         files.append(Path(known.config))
-    for path in files:
-        cfg = utils.load_yaml(path)
+    for path in files:  # the config file's values override the recipe's
         try:
-            original = utils.original_config_defaults(cfg, path, parser, argv)
+            utils.apply_config_file(parser, path, argv)
         except ValueError as e:
             raise SystemExit(str(e)) from None
-        if original is not None:
-            parser.set_defaults(**original)
-            continue
-        defaults = {}
-        for k, v in cfg.items():
-            dest = dests.get(str(k).replace("-", "_"))
-            if dest is None or dest in ("recipe", "config"):
-                raise SystemExit(f"{path}: unknown key '{k}' (not a flag of generate.py)")
-            defaults[dest] = v
-        parser.set_defaults(**typed_file_values(parser, defaults, path))
     args = parser.parse_args(argv)
     check_args(args)
     if args.heun:
         args.solver = "heun"
     return args
-
-
-def typed_file_values(parser, values: dict, path) -> dict:
-    """{dest: value} of a --config / --recipe file checked as the flags themselves would be (a
-    YAML 0 or 2.5 for a count is refused); errors name the file and the flag."""
-    actions = {}
-    for action in parser._actions:  # a dest's main flag comes first (aliases such as --per-class-sampling after it)
-        if action.option_strings:
-            actions.setdefault(action.dest, action)
-    try:
-        return {dest: utils.config_value(actions[dest], v, dest, path) for dest, v in values.items()}
-    except ValueError as e:
-        raise SystemExit(str(e)) from None
 
 
 def check_args(args) -> None:

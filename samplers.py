@@ -26,14 +26,13 @@ one code path for every family:
 from __future__ import annotations
 
 import math
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, List, Optional, Sequence
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
 from evaluation.metrics import broadcast_object, dist_info, images_to_uint8
-from models.autoencoder import denormalize_latents
 from models.diffusion import VelocityModel
 from models.lightningdit import LEGACY_CFG_CHANNELS
 from models.sit import interpolant
@@ -340,9 +339,6 @@ class GuidedVelocity:
         return guided
 
 
-GUIDANCE_KEYS = ("cfg_scale", "guidance_low", "guidance_high", "guide", "cfg_channels", "time_grid")
-
-
 def run_sampler(model, z: torch.Tensor, y: torch.Tensor, sampler_kwargs: dict,
                 randn_like: Optional[Callable[[torch.Tensor], torch.Tensor]] = None) -> torch.Tensor:
     """Integrate from noise z [B, C, h, w] (float32) to normalised latents (float64).
@@ -481,18 +477,6 @@ def sample_for_eval(model, decode_fn: Callable[[torch.Tensor], torch.Tensor], la
         count = len(todo[r::world])
         out[r::world] = gathered[r][:count].cpu().numpy()
     return out
-
-
-@torch.no_grad()
-def generate_images(model, vae, latent_stats: Dict[str, torch.Tensor], indices: torch.Tensor, seed: int,
-                    sampler_kwargs: dict, num_classes: int, label_sampling: str = "random",
-                    autocast_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
-    """REPA-E SiT + VAE shortcut of `sample_batch` (latents denormalised with latents_scale/bias)."""
-    device = next(model.parameters()).device
-    side = int(round(math.sqrt(model.x_embedder.num_patches))) * model.patch_size
-    decode = lambda z: vae.decode(denormalize_latents(z, latent_stats))
-    return sample_batch(model, decode, (model.in_channels, side, side), num_classes, indices, seed, sampler_kwargs,
-                        device, label_sampling, autocast_dtype)
 
 
 class CompiledField:

@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 
 import utils
 from datasources import LatentShardDataset, ResumableDistributedSampler, build_image_dataset, collate_latents
+from datasources.latents import tokenizer_differences
 from models.diffusion import (DIFFUSION_MODELS, LatentNormalizer, VelocityModel, build_diffusion_model,
                               default_time_convention, flow_matching_loss, model_family, sit_bn_from_stats)
 from evaluation.training import add_training_eval_flags, evaluate_generation, training_sample_grid
@@ -178,14 +179,7 @@ def check_resume_latents(ckpt: dict, info: dict, latents_dir, source) -> None:
     """A checkpoint continues only on latents of the tokenizer it was trained on (the folder's
     recorded kind, name, weight fingerprint and latent shape), as a fresh start checks the
     tokenizer that decodes its grids against the folder."""
-    trained = ckpt.get("tokenizer") or {}
-    diffs = []
-    for key in ("kind", "name", "fingerprint", "latent_shape"):
-        have, want = trained.get(key), info.get(key)
-        if key == "latent_shape":
-            have, want = list(have or []), list(want or [])
-        if have != want:
-            diffs.append(f"{key}: checkpoint {have!r} vs folder {want!r}")
+    diffs = tokenizer_differences(ckpt.get("tokenizer") or {}, info, "checkpoint", "folder")
     if diffs:
         raise SystemExit(f"--resume {source}: the run was trained on latents of another tokenizer than --latents-dir "
                          f"{latents_dir} holds ({'; '.join(diffs)}); resume on the latent folder it was trained on, "

@@ -126,6 +126,19 @@ def latent_flip_choice(seed: int, epoch: int, index: int) -> bool:
     return bool(h >> 63)
 
 
+def tokenizer_differences(a: dict, b: dict, a_name: str, b_name: str) -> list:
+    """["key: <a_name> X vs <b_name> Y"] for each identity field (kind, name, weight fingerprint,
+    latent shape) in which two tokenizer records differ; empty when they are the same tokenizer."""
+    diffs = []
+    for key in ("kind", "name", "fingerprint", "latent_shape"):
+        have, want = a.get(key), b.get(key)
+        if key == "latent_shape":
+            have, want = list(have or []), list(want or [])
+        if have != want:
+            diffs.append(f"{key}: {a_name} {have!r} vs {b_name} {want!r}")
+    return diffs
+
+
 class LatentShardDataset(Dataset):
     """Cached latents of one tokenizer (a folder written by `cache_latents.py`).
 
@@ -230,13 +243,7 @@ class LatentShardDataset(Dataset):
 
     def check_tokenizer(self, identity: dict) -> None:
         """Raise when the latents were written by another tokenizer than `identity` describes."""
-        diffs = []
-        for key in ("kind", "name", "fingerprint", "latent_shape"):
-            have, want = self.info.get(key), identity.get(key)
-            if key == "latent_shape":
-                have, want = list(have or []), list(want or [])
-            if have != want:
-                diffs.append(f"{key}: folder {have!r} vs given {want!r}")
+        diffs = tokenizer_differences(self.info, identity, "folder", "given")
         if diffs:
             raise ValueError(f"latent folder {self.root} was written by another tokenizer ({'; '.join(diffs)}); "
                              f"encode the data again with this tokenizer (cache_latents.py) into another folder")

@@ -17,7 +17,8 @@ from utils.io import (  # noqa: F401
 )
 from utils.config import (  # noqa: F401
     load_yaml, positive_int, non_negative_int, _strict_int, OneDefaultHelpFormatter, config_value,
-    _config_value_one, parse_args_with_config, explicit_dests, original_config_defaults, apply_config_epochs,
+    _config_value_one, parse_args_with_config, apply_config_file, explicit_dests, original_config_defaults,
+    apply_config_epochs,
     write_args_json, add_common_training_flags, DEFAULT_NOTICES, _notice,
     resolve_precision_defaults, finish_args, add_sit_projector_flags, add_flow_loss_flags,
     add_repa_loss_flags, add_lr_ema_flags, add_sample_grid_flags,

@@ -119,23 +119,34 @@ def parse_args_with_config(parser, argv=None):
     pre.add_argument("--config", type=str, default=None, help='YAML file of flag values')
     known, _ = pre.parse_known_args(argv)
     if known.config:
-        cfg = load_yaml(known.config)
-        original = original_config_defaults(cfg, known.config, parser, argv)
-        if original is not None:
-            parser.set_defaults(**original)
-            return parser.parse_args(argv)
-        actions = {a.dest: a for a in parser._actions}
-        defaults = {}
-        for k, v in cfg.items():
-            dest = k.replace("-", "_")
-            alias = parser._option_string_actions.get("--" + str(k).replace("_", "-"))
-            if dest not in actions and alias is not None:  # a flag's other name (e.g. random-init-vae)
-                dest = alias.dest
-            if dest not in actions:
-                raise ValueError(f"{known.config}: unknown key '{k}' (not a flag of {parser.prog})")
-            defaults[dest] = config_value(actions[dest], v, k, known.config)
-        parser.set_defaults(**defaults)
+        apply_config_file(parser, known.config, argv)
     return parser.parse_args(argv)
+
+
+def apply_config_file(parser, path, argv=None) -> None:
+    """Set `parser`'s defaults from a YAML file: an original's config (RAE, LightningDiT, taming:
+    translated key by key) or a file of our flags, keyed by any of a flag's names, hyphens or
+    underscores, each value checked as the flag itself would be. Raises ValueError naming the
+    file and the key."""
+    cfg = load_yaml(path)
+    original = original_config_defaults(cfg, path, parser, argv)
+    if original is not None:
+        parser.set_defaults(**original)
+        return
+    actions = {}
+    for a in parser._actions:  # a dest's main flag first (aliases such as --per-class-sampling after it)
+        if a.option_strings:
+            actions.setdefault(a.dest, a)
+    defaults = {}
+    for k, v in cfg.items():
+        dest = str(k).replace("-", "_")
+        alias = parser._option_string_actions.get("--" + str(k).replace("_", "-"))
+        if dest not in actions and alias is not None:  # a flag's other name (e.g. random-init-vae)
+            dest = alias.dest
+        if dest not in actions or dest in ("config", "recipe"):
+            raise ValueError(f"{path}: unknown key '{k}' (not a flag of {parser.prog})")
+        defaults[dest] = config_value(actions[dest], v, k, path)
+    parser.set_defaults(**defaults)
 
 
 def explicit_dests(parser, argv=None) -> set:
