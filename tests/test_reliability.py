@@ -322,6 +322,31 @@ def ldm_run(argv):
     return train_ldm_only.main(train_ldm_only.parse_args(argv))
 
 
+class _Numbers(torch.utils.data.Dataset):
+    def __len__(self):
+        return 8
+
+    def __getitem__(self, i):
+        return i
+
+
+def test_workers_signalled_before_their_init_survive():
+    """A process-group SIGTERM can land between a worker's fork and its worker_init_fn; workers
+    started by `utils.start_workers` hold it blocked until they ignore it (a plain iter() dies with
+    "DataLoader worker ... is killed by signal"). The main thread's signal mask is restored."""
+    import signal as sig
+
+    loader = torch.utils.data.DataLoader(_Numbers(), batch_size=2, num_workers=2)
+    utils.shield_workers(loader)
+    before = sig.pthread_sigmask(sig.SIG_BLOCK, [])
+    for _ in range(3):
+        it = utils.start_workers(loader)
+        for w in it._workers:  # at once: most workers have not reached their init yet
+            os.kill(w.pid, sig.SIGTERM)
+        assert sorted(int(v) for b in it for v in b) == list(range(8))
+    assert sig.pthread_sigmask(sig.SIG_BLOCK, []) == before
+
+
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 def test_signal_to_the_process_group_with_workers_saves_and_exits_128_plus_signal(latents, tmp_path, sig):
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT))

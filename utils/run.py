@@ -76,12 +76,31 @@ class NonFiniteLossError(RuntimeError):
     pass
 
 
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
 def ignore_stop_signals(worker_id: int = 0) -> None:
     """DataLoader worker init: SIGTERM / SIGINT reach the whole process group (scancel, timeout,
     Kubernetes, Ctrl-C); the workers ignore them so the main process saves and ends them itself
     instead of dying on "DataLoader worker ... is killed by signal"."""
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if hasattr(signal, "pthread_sigmask"):  # inherited blocked from `start_workers`: a signal held
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)  # since the fork is now discarded
+
+
+def start_workers(loader) -> Iterator:
+    """`iter(loader)` with SIGTERM / SIGINT blocked while its worker processes are created: a
+    signal to the process group that lands between a worker's fork and its `ignore_stop_signals`
+    stays pending (the worker then ignores it) instead of killing it; the main process receives
+    it as soon as the workers exist."""
+    if getattr(loader, "num_workers", 0) == 0 or not hasattr(signal, "pthread_sigmask"):
+        return iter(loader)
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    try:
+        return iter(loader)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
 class _WorkerInit:
@@ -251,7 +270,7 @@ def infinite_epochs(loader, sampler, epoch: int, batch: int) -> Iterator:
         sampler.set_position(epoch, batch)
         if hasattr(loader.dataset, "set_epoch"):
             loader.dataset.set_epoch(epoch)
-        for data in loader:
+        for data in start_workers(loader):
             yield epoch, batch, data
             batch += 1
         epoch, batch = epoch + 1, 0
