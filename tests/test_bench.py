@@ -92,6 +92,18 @@ def test_step_monitor_reads_the_host_only_on_logged_and_checkpoint_steps():
     assert monitor.history == {"loss": [1.5]}  # only logged steps are recorded
 
 
+def test_step_monitor_lets_several_processes_agree_on_a_stop_within_a_few_steps():
+    """With --log-every 100 a signal must not wait 100 steps for the ranks' agreement (a launcher
+    kills the ranks ~30 s after SIGTERM): the all-reduce also runs every STOP_CHECK_EVERY steps."""
+    monitor = _monitor(checkpointing_steps=10**6)
+    monitor.run.world = 2
+    loss = {"loss": torch.tensor(1.5)}
+    monitor.stop.requested = True
+    stops = [monitor(loss, step, record=False)[1] for step in range(1, utils.STOP_CHECK_EVERY + 1)]
+    assert stops == [False] * (utils.STOP_CHECK_EVERY - 1) + [True]
+    assert monitor.stopped_at == utils.STOP_CHECK_EVERY
+
+
 def test_step_monitor_catches_a_nan_of_an_unread_step_at_the_next_read():
     monitor = _monitor()
     monitor({"a": torch.tensor(1.0), "b": torch.tensor(float("nan"))}, 5, record=False)

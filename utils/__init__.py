@@ -34,7 +34,8 @@ from utils.distributed import (  # noqa: F401
 )
 from utils.run import (  # noqa: F401
     create_logger, StopRequest, NonFiniteLossError, ignore_stop_signals, _WorkerInit,
-    shield_workers, start_workers, STOP_SIGNALS, TrainRun, limit_cpu_threads, start_run, no_checkpoint_to_resume,
+    shield_workers, start_workers, STOP_SIGNALS, STOP_CHECK_EVERY, TrainRun, limit_cpu_threads, start_run,
+    no_checkpoint_to_resume,
     infinite_epochs, training_loader, scalars_to_host, StepMonitor, Throughput, should_run, adamw,
     lr_multiplier, lr_scheduler, wandb_run_id, wandb_init_kwargs, checkpoint_or_stop, finish_run,
 )

@@ -77,6 +77,7 @@ class NonFiniteLossError(RuntimeError):
 
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+STOP_CHECK_EVERY = 5  # steps between the ranks' stop agreements when no log or checkpoint reads
 
 
 def ignore_stop_signals(worker_id: int = 0) -> None:
@@ -321,8 +322,12 @@ class StepMonitor:
         self._nonfinite = nonfinite if self._nonfinite is None else self._nonfinite + nonfinite
         self._first_unread = step if self._first_unread is None else self._first_unread
         args = self.run.args
+        # Several processes agree on a stop only through this all-reduce: between logged steps it
+        # still runs every STOP_CHECK_EVERY steps, so a scheduler's signal is acted on within a few
+        # steps (a launcher kills ranks ~30 s after SIGTERM), not after --log-every steps.
         if not (record or should_run(step, args.checkpointing_steps, args.max_train_steps)
-                or (self.run.world == 1 and self.stop.requested)):
+                or (self.run.world == 1 and self.stop.requested)
+                or (self.run.world > 1 and step % STOP_CHECK_EVERY == 0)):
             return {}, False
         flags = torch.cat([values, self._nonfinite, values.new_tensor([float(self.stop.requested)])])
         packed = self.run.accelerator.reduce(flags, reduction="sum").tolist()
