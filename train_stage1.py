@@ -157,6 +157,9 @@ def parse_args(argv=None):
     g.add_argument("--load-mode", type=str, default="adm", choices=["adm", "short-side"],
                    help="how images are loaded at --load-size before the random crop: ADM center crop, or the "
                         "originals' aspect-preserving short-side resize (image folders only)")
+    g.add_argument("--short-side-resize", type=str, default=None, choices=["cv2-linear", "pil-bicubic"],
+                   help="--load-mode short-side resampling: albumentations' OpenCV bilinear (taming, VA-VAE; "
+                        "kl/vavae/vqgan default) or torchvision's PIL bicubic (RAE; rae default)")
     g.add_argument("--hflip", action="store_true", help="random horizontal flips")
     g.add_argument("--no-augment", action="store_true", help="no crop or flip (spectrograms)")
     g.add_argument("--convert-channels", action="store_true", help="convert images to --in-channels instead of refusing a mismatch")
@@ -241,7 +244,8 @@ def build_data(args, data_dir: str, channels: int, load_size: int, what: str):
                          f"{'' if is_archive(data_dir) else ' or --convert-channels'}")
     if args.video_frames > 0:
         return VideoClipDataset(data_dir, args.video_frames, load_size, channels, args.video_stride, args.seed)
-    crop = args.load_mode if what == "--data-dir" else "adm"  # evaluation images: the ADM protocol
+    # evaluation images: the ADM protocol
+    crop = f"short-side-{args.short_side_resize}" if what == "--data-dir" and args.load_mode != "adm" else "adm"
     return build_image_dataset(data_dir, load_size, channels, skip_bad_images=args.skip_bad_images, crop=crop,
                                class_to_idx=load_class_to_idx(args.class_to_idx))
 

@@ -151,5 +151,8 @@ def _ldm_autoencoder(r: _Reader):
         r.flag(f"{s}.params.data_root", dest, r.path_value)
         if split == "train":
             r.flag(f"{s}.params.config.size", "resolution", int)
+            # taming's ImagePaths: albumentations SmallestMaxSize (OpenCV bilinear, --short-side-resize's
+            # default for kl / vavae), then RandomCrop
+            r.set("load_mode", "short-side")
         else:
             r.unused(f"{s}.params.config.size", "evaluation at --resolution")

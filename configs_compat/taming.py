@@ -40,6 +40,10 @@ def _taming_vqgan(r: _Reader):
         if split == "train" and target not in ("taming.data.custom.CustomTrain", "taming.data.imagenet.ImageNetTrain",
                                                "taming.data.faceshq.FacesHQTrain"):
             r.error(f"{s}.target", f"= {target!r}: known CustomTrain, ImageNetTrain, FacesHQTrain")
+        if split == "train" and target != "taming.data.faceshq.FacesHQTrain":
+            # ImagePaths: albumentations SmallestMaxSize (OpenCV bilinear, --short-side-resize's default
+            # for vqgan), then the crop
+            r.set("load_mode", "short-side")
         lst = r.get(f"{s}.params.{'training' if split == 'train' else 'test'}_images_list_file", None)
         if lst is not None and split == "train":
             r.out.needs_explicit["data_dir"] = (

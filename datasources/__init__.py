@@ -28,7 +28,8 @@ from datasources.edm import EDMImageDataset
 from datasources.h5 import H5ArchiveDataset, write_h5_archive
 from datasources.image_folder import ImageFolderDataset
 from datasources.images import (CROP_MODES, HIGH_BIT_MODES, IMAGE_EXTENSIONS, UPSAMPLED, center_crop_arr,
-                                convert_image, load_image, note_upsampled, resize_short_side)
+                                convert_image, cv2_resize_linear, load_image, note_upsampled,
+                                resize_short_side, resize_short_side_bicubic)
 from datasources.latents import (LATENT_INFO_FILE, LATENT_SHARD_DIR, LATENT_STATS_FILE, LatentBatch,
                                  LatentShardDataset, collate_latents, latent_flip_choice, latent_shard_path,
                                  latent_shard_range, map_shard_arrays, num_latent_shards, read_shard_header)
@@ -41,7 +42,8 @@ __all__ = [
     "ARCHIVE_FORMAT", "ARCHIVE_VERSION", "ArchiveDataset", "check_archive_shard", "is_archive", "load_class_to_idx",
     "read_npy_header", "save_class_to_idx", "build_image_dataset", "EDMImageDataset", "H5ArchiveDataset",
     "write_h5_archive", "ImageFolderDataset", "CROP_MODES", "HIGH_BIT_MODES", "IMAGE_EXTENSIONS", "UPSAMPLED",
-    "center_crop_arr", "convert_image", "load_image", "note_upsampled", "resize_short_side", "LATENT_INFO_FILE",
+    "center_crop_arr", "convert_image", "cv2_resize_linear", "load_image", "note_upsampled", "resize_short_side",
+    "resize_short_side_bicubic", "LATENT_INFO_FILE",
     "LATENT_SHARD_DIR", "LATENT_STATS_FILE", "LatentBatch", "LatentShardDataset", "collate_latents",
     "latent_flip_choice", "latent_shard_path", "latent_shard_range", "map_shard_arrays", "num_latent_shards",
     "read_shard_header", "make_procedural_dataset", "ResumableDistributedSampler", "VideoClipDataset",

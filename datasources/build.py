@@ -20,8 +20,8 @@ def build_image_dataset(data_dir: str | os.PathLike, resolution: int, channels: 
     """The image dataset at `data_dir`, recognised by what it holds: a preprocessing.py archive
     (`index.json`), a REPA-E archive (`images.h5`), an EDM/REPA folder-or-zip (`dataset.json`),
     or an image folder (class subfolders, or images directly inside = one class). `crop`
-    "short-side" (aspect-preserving resize, for a random crop afterwards) needs an image folder:
-    the archives hold images already cropped square."""
+    (a CROP_MODES key) other than "adm" (the "short-side-*" aspect-preserving resizes, for a random
+    crop afterwards) needs an image folder: the archives hold images already cropped square."""
     data_dir = Path(data_dir)
     if not data_dir.exists():
         raise FileNotFoundError(f"data folder not found: {data_dir} (check --data-dir)")
@@ -29,7 +29,7 @@ def build_image_dataset(data_dir: str | os.PathLike, resolution: int, channels: 
         if data_dir.is_file() or is_archive(data_dir) or (data_dir / "images.h5").is_file() \
                 or (data_dir / "dataset.json").is_file():
             raise ValueError(f"crop mode '{crop}' needs a folder of original images; {data_dir} holds "
-                             f"square-cropped images (use crop 'adm')")
+                             f"square-cropped images (use crop 'adm': train_stage1.py --load-mode adm)")
         return ImageFolderDataset(data_dir, resolution, channels, skip_bad_images, class_to_idx, crop=crop)
     if data_dir.is_file():
         if data_dir.suffix.lower() == ".zip":

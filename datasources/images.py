@@ -1,5 +1,7 @@
 """Reading one image the way every image source does: channel conversion (16-bit and palette
-modes included), the ADM center crop or an aspect-preserving short-side resize, uint8 [C, H, W].
+modes included), the ADM center crop or an aspect-preserving short-side resize (OpenCV's bilinear,
+reimplemented bit-exactly, as albumentations' SmallestMaxSize; or torchvision's PIL bicubic
+Resize), uint8 [C, H, W].
 `UPSAMPLED` counts images smaller than the training resolution (warned once, reported by
 preprocessing.py)."""
 from __future__ import annotations
@@ -64,8 +66,8 @@ def note_upsampled(name, size: Tuple[int, int], resolution: int) -> None:
         return
     UPSAMPLED["count"] += 1
     if UPSAMPLED["count"] == 1:
-        warnings.warn(f"{name} is {size[0]}x{size[1]}, smaller than the resolution {resolution}: it is upsampled "
-                      f"(BICUBIC); said once, later ones are only counted (preprocessing.py reports the total)",
+        warnings.warn(f"{name} is {size[0]}x{size[1]}, smaller than the resolution {resolution}: it is upsampled; "
+                      f"said once, later ones are only counted (preprocessing.py reports the total)",
                       stacklevel=2)
 
 
@@ -77,21 +79,88 @@ def _to_chw(arr: np.ndarray, channels: int) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1)))
 
 
+def _linear_taps(src: int, dst: int) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """OpenCV's INTER_LINEAR taps along one axis (resizeGeneric_ in imgproc/resize.cpp): the first
+    source index of each output and its two 11-bit fixed-point weights. The source position is
+    computed in double from OpenCV's own scale (1 / (dst / src), not src / dst: the two differ in
+    the last bit), then rounded to float, as OpenCV does; weights are float32 (1 - f, f) * 2048
+    rounded half to even (saturate_cast<short>)."""
+    scale = 1.0 / (dst / src)
+    pos = ((np.arange(dst, dtype=np.float64) + 0.5) * scale - 0.5).astype(np.float32)
+    first = np.floor(pos)
+    frac = pos - first
+    return first.astype(np.int64), *(np.rint(w * np.float32(2048)).astype(np.int32)
+                                     for w in (np.float32(1) - frac, frac))
+
+
+def cv2_resize_linear(arr: np.ndarray, width: int, height: int) -> np.ndarray:
+    """`cv2.resize(arr, (width, height), interpolation=cv2.INTER_LINEAR)` for uint8 [H, W] or
+    [H, W, C], bit for bit (checked against OpenCV in tests/test_dataset.py), without OpenCV:
+    half-pixel centres, no antialiasing, a horizontal pass into int32 (weights x 2048) and the
+    vertical pass of OpenCV's 8-bit VResizeLinear, whose scalar code mirrors its SIMD code:
+    ((b0 * (S0 >> 4)) >> 16) + ((b1 * (S1 >> 4)) >> 16), then (+ 2) >> 2. (An exact 2x downscale,
+    which OpenCV hands to INTER_AREA, (a + b + c + d + 2) >> 2, comes out the same here: all
+    weights are 1024.)"""
+    if arr.dtype != np.uint8 or arr.ndim not in (2, 3):
+        raise ValueError(f"cv2_resize_linear takes uint8 [H, W] or [H, W, C], got {arr.dtype} {arr.shape}")
+    h, w = arr.shape[:2]
+    if (w, h) == (width, height):
+        return arr.copy()
+    x = arr.reshape(h, w, -1)
+    sx, a0, a1 = _linear_taps(w, width)
+    # borders: OpenCV moves a tap outside the image onto the edge pixel with weights (2048, 0)
+    edge = (sx < 0) | (sx >= w - 1)
+    sx = np.clip(sx, 0, w - 1)
+    a0, a1 = np.where(edge, 2048, a0)[:, None], np.where(edge, 0, a1)[:, None]
+    rows = np.take(x, sx, axis=1) * a0  # uint8 x int32 -> int32
+    rows += np.take(x, np.minimum(sx + 1, w - 1), axis=1) * a1
+    rows >>= 4
+    # rows are clamped instead (the weights stay): both taps read the edge row
+    sy, b0, b1 = _linear_taps(h, height)
+    out = np.take(rows, np.clip(sy, 0, h - 1), axis=0)
+    out *= b0[:, None, None]
+    out >>= 16
+    s1 = np.take(rows, np.clip(sy + 1, 0, h - 1), axis=0)
+    s1 *= b1[:, None, None]
+    s1 >>= 16
+    out += s1
+    out += 2
+    out >>= 2
+    return out.astype(np.uint8).reshape((height, width) + arr.shape[2:])
+
+
 def resize_short_side(pil_image: Image.Image, size: int) -> np.ndarray:
-    """BICUBIC resize so the short side is `size`, aspect ratio kept (torchvision Resize(size) /
-    albumentations SmallestMaxSize, the stage-1 recipes' load step before a random crop)."""
+    """albumentations `SmallestMaxSize(size)` (taming's VQGAN and VA-VAE data): every side
+    scaled by size / short side and rounded (half to even), resized with OpenCV's INTER_LINEAR
+    (`cv2_resize_linear`); an image whose short side is already `size` is left as it is."""
     scale = size / min(*pil_image.size)
-    new = tuple(max(size, round(x * scale)) for x in pil_image.size)
-    return np.array(pil_image.resize(new, resample=Image.BICUBIC))
+    arr = np.asarray(pil_image)
+    if scale == 1.0:
+        return arr.copy()
+    return cv2_resize_linear(arr, *(round(x * scale) for x in pil_image.size))
 
 
-CROP_MODES = {"adm": center_crop_arr, "short-side": resize_short_side}
+def resize_short_side_bicubic(pil_image: Image.Image, size: int) -> np.ndarray:
+    """torchvision `Resize(size, BICUBIC)` on a PIL image (RAE's data): the short side becomes
+    `size`, the long one int(size * long / short) (truncated), resized by PIL's antialiased
+    BICUBIC."""
+    w, h = pil_image.size
+    short, long = min(w, h), max(w, h)
+    new_long = int(size * long / short)
+    return np.array(pil_image.resize((size, new_long) if w <= h else (new_long, size), resample=Image.BICUBIC))
+
+
+# crop modes: "short-side-*" load the whole image with its short side at the resolution (a random
+# crop follows), resampled as the original named by the suffix does
+CROP_MODES = {"adm": center_crop_arr, "short-side-cv2-linear": resize_short_side,
+              "short-side-pil-bicubic": resize_short_side_bicubic}
 
 
 def load_image(path: str | os.PathLike, resolution: int, channels: int = 3, crop: str = "adm") -> torch.Tensor:
-    """Read an image file, convert to RGB (or L for 1 channel), then `crop`: "adm" (ADM center
-    crop to resolution x resolution) or "short-side" (short side resized to resolution, aspect
-    kept: [C, resolution, W'] or [C, H', resolution]); returns uint8 [C, H, W]."""
+    """Read an image file, convert to RGB (or L for 1 channel), then `crop` (a CROP_MODES key):
+    "adm" (ADM center crop to resolution x resolution) or "short-side-cv2-linear" /
+    "short-side-pil-bicubic" (short side resized to resolution, aspect kept: [C, resolution, W']
+    or [C, H', resolution]); returns uint8 [C, H, W]."""
     try:
         with Image.open(path) as img:
             img = convert_image(img, channels)

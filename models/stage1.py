@@ -32,13 +32,15 @@ TOKENIZERS = ("kl", "vavae", "vqgan", "rae")
 # Per-kind defaults of flags left unset (None): the published recipes' values.
 KIND_DEFAULTS = {
     "kl": dict(optimizer="adam", adam_beta1=0.5, adam_beta2=0.9, learning_rate=1e-4, disc_start=5001,
-               disc_weight=0.5, ema_decay=0.0, model="f16d32"),
+               disc_weight=0.5, ema_decay=0.0, model="f16d32", short_side_resize="cv2-linear"),
     "vavae": dict(optimizer="adam", adam_beta1=0.5, adam_beta2=0.9, learning_rate=1e-4, disc_start=5001,
-                  disc_weight=0.5, ema_decay=0.0, model="vavae-f16d32"),
+                  disc_weight=0.5, ema_decay=0.0, model="vavae-f16d32", short_side_resize="cv2-linear"),
     "vqgan": dict(optimizer="adam", adam_beta1=0.5, adam_beta2=0.9, learning_rate=4.5e-6, disc_start=250001,
-                  disc_weight=0.8, ema_decay=0.0, model="imagenet-f16-1024"),
+                  disc_weight=0.8, ema_decay=0.0, model="imagenet-f16-1024",
+                  short_side_resize="cv2-linear"),
     "rae": dict(optimizer="adamw", adam_beta1=0.9, adam_beta2=0.95, learning_rate=2e-4, disc_start=0,
-                disc_weight=0.75, ema_decay=0.9978, model="dinov2-b-xl"),
+                disc_weight=0.75, ema_decay=0.9978, model="dinov2-b-xl",
+                short_side_resize="pil-bicubic"),
 }
 
 

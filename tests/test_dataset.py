@@ -100,7 +100,7 @@ def test_short_side_load_keeps_the_aspect_and_feeds_random_crops(tmp_path):
     (tmp_path / "a").mkdir()
     rng = np.random.default_rng(0)
     Image.fromarray(rng.integers(0, 255, (40, 60, 3), dtype=np.uint8)).save(tmp_path / "a" / "wide.png")
-    ds = build_image_dataset(tmp_path, 32, crop="short-side")
+    ds = build_image_dataset(tmp_path, 32, crop="short-side-cv2-linear")
     assert isinstance(ds, ImageFolderDataset) and tuple(ds[0][0].shape) == (3, 32, 48)
     crops = CropFlip(ds, 32, random=True, seed=0)
     lefts = set()
@@ -113,3 +113,51 @@ def test_short_side_load_keeps_the_aspect_and_feeds_random_crops(tmp_path):
     assert len(lefts) > 3  # the crop moves along the long side
     with pytest.raises(ValueError, match="short-side"):
         build_image_dataset(tmp_path, 32, crop="short-side-x")
+
+
+# ---- short-side resampling: the originals' own, bit for bit --------------------------------------
+# (source H, W) -> (output H, W): down- and upscaling, odd sizes, one axis unchanged, a single
+# row / column, and the exact 2x downscale OpenCV sends to its INTER_AREA fast path
+RESIZE_CASES = [((37, 53), (100, 143)), ((301, 450), (256, 383)), ((513, 700), (256, 349)), ((17, 29), (40, 68)),
+                ((512, 768), (256, 384)), ((100, 64), (57, 64)), ((1, 7), (3, 5)), ((9, 1), (4, 2)), ((2, 3), (5, 7)),
+                ((75, 99), (25, 33))]
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_cv2_resize_linear_is_bit_exact_with_opencv(channels):
+    import cv2
+
+    from datasources import cv2_resize_linear
+
+    rng = np.random.default_rng(channels)
+    for (h, w), (dh, dw) in RESIZE_CASES:
+        img = rng.integers(0, 256, (h, w, channels)[:2 if channels == 1 else 3], dtype=np.uint8)
+        ours = cv2_resize_linear(img, dw, dh)
+        theirs = cv2.resize(img, (dw, dh), interpolation=cv2.INTER_LINEAR)
+        assert ours.dtype == np.uint8 and ours.shape == theirs.shape, ((h, w), (dh, dw))
+        assert np.array_equal(ours, theirs), ((h, w), (dh, dw), int((ours != theirs).sum()))
+
+
+def test_short_side_resizes_follow_albumentations_and_torchvision():
+    """cv2-linear: albumentations SmallestMaxSize (sides scaled and rounded, OpenCV bilinear, an
+    image already at the size untouched); pil-bicubic: torchvision Resize(size) on a PIL image
+    (long side truncated, PIL bicubic)."""
+    import cv2
+    from torchvision.transforms import InterpolationMode
+    from torchvision.transforms import functional as TF
+
+    from datasources import resize_short_side, resize_short_side_bicubic
+
+    rng = np.random.default_rng(0)
+    for h, w in ((333, 500), (500, 333), (61, 45), (256, 300), (20, 31)):
+        arr = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+        img = Image.fromarray(arr)
+        scale = 256 / min(h, w)
+        size = (round(w * scale), round(h * scale))  # albumentations' rounding: 333x500 -> 256x384
+        expected = arr if scale == 1 else cv2.resize(arr, size, interpolation=cv2.INTER_LINEAR)
+        assert np.array_equal(resize_short_side(img, 256), expected), (h, w)
+        torch_ref = np.asarray(TF.resize(img, 256, interpolation=InterpolationMode.BICUBIC))
+        assert np.array_equal(resize_short_side_bicubic(img, 256), torch_ref), (h, w)
+    # 500 x 333 -> 384: albumentations rounds the long side to 577, torchvision truncates to 576
+    img = Image.fromarray(rng.integers(0, 256, (333, 500), dtype=np.uint8))
+    assert resize_short_side(img, 384).shape == (384, 577) and resize_short_side_bicubic(img, 384).shape == (384, 576)

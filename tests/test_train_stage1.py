@@ -253,6 +253,7 @@ def test_recipes_carry_the_originals_values():
                  "vqgan_custom"):  # SmallestMaxSize + RandomCrop
         args = _recipe(name)
         assert args.load_mode == "short-side" and (args.load_size or args.resolution) == args.resolution, name
+        assert args.short_side_resize == "cv2-linear", name  # albumentations' OpenCV bilinear
     for name in ("vavae_f16d32_stage1", "vavae_f16d32_stage2", "vavae_f16d32_stage3", "vavae_domain_finetune"):
         assert _recipe(name).vf_legacy_input, name  # the original VF objective: raw [-1, 1] bilinear input
     assert not _recipe("vavae_domain_finetune", "--no-vf-legacy-input").vf_legacy_input
@@ -263,6 +264,40 @@ def test_recipes_carry_the_originals_values():
     dis = [s for s in range(2498, 2504) if train_stage1.loss_global_steps(args, s)[1] >= args.disc_start]
     assert gen[0] == 2501 and dis[0] == 2500 and train_stage1.first_disc_step(args, 5000) == 0
     assert train_stage1.loss_global_steps(_recipe("vqgan_f16_imagenet"), 7) == (7, 7)  # taming counts batches
+
+
+def test_short_side_resampling_follows_each_original(tmp_path):
+    """The VA-VAE / VQGAN recipes and the originals' own YAMLs (through --config) load the training
+    images as albumentations' SmallestMaxSize does (OpenCV bilinear), the RAE recipes as
+    torchvision's Resize (PIL bicubic); the other resampling is one flag away, and evaluation
+    images keep the ADM crop."""
+    import cv2
+
+    arr = np.random.default_rng(0).integers(0, 256, (40, 60, 3), dtype=np.uint8)
+    (tmp_path / "a").mkdir()
+    Image.fromarray(arr).save(tmp_path / "a" / "wide.png")
+    fix = ROOT / "tests" / "fixtures" / "configs"
+    originals = [fix / "hustvl+LightningDiT" / "vavae" / "configs" / "f16d32_vfdinov2.yaml",
+                 fix / "CompVis+taming-transformers" / "configs" / "imagenet_vqgan.yaml",
+                 fix / "CompVis+taming-transformers" / "configs" / "custom_vqgan.yaml"]
+    cases = [(ROOT / f"configs/stage1/{n}.yaml", "short-side-cv2-linear")
+             for n in ("vavae_f16d32_stage1", "vqgan_f16_imagenet")] + [(p, "short-side-cv2-linear") for p in originals]
+    cases += [(ROOT / "configs/stage1/rae_dinov2b_vitxl_256.yaml", "short-side-pil-bicubic")]
+    for config, crop in cases:
+        args = train_stage1.parse_args(["--config", str(config), "--data-dir", str(tmp_path), "--resolution", "32"])
+        assert train_stage1.build_data(args, tmp_path, 3, 32, "--data-dir").crop == crop, config.name
+        assert train_stage1.build_data(args, tmp_path, 3, 32, "--eval-data-dir").crop == "adm", config.name
+    args = train_stage1.parse_args(["--config", str(originals[1]), "--data-dir", str(tmp_path), "--resolution", "32"])
+    img = train_stage1.build_data(args, tmp_path, 3, 32, "--data-dir")[0][0]
+    assert torch.equal(img, torch.from_numpy(cv2.resize(arr, (48, 32), interpolation=cv2.INTER_LINEAR)).permute(2, 0, 1))
+    args = train_stage1.parse_args(["--config", str(originals[1]), "--data-dir", str(tmp_path), "--resolution", "32",
+                                    "--short-side-resize", "pil-bicubic"])
+    img = train_stage1.build_data(args, tmp_path, 3, 32, "--data-dir")[0][0]
+    bicubic = np.array(Image.fromarray(arr).resize((48, 32), resample=Image.BICUBIC))
+    assert torch.equal(img, torch.from_numpy(bicubic).permute(2, 0, 1))
+    # a plain run keeps the ADM crop: the short-side modes need folders of original images
+    plain = train_stage1.parse_args(["--tokenizer", "vqgan", "--data-dir", str(tmp_path)])
+    assert (plain.load_mode, plain.short_side_resize) == ("adm", "cv2-linear")
 
 
 def test_lightning_global_step_steps_the_discriminator_optimizer_from_the_first_batch(data_dir, tmp_path):
