@@ -314,3 +314,19 @@ def test_fsdp_matches_ddp_resumes_exactly_and_writes_ddp_checkpoints(data, tmp_p
         held[name] = [float(v) for v in re.findall(r"([0-9.]+) MiB", line)]
     for full, half in zip(held["ddp"], held["fsdp"]):
         assert half == pytest.approx(full / 2, rel=0.02), held
+
+
+def test_fsdp_refuses_what_it_does_not_support(data, tmp_path):
+    from argparse import Namespace
+
+    from utils.fsdp import check_fsdp_args, shard_blocks
+
+    _, latents = data
+    with pytest.raises(SystemExit, match="--fsdp with --mixed-precision fp16 is not supported"):
+        check_fsdp_args(Namespace(fsdp=True, compile=False, mixed_precision="fp16"))
+    with pytest.raises(SystemExit, match="--fsdp with --compile is not supported"):
+        train_ldm_only.parse_args(["--latents-dir", "x", "--fsdp", "--compile"])
+    with pytest.raises(SystemExit, match="--fsdp shards over processes"):
+        run(flags(latents, tmp_path, "one", 1, model="LightningDiT-N/1", fsdp=True))
+    with pytest.raises(SystemExit, match="--fsdp: Linear has no transformer blocks"):
+        shard_blocks(torch.nn.Linear(2, 2), mesh=None)

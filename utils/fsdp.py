@@ -24,10 +24,11 @@ from utils.distributed import broadcast_from_main, is_sharded, local
 
 
 def add_fsdp_flag(g) -> None:
+    """--fsdp (off: DDP)."""
     g.add_argument("--fsdp", action="store_true",
-                   help="shard the trained network, its gradients, AdamW moments and EMA over the processes "
-                        "(FSDP2, one unit per transformer block) instead of replicating them (DDP); for a model "
-                        "whose training state outgrows one GPU. Checkpoints stay in the DDP format")
+                   help="shard the network, its gradients, AdamW moments and EMA over the processes (FSDP2, per "
+                        "transformer block) instead of replicating them (DDP), for a training state that outgrows "
+                        "one GPU; checkpoints keep the DDP format")
 
 
 def check_fsdp_args(args) -> None:
