@@ -30,6 +30,7 @@ import torch
 from tqdm.auto import tqdm
 
 import utils
+from utils import fsdp
 from datasources import LatentShardDataset, ResumableDistributedSampler, build_image_dataset, collate_latents
 from datasources.latents import tokenizer_differences
 from models.diffusion import (DIFFUSION_MODELS, LatentNormalizer, VelocityModel, build_diffusion_model,
@@ -55,6 +56,7 @@ def parse_args(argv=None):
     g.add_argument("--time-convention", type=str, default="auto", choices=["auto", "noise-at-1", "data-at-1"],
                    help="how the network reads t: data-at-1 is hustvl LightningDiT's (auto: data-at-1 for LightningDiT without --use-gembed)")
     g.add_argument("--grad-checkpointing", action="store_true", help="recompute transformer blocks in backward (memory)")
+    fsdp.add_fsdp_flag(g)
     g = p.add_argument_group("data")
     g.add_argument("--latents-dir", type=str, required=False, default=None, help="folder written by cache_latents.py (or give --vae-latents-name)")
     g.add_argument("--vae-latents-name", type=str, default=None,
@@ -104,6 +106,7 @@ def parse_args(argv=None):
     if args.eval_every > 0 and not args.eval_reference:
         p.error("--eval-every needs --eval-reference (a reference .npz)")
     refuse_ignored_flags(p, args)
+    fsdp.check_fsdp_args(args)
     return args
 
 
@@ -278,6 +281,16 @@ def main(args):
                 f"{'data' if data_at_one else 'noise'} at t = 1; train shift {train_shift:.3f}; "
                 f"latent normalisation per {norm_mode} from {stats_source}; encoders {[e.name for e in encoders]}")
 
+    step, epoch, batch_pos = 0, 0, 0
+    ckpt = utils.load_resume_checkpoint(run)
+    if ckpt is not None:
+        src = run.resume_path
+        utils.load_state_dict_strict(net, ckpt["model"], f"{src}['model']")
+        utils.load_state_dict_strict(ema, ckpt["ema"], f"{src}['ema']")
+        check_resume_latents(ckpt, info, args.latents_dir, src)
+    ema_template = None  # --fsdp: the EMA's architecture on the meta device (for its gathered copies)
+    if args.fsdp:  # shards net and EMA in place; the optimizer is then built over the shards
+        ema_template = fsdp.shard_for_training(net, ema, accelerator, args.mixed_precision, fresh=ckpt is None)
     opt = utils.adamw([p for p in net.parameters() if p.requires_grad], args.learning_rate, args)
     steps_per_epoch = max(sampler.batches_per_epoch // args.gradient_accumulation_steps, 1)
     utils.apply_config_epochs(args, steps_per_epoch, logger)
@@ -285,23 +298,24 @@ def main(args):
                                decay_start=args.lr_decay_start, total_steps=args.lr_total_steps or args.max_train_steps,
                                final_ratio=args.final_lr / args.learning_rate if args.learning_rate else 0.0)
 
-    # ---------------- resume
-    step, epoch, batch_pos = 0, 0, 0
-    ckpt = utils.load_resume_checkpoint(run)
+    # ---------------- resume (the weights were loaded above)
     if ckpt is not None:
-        src = run.resume_path
-        utils.load_state_dict_strict(net, ckpt["model"], f"{src}['model']")
-        utils.load_state_dict_strict(ema, ckpt["ema"], f"{src}['ema']")
-        opt.load_state_dict(ckpt["opt"])
+        if args.fsdp:
+            fsdp.load_full_optimizer_state(opt, ckpt["opt"])
+        else:
+            opt.load_state_dict(ckpt["opt"])
         sched.load_state_dict(ckpt["sched"])
-        check_resume_latents(ckpt, info, args.latents_dir, src)
         step, epoch, batch_pos = utils.resume_position(run, ckpt)
-    model = torch.compile(net) if args.compile else net
-    model, opt = accelerator.prepare(model, opt)
+    if args.fsdp:
+        model = net  # already sharded: accelerator.prepare would wrap it in DDP
+        opt = accelerator.prepare(opt)  # skips the optimizer step on accumulation micro-steps
+    else:
+        model = torch.compile(net) if args.compile else net
+        model, opt = accelerator.prepare(model, opt)
+        ema = ema.to(device)
     net_m = utils.unwrap(model)
     vmodel = VelocityModel(model, data_at_one)
-    ema = ema.to(device)
-    if ckpt is None:
+    if ckpt is None and not args.fsdp:
         # Every rank built its network from its own seed and DDP broadcast rank 0's: the EMA starts
         # from those synchronised weights (the originals' update_ema(ema, model, decay=0)).
         ema.load_state_dict(net_m.state_dict())
@@ -319,8 +333,10 @@ def main(args):
                     "class_dropout_prob": args.cfg_prob, "latent_norm": norm_mode, "sample_shift": sample_shift}
 
     def save_checkpoint():
+        # collective under --fsdp: the shards are gathered into full CPU tensors on the main process
+        model_sd, ema_sd, opt_sd = (fsdp.full_state_dict(x, run.is_main) for x in (net_m, ema, opt.optimizer))
         utils.save_training_checkpoint(run, step, {"epoch": epoch, "batch": batch_pos}, lambda: {
-            "model": net_m.state_dict(), "ema": ema.state_dict(), "opt": opt.optimizer.state_dict(),
+            "model": model_sd, "ema": ema_sd, "opt": opt_sd,
             "sched": sched.state_dict(), "model_config": model_record, "tokenizer": info,
             "latent_stats": {"mean": normalizer.mean.cpu(), "std": normalizer.std.cpu(), "mode": norm_mode}},
             keep=args.keep_checkpoints)
@@ -328,15 +344,18 @@ def main(args):
     # Grids and evaluation share generate.py's index-keyed sampling: the same noise and labels at
     # every step, whatever the world size.
     decoder = None if tokenizer is None else LatentDecoder(tokenizer, normalizer.mean, normalizer.std).to(device)
-    ema_field = VelocityModel(ema, data_at_one)
 
-    def sample_grid():
-        return training_sample_grid(ema_field, decoder, latent_shape, args.num_classes, args.num_sample_images,
+    def ema_field():
+        """The EMA network for sampling (collective under --fsdp: a gathered, unsharded copy)."""
+        return VelocityModel(fsdp.full_copy(ema, ema_template) if args.fsdp else ema, data_at_one)
+
+    def sample_grid(field):
+        return training_sample_grid(field, decoder, latent_shape, args.num_classes, args.num_sample_images,
                                     args.seed, args.sample_num_steps, args.sample_cfg_scale, device, sample_shift,
                                     class_names=class_names)
 
     def evaluate(at_step: int) -> dict:
-        return evaluate_generation(ema_field, decoder, latent_shape, args.num_classes, args, device, at_step,
+        return evaluate_generation(ema_field(), decoder, latent_shape, args.num_classes, args, device, at_step,
                                    accelerator, logger, shift=sample_shift)
 
     evaluations = {}
@@ -361,6 +380,8 @@ def main(args):
             with torch.no_grad(), accelerator.autocast():
                 zs = [enc(batch["image"].to(device, non_blocking=True)).float() for enc in encoders]
             with accelerator.accumulate(model):
+                if args.fsdp:  # no reduce-scatter on accumulation micro-steps (unsharded gradients accumulate)
+                    model.set_requires_gradient_sync(accelerator.sync_gradients)
                 with accelerator.autocast():
                     if family == "sit":
                         out = model(z, labels, zs, loss_kwargs=dict(weighting=args.weighting, path_type=args.path_type,
@@ -388,6 +409,10 @@ def main(args):
                 continue
             utils.update_ema(ema, net_m, args.ema_decay)
             step += 1
+            if step == start_step + 1:
+                held = fsdp.state_bytes(net_m, ema, opt)
+                logger.info(f"per-process training state ({'sharded' if args.fsdp else 'replicated'}): "
+                            + ", ".join(f"{k} {v / 2**20:.3f} MiB" for k, v in held.items()))
             if args.check_ranks_every > 0 and step % args.check_ranks_every == 0:
                 utils.check_ranks_identical(accelerator, utils.training_state_tensors(model=net_m, ema=ema, opt=opt), step)
 
@@ -403,10 +428,12 @@ def main(args):
             if utils.should_run(step, args.eval_every, args.max_train_steps):
                 evaluations[step] = evaluate(step)
             if tokenizer is not None and utils.should_run(step, args.sampling_steps, args.max_train_steps, first=True):
+                field = ema_field()
                 if accelerator.is_main_process:
-                    images = sample_grid()
+                    images = sample_grid(field)
                     utils.save_image_grid(images, exp_dir / "samples" / f"{step:07d}.png")
                     utils.log_images(accelerator, images, step)
+                del field
                 accelerator.wait_for_everyone()
             if utils.checkpoint_or_stop(run, step, stop_requested, save_checkpoint):
                 break

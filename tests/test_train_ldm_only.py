@@ -1,6 +1,7 @@
 """End-to-end tests of train_ldm_only.py on latents cached by cache_latents.py from a tiny generated
 dataset: every family trains and writes its artefacts, resume is exact, the SiT's latent
 normalisation stays fixed, a 2-process gloo run works, and bad input gets clear errors."""
+import re
 from pathlib import Path
 
 import pytest
@@ -265,3 +266,67 @@ def test_resume_with_another_batch_size_or_nothing_to_resume_says_so(data, tmp_p
     log = (tmp_path / "bss/log.txt").read_text()
     assert "--resume latest: nothing to resume" in log and "the experiment folder did not exist" in log
     assert "similar names: bs" in log
+
+
+def test_fsdp_matches_ddp_resumes_exactly_and_writes_ddp_checkpoints(data, tmp_path):
+    """--fsdp (2 gloo processes, gradient accumulation, clipping active at every step): the same
+    weights, EMA and AdamW moments as DDP; resuming its step-2 checkpoint with --fsdp gives its
+    step-4 checkpoint bit for bit, and with DDP the DDP run's; its checkpoints have the DDP keys."""
+    _, latents = data
+    common = dict(model="LightningDiT-N/1", batch_size=8, gradient_accumulation_steps=2, check_ranks_every=1,
+                  max_grad_norm=0.05, sampling_steps=0)
+    resumed = dict(continue_train_exp_dir=tmp_path / "fsdp", resume_step=2, **common)
+    launch_two_processes("train_ldm_only", [flags(latents, tmp_path, "ddp", 4, **common),
+                                            flags(latents, tmp_path, "fsdp", 4, fsdp=True, sampling_steps=4,
+                                                  **{k: v for k, v in common.items() if k != "sampling_steps"}),
+                                            flags(latents, tmp_path, "fsdp-resumed", 4, fsdp=True, **resumed),
+                                            flags(latents, tmp_path, "ddp-from-fsdp", 4, **resumed)], tmp_path)
+    ddp, sharded = load(tmp_path / "ddp/checkpoints/0000004.pt"), load(tmp_path / "fsdp/checkpoints/0000004.pt")
+    # (3) the DDP layout: same keys, shapes and dtypes everywhere, optimizer keyed by parameter index
+    assert ddp.keys() == sharded.keys()
+    for part in ("model", "ema"):
+        assert {k: (v.shape, v.dtype) for k, v in ddp[part].items()} == \
+               {k: (v.shape, v.dtype) for k, v in sharded[part].items()}
+    assert ddp["opt"]["param_groups"] == sharded["opt"]["param_groups"]
+    assert {i: {k: v.shape for k, v in st.items()} for i, st in ddp["opt"]["state"].items()} == \
+           {i: {k: v.shape for k, v in st.items()} for i, st in sharded["opt"]["state"].items()}
+    # (1) the same training: only the reductions' summation order differs (the gradient norm is
+    # summed per shard, then over shards), a few ulps of the weights
+    def assert_close(a, b):
+        for part in ("model", "ema"):
+            for k, v in a[part].items():
+                torch.testing.assert_close(b[part][k], v, rtol=0, atol=1e-6 * max(v.abs().max().item(), 1e-3),
+                                           msg=lambda m: f"{part}.{k}: {m}")
+        for i, st in a["opt"]["state"].items():
+            for k, v in st.items():
+                torch.testing.assert_close(b["opt"]["state"][i][k], v, rtol=1e-4, atol=1e-12)
+    assert_close(ddp, sharded)
+    assert not torch.equal(ddp["ema"]["final_layer.linear.weight"], ddp["model"]["final_layer.linear.weight"])
+    # (2) exact resume under --fsdp; and DDP continues an FSDP checkpoint
+    assert differing_tensors(sharded, load(tmp_path / "fsdp-resumed/checkpoints/0000004.pt"),
+                             ("model", "ema"), ("opt",)) == []
+    assert_close(ddp, load(tmp_path / "ddp-from-fsdp/checkpoints/0000004.pt"))
+    # the sample grid decodes the gathered EMA; each process holds half of the state
+    assert (tmp_path / "fsdp/samples/0000004.png").is_file()
+    held = {}
+    for name in ("ddp", "fsdp"):
+        line = next(x for x in (tmp_path / name / "log.txt").read_text().splitlines() if "per-process training" in x)
+        held[name] = [float(v) for v in re.findall(r"([0-9.]+) MiB", line)]
+    for full, half in zip(held["ddp"], held["fsdp"]):
+        assert half == pytest.approx(full / 2, rel=0.02), held
+
+
+def test_fsdp_refuses_what_it_does_not_support(data, tmp_path):
+    from argparse import Namespace
+
+    from utils.fsdp import check_fsdp_args, shard_blocks
+
+    _, latents = data
+    with pytest.raises(SystemExit, match="--fsdp with --mixed-precision fp16 is not supported"):
+        check_fsdp_args(Namespace(fsdp=True, compile=False, mixed_precision="fp16"))
+    with pytest.raises(SystemExit, match="--fsdp with --compile is not supported"):
+        train_ldm_only.parse_args(["--latents-dir", "x", "--fsdp", "--compile"])
+    with pytest.raises(SystemExit, match="--fsdp shards over processes"):
+        run(flags(latents, tmp_path, "one", 1, model="LightningDiT-N/1", fsdp=True))
+    with pytest.raises(SystemExit, match="--fsdp: Linear has no transformer blocks"):
+        shard_blocks(torch.nn.Linear(2, 2), mesh=None)

@@ -13,16 +13,30 @@ def requires_grad(module: nn.Module, flag: bool = True) -> None:
         p.requires_grad_(flag)
 
 
+def is_sharded(t) -> bool:
+    """A DTensor: under --fsdp (utils/fsdp.py) each process holds only a shard of it."""
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(t, DTensor)
+
+
+def local(t: torch.Tensor) -> torch.Tensor:
+    """This process's shard of a sharded tensor (a view: in-place ops update the parameter); other
+    tensors as they are."""
+    return t.to_local() if is_sharded(t) else t
+
+
 @torch.no_grad()
 def update_ema(ema: nn.Module, model: nn.Module, decay: float = 0.9999) -> None:
     """EMA over parameters and floating buffers (BatchNorm statistics); other buffers are copied.
     Each kind of update is one foreach op over all tensors (a few kernel launches on CUDA instead
-    of two per tensor) with the per-tensor arithmetic unchanged: ema * decay, then + (1 - decay) * p."""
+    of two per tensor) with the per-tensor arithmetic unchanged: ema * decay, then + (1 - decay) * p.
+    Sharded models (--fsdp, EMA sharded alike) are averaged shard by shard, on each process's own."""
     ema_params, ema_bufs = dict(ema.named_parameters()), dict(ema.named_buffers())
     averaged, new, copied, source = [], [], [], []
     for name, p in model.named_parameters():
-        averaged.append(ema_params[name])
-        new.append(p.detach().to(ema_params[name].dtype))
+        averaged.append(local(ema_params[name]))
+        new.append(local(p.detach()).to(averaged[-1].dtype))
     for name, b in model.named_buffers():
         if b.dtype.is_floating_point:
             averaged.append(ema_bufs[name])
@@ -55,17 +69,19 @@ def check_ranks_identical(accelerator, named: Mapping[str, torch.Tensor], step: 
 
 def training_state_tensors(**parts) -> Dict[str, torch.Tensor]:
     """{'<part>.<key>': tensor} over modules (state_dict: parameters and buffers) and optimizers
-    (per-parameter state), for `check_ranks_identical`."""
+    (per-parameter state), for `check_ranks_identical`. Sharded tensors (--fsdp) are left out:
+    each element has one owner, so there is no copy to compare; what stays replicated (buffers,
+    optimizer step counts) is compared."""
     out: Dict[str, torch.Tensor] = {}
     for part, obj in parts.items():
         if isinstance(obj, nn.Module):
-            out.update({f"{part}.{k}": v for k, v in obj.state_dict().items() if torch.is_tensor(v)})
+            out.update({f"{part}.{k}": v for k, v in obj.state_dict().items() if torch.is_tensor(v) and not is_sharded(v)})
         else:  # an optimizer (or accelerate's wrapper of one)
             opt = getattr(obj, "optimizer", obj)
             for i, group in enumerate(opt.param_groups):
                 for j, p in enumerate(group["params"]):
                     for k, v in opt.state.get(p, {}).items():
-                        if torch.is_tensor(v):
+                        if torch.is_tensor(v) and not is_sharded(v):
                             out[f"{part}.{i}.{j}.{k}"] = v
     return out
 
