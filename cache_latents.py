@@ -19,8 +19,10 @@ Output folder:
   variances are population variances (divide by count).
 
 Shards go round-robin to the processes, so every image is encoded exactly once whatever the
-world size; each shard is encoded in the same batches whatever the world size (a batch never
-straddles two shards), so shards and statistics do not depend on the number of processes.
+world size, and a batch never straddles two shards. `--batch-size` is the global batch (as the
+trainers'); `--per-proc-batch-size` fixes one process's batch, so each shard is encoded in the
+same batches whatever the world size. The statistics are exact either way (float64, merged in
+shard order); only the encoder's own batch-size rounding can differ.
 A rerun skips complete shards (their header, sizes, indices and fingerprint are checked) and
 refuses a folder written by another tokenizer / resolution / flip setting; `--stats-only`
 recomputes the statistics from the shards.
@@ -57,6 +59,8 @@ from datasources import (
     write_info,
 )
 
+DEFAULT_PER_PROC_BATCH = 128  # images per process when no batch flag is given (REPA-E's --pproc-batch-size)
+
 
 # --------------------------------------------------------------------------------------------
 # Encoding
@@ -76,8 +80,8 @@ def encode_batch(tokenizer, images: torch.Tensor, flip: bool, autocast) -> Dict[
     return out
 
 
-def build_args(argv=None):
-    p = argparse.ArgumentParser(description="Encode a dataset into latent shards with exact statistics.")
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="cache_latents.py", description="Encode a dataset into latent shards with exact statistics.")
     p.add_argument("--config", type=str, default=None, help="YAML whose keys are defaults for these flags")
     p.add_argument("--data-dir", type=str, default="data", help="images to encode (folder, archive, REPA-E h5 or EDM zip)")
     p.add_argument("--output-dir", type=str, required=False, default=None,
@@ -95,22 +99,30 @@ def build_args(argv=None):
     p.add_argument("--vae-stats", type=str, default=None, help="latent statistics file that travels with the tokenizer")
     p.add_argument("--vae-config", type=str, default=None, help="LDM / taming model config (YAML / JSON) instead of --vae")
     p.add_argument("--rae-config", type=str, default=None, help="RAE config (YAML / JSON) or an RAE preset name")
-    p.add_argument("--random-init", "--random-init-vae", dest="random_init", action="store_true",
+    p.add_argument("--random-init", "--random-init-vae", dest="random_init_vae", action="store_true",
                    help="random tokenizer weights (tests, demos; --random-init-vae: the trainers' and generate.py's name)")
     p.add_argument("--seed", type=int, default=0, help="seed of --random-init")
     p.add_argument("--resolution", type=utils.positive_int, default=None,
                    help="image size the tokenizer encodes (ADM center crop); default: the archive's (index.json), else 256")
-    p.add_argument("--batch-size", "--pproc-batch-size", "--per-proc-batch-size", dest="batch_size", type=utils.positive_int,
-                   default=128, help="images per encoder batch, per process (--per-proc-batch-size / --pproc-batch-size: "
-                                     "generate.py's names; the trainers' --batch-size is the global batch)")
+    p.add_argument("--batch-size", type=utils.positive_int, default=None,
+                   help="global encoder batch, split evenly over the processes (as the trainers' --batch-size)")
+    p.add_argument("--per-proc-batch-size", "--pproc-batch-size", dest="per_proc_batch_size", type=utils.positive_int,
+                   default=None, help=f"images per encoder batch of one process (default {DEFAULT_PER_PROC_BATCH}; "
+                                      "--pproc-batch-size: REPA-E's name); excludes --batch-size")
     p.add_argument("--flip", action="store_true", help="also store the latents of the mirrored images")
     p.add_argument("--shard-size", type=utils.positive_int, default=4096, help="images per shard file (RAE: 1024 keeps a shard's memory small)")
     p.add_argument("--dtype", type=str, default="float16", choices=sorted(LATENT_DTYPES), help="storage dtype of the latents (statistics are computed in float64 before the cast)")
     p.add_argument("--num-workers", type=utils.non_negative_int, default=4, help="data loader worker processes per rank")
     p.add_argument("--mixed-precision", type=str, default="no", choices=["no", "bf16", "fp16"], help="autocast precision of the encoder")
-    p.add_argument("--allow-tf32", action="store_true", help="allow TF32 matmuls and convolutions on Ampere+ GPUs")
+    p.add_argument("--allow-tf32", action=argparse.BooleanOptionalAction, default=False,
+                   help="allow TF32 matmuls and convolutions on Ampere+ GPUs")
     p.add_argument("--class-to-idx", type=str, default=None, help="JSON {class folder: id} remapping the labels (custom data)")
     p.add_argument("--stats-only", action="store_true", help="only recompute latents_stats.pt from the shards")
+    return p
+
+
+def build_args(argv=None):
+    p = build_parser()
     args = utils.parse_args_with_config(p, argv)
     if args.vae_latents_name:
         args.output_dir = str(Path(args.output_dir or "data") / args.vae_latents_name)
@@ -118,9 +130,22 @@ def build_args(argv=None):
         p.error("--output-dir (or --vae-latents-name) is required")
     if not args.stats_only and not args.data_dir:
         p.error("--data-dir is required (except with --stats-only)")
+    if args.batch_size is not None and args.per_proc_batch_size is not None:
+        p.error("give --batch-size (the global batch) or --per-proc-batch-size / --pproc-batch-size (one process's "
+                "batch), not both")
     if args.resolution is None:
         args.resolution = archive_resolution(args.data_dir) or 256
     return args
+
+
+def per_process_batch(args, world: int) -> int:
+    """Images per encoder batch of one process: --batch-size / world, or --per-proc-batch-size."""
+    if args.batch_size is None:
+        return args.per_proc_batch_size or DEFAULT_PER_PROC_BATCH
+    if args.batch_size % world:
+        raise SystemExit(f"--batch-size {args.batch_size} (the global batch) is not divisible by the {world} processes; "
+                         f"pass a multiple of {world} or --per-proc-batch-size")
+    return args.batch_size // world
 
 
 def archive_resolution(data_dir) -> Optional[int]:
@@ -173,7 +198,7 @@ def main(args) -> dict:
         args.tokenizer = "kl"  # a bare state_dict (the originals' layout) with a --vae preset
     tokenizer = build_tokenizer(args.tokenizer, name=args.vae, ckpt=args.vae_ckpt, stats=args.vae_stats,
                                 config=args.rae_config if args.tokenizer == "rae" else args.vae_config,
-                                random_init=args.random_init, seed=args.seed).to(device)
+                                random_init=args.random_init_vae, seed=args.seed).to(device)
     dataset = build_image_dataset(args.data_dir, args.resolution, channels=tokenizer.in_channels,
                                   class_to_idx=load_class_to_idx(args.class_to_idx))
     N, S = len(dataset), args.shard_size
@@ -194,8 +219,9 @@ def main(args) -> dict:
         utils.write_args_json(args, root / "args.json")
     logger.info(f"{world} process(es) on {device} | tokenizer {tokenizer.kind}:{tokenizer.name} "
                 f"({info['fingerprint']}) latents {info['latent_shape']} | {N} images -> {info['num_shards']} shards "
-                f"of {S} | flip {args.flip} | dtype {args.dtype}")
+                f"of {S} | flip {args.flip} | dtype {args.dtype} | batch {per_process_batch(args, world)} per process")
 
+    batch = per_process_batch(args, world)
     # Shards of this rank (round-robin) that still need writing.
     mine = list(range(rank, info["num_shards"], world))
     todo = []
@@ -209,8 +235,8 @@ def main(args) -> dict:
         todo.append(k)
     skipped = len(mine) - len(todo)
     # Batches never straddle shards: each shard is encoded identically whatever the world size.
-    batches = [list(range(s, min(s + args.batch_size, stop)))
-               for k in todo for start, stop in [latent_shard_range(k, S, N)] for s in range(start, stop, args.batch_size)]
+    batches = [list(range(s, min(s + batch, stop)))
+               for k in todo for start, stop in [latent_shard_range(k, S, N)] for s in range(start, stop, batch)]
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches, num_workers=args.num_workers,
                                          pin_memory=device.type == "cuda")
     # Rank 0's share times the world size: an estimate of the global work for the bar.

@@ -132,7 +132,7 @@ def export_stage1(ckpt: dict, ckpt_path, output_dir: str | Path, name: str, weig
     return paths
 
 
-def main(argv=None):
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="save_vae_weights.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--config", type=str, default=None, help="YAML file of flag values (flags given explicitly win)")
     p.add_argument("--ckpt", "--repae-ckpt", dest="ckpt", type=str, default=None,
@@ -148,6 +148,11 @@ def main(argv=None):
                    help="stage-1 runs: export the EMA (auto: when present) or the trained weights")
     p.add_argument("--format", type=str, default="pt", choices=["pt", "safetensors"],
                    help="file format of the exported weights: pt (the originals' release format) or safetensors (tensors only)")
+    return p
+
+
+def main(argv=None):
+    p = build_parser()
     args = utils.parse_args_with_config(p, argv)
     if args.save_dir is not None:
         args.output_dir = str(Path(args.save_dir) / args.name)

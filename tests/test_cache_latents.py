@@ -31,7 +31,7 @@ def data_dir(tmp_path_factory):
 
 def flags(data_dir, out, tokenizer="kl", vae="tiny-f4d4", flip=True, **extra):
     argv = ["--data-dir", str(data_dir), "--output-dir", str(out), "--tokenizer", tokenizer, "--random-init",
-            "--resolution", str(RES), "--batch-size", "3", "--shard-size", "4", "--num-workers", "0"]
+            "--resolution", str(RES), "--per-proc-batch-size", "3", "--shard-size", "4", "--num-workers", "0"]
     if vae is not None:
         argv += ["--vae", vae]
     if flip:
