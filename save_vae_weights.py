@@ -38,7 +38,8 @@ from pathlib import Path
 import torch
 
 import utils
-from models.autoencoder import build_vae, save_latents_stats
+from models.autoencoder import build_vae
+from models.vae_loading import save_latents_stats
 from models.discriminators import discriminator_state_dict_from_checkpoint
 from models.sit import bn_latent_stats
 from models.tokenizers import describe_model, write_export_description

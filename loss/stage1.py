@@ -3,7 +3,7 @@
 
   kl / vavae  loss.reconstruction.VAVAELoss: L1 + LPIPS + KL + adaptive-weight PatchGAN (+ VF)
   vqgan       loss.reconstruction.VQLPIPSLoss: L1 + LPIPS + adaptive-weight PatchGAN + codebook
-  rae         loss.reconstruction.RAELoss: L1 + LPIPS + adaptive-weight DINO GAN through DiffAug
+  rae         loss.rae.RAELoss: L1 + LPIPS + adaptive-weight DINO GAN through DiffAug
 
 and the clock its GAN runs on: global steps (kl / vavae / vqgan, optionally counted as Lightning
 does) or epochs (rae). It lives in loss/ beside the losses it configures.
@@ -19,7 +19,8 @@ from models.stage1 import read_mapping
 def build_loss(args, in_channels: int) -> tuple:
     """(the family's loss with its discriminator, the LPIPS network shared with evaluation or None)."""
     from loss.perceptual import LPIPS
-    from loss.reconstruction import RAELoss, VAVAELoss, VQLPIPSLoss
+    from loss.rae import RAELoss
+    from loss.reconstruction import VAVAELoss, VQLPIPSLoss
 
     kind = args.tokenizer
     # The discriminator (and any random loss network) from one seed, not the per-rank stream:
