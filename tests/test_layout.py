@@ -63,19 +63,20 @@ class _Built(Exception):
     pass
 
 
-def script_parser(name: str, monkeypatch) -> argparse.ArgumentParser:
+def script_parser(module) -> argparse.ArgumentParser:
     """The script's parser: build_parser() where it has one, else the parser its parse_args()
-    builds, caught before it parses anything."""
-    module = importlib.import_module(name)
+    builds, caught before it parses anything (the module is imported before the patch, so a
+    script that binds the function by name keeps the real one)."""
     if hasattr(module, "build_parser"):
         return module.build_parser()
 
     def capture(parser, argv=None):
         raise _Built(parser)
 
-    monkeypatch.setattr(utils, "parse_args_with_config", capture)
-    with pytest.raises(_Built) as e:
-        module.parse_args([])
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(utils, "parse_args_with_config", capture)
+        with pytest.raises(_Built) as e:
+            module.parse_args([])
     return e.value.args[0]
 
 
@@ -83,10 +84,11 @@ def flag_kind(action: argparse.Action) -> tuple:
     return action.dest, VALUE_KIND.get(action.type, action.type), type(action).__name__, action.nargs
 
 
-def test_a_flag_shared_by_two_scripts_means_the_same_thing(monkeypatch):
+def test_a_flag_shared_by_two_scripts_means_the_same_thing():
+    modules = {name: importlib.import_module(name) for name in SCRIPTS}
     seen = {}  # option string -> {script: kind}
-    for name in SCRIPTS:
-        for action in script_parser(name, monkeypatch)._actions:
+    for name, module in modules.items():
+        for action in script_parser(module)._actions:
             for option in action.option_strings:
                 seen.setdefault(option, {})[name] = flag_kind(action)
     assert {"--batch-size", "--per-proc-batch-size", "--vae-ckpt"} <= {o for o, s in seen.items() if len(s) > 1}
