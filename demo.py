@@ -2,6 +2,10 @@
 
   python demo.py            tiny preset on CPU (configs/repae/demo_cpu.yaml), a few minutes
   python demo.py --gpu      bigger preset on a GPU (configs/repae/demo_gpu.yaml)
+  python demo.py --resume latest     continue a stopped demo from its last checkpoint
+
+The training runs as its own process (`train_repae.py` with the preset's flags, its output shown
+as it comes); the report is read from the `summary.json` the trainer writes.
 
 Prints what was achieved: the VAE's reconstruction PSNR on fixed images before and after
 end-to-end tuning, a summary of every loss curve, throughput, and where the sample grids and
@@ -11,34 +15,77 @@ configs say so explicitly), so the figures measure the training machinery, not a
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
+import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
+import utils
+
 ROOT = Path(__file__).resolve().parent
+TRAINER = ROOT / "train_repae.py"
 
 
-def main(argv=None):
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="demo.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--gpu", action="store_true", help="run the bigger GPU preset")
     p.add_argument("--out", type=str, default="demo_out", help="folder for data and the experiment")
-    p.add_argument("--resume", action="store_true", help="continue the previous demo experiment instead of restarting")
+    p.add_argument("--resume", type=str, default=None,
+                   help="continue the previous demo experiment from this checkpoint ('latest' or a path; passed to "
+                        "train_repae.py --resume) instead of restarting")
     p.add_argument("--with-photos", action="store_true", help="mix scikit-image's public-domain photos into the data")
-    p.add_argument("--max-train-steps", type=int, default=None, help="override the preset's number of training steps (e.g. 4 for a smoke run)")
-    args = p.parse_args(argv)
+    p.add_argument("--max-train-steps", type=utils.positive_int, default=None,
+                   help="override the preset's number of training steps (e.g. 4 for a smoke run)")
+    return p
 
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+def _file_stamp(path: Path):
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return None
+    return st.st_ino, st.st_mtime_ns, st.st_size
+
+
+def run_trainer(flags: list, summary_path: Path) -> dict:
+    """Run train_repae.py with `flags` as a child process, its output streamed to this terminal,
+    and return the summary.json it writes. A non-zero exit (an error, or a stop by a signal after
+    saving a checkpoint) raises SystemExit naming the exit code."""
+    before = _file_stamp(summary_path)
+    cmd = [sys.executable, str(TRAINER), *flags]
+    proc = subprocess.Popen(cmd)
+    # Ctrl-C reaches the trainer itself (same process group), which saves a checkpoint and stops:
+    # the demo waits for it instead of dying first; a SIGTERM sent to the demo alone is passed on.
+    old_int = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    old_term = signal.signal(signal.SIGTERM, lambda signum, frame: proc.send_signal(signum))
+    try:
+        code = proc.wait()
+    finally:
+        signal.signal(signal.SIGINT, old_int)
+        signal.signal(signal.SIGTERM, old_term)
+    if code != 0:
+        raise SystemExit(f"[demo] {TRAINER.name} exited with code {code} (its output is above); "
+                         f"command: {' '.join(cmd)}")
+    if _file_stamp(summary_path) in (None, before):
+        raise SystemExit(f"[demo] {TRAINER.name} finished but did not write {summary_path}")
+    return json.loads(summary_path.read_text())
+
+
+def main(argv=None) -> dict:
+    args = build_parser().parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # inherited by the trainer
     import torch
+    import yaml
 
-    import train_repae
     from datasources import make_procedural_dataset
 
     if args.gpu and not torch.cuda.is_available():
         raise SystemExit("--gpu given but no CUDA device is visible")
     preset = ROOT / "configs" / "repae" / ("demo_gpu.yaml" if args.gpu else "demo_cpu.yaml")
-    import yaml
-
     cfg = yaml.safe_load(preset.read_text())
     out = Path(args.out)
     data_dir = make_procedural_dataset(out / f"data_{cfg['resolution']}px", num_classes=cfg["num_classes"],
@@ -49,12 +96,12 @@ def main(argv=None):
         shutil.rmtree(out / exp_name)
     flags = ["--config", str(preset), "--data-dir", str(data_dir), "--output-dir", str(out), "--exp-name", exp_name]
     if args.resume:
-        flags += ["--resume", "latest"]
+        flags += ["--resume", args.resume]
     if args.max_train_steps:
         flags += ["--max-train-steps", str(args.max_train_steps)]
-    print(f"[demo] data: {data_dir} | preset: {preset.relative_to(ROOT)} | experiment: {out / exp_name}")
+    print(f"[demo] data: {data_dir} | preset: {preset.relative_to(ROOT)} | experiment: {out / exp_name}", flush=True)
     t0 = time.time()
-    summary = train_repae.main(train_repae.parse_args(flags))
+    summary = run_trainer(flags, out / exp_name / "summary.json")
     wall = time.time() - t0
 
     print("\n" + "=" * 72)

@@ -126,13 +126,13 @@ def build_feature_extractor(args) -> nn.Module:
     from models.encoders import ENCODER_SPECS, RAE_ENCODERS
 
     name = args.encoder
-    if args.tokenizer_ckpt is not None and name is None:  # an export that describes itself
-        return VAEFeatures(None, args.tokenizer_ckpt, False, args.flatten)
-    if args.tokenizer_ckpt is not None and name not in VAE_PRESETS:
+    if args.vae_ckpt is not None and name is None:  # an export that describes itself
+        return VAEFeatures(None, args.vae_ckpt, False, args.flatten)
+    if args.vae_ckpt is not None and name not in VAE_PRESETS:
         raise ValueError(f"--tokenizer-ckpt is given, so --encoder must be a VAE preset ({', '.join(VAE_PRESETS)}); "
                          f"got {name!r}")
     if name in VAE_PRESETS:
-        return VAEFeatures(name, args.tokenizer_ckpt, args.random_init, args.flatten, args.seed)
+        return VAEFeatures(name, args.vae_ckpt, args.random_init, args.flatten, args.seed)
     if args.flatten:
         raise ValueError("--flatten applies to VAE tokenizers only (encoder tokens are mean-pooled)")
     if name in RAE_ENCODERS:
@@ -283,7 +283,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rae-config", type=str, default=None,
                    help="RAE encoder: hub id / local folder (pretrained) or config.json (--random-init)")
     p.add_argument("--rae-input-size", type=int, default=None, help="RAE encoder input size (default 16 x patch)")
-    p.add_argument("--tokenizer-ckpt", "--vae-ckpt", dest="tokenizer_ckpt", type=str, default=None,
+    p.add_argument("--tokenizer-ckpt", "--vae-ckpt", dest="vae_ckpt", metavar="PATH", type=str, default=None,
                    help="KL / VA-VAE checkpoint (with a VAE preset), or a save_vae_weights.py export alone")
     p.add_argument("--encoder-weights-dir", type=str, default=None, help="local official encoder checkpoints")
     p.add_argument("--flatten", action="store_true", help="VAE: flatten the posterior mean instead of pooling")
@@ -310,7 +310,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> Dict[str, float]:
     args = parse_args_with_config(build_parser(), argv)
     missing = [f for f, v in (("--data-dir", args.data_dir), ("--encoder or --vae-ckpt",
-                                                             args.encoder or args.tokenizer_ckpt)) if not v]
+                                                             args.encoder or args.vae_ckpt)) if not v]
     if missing:
         raise SystemExit(f"linear_probe.py: {' and '.join(missing)} required (on the command line or in --config)")
     torch.manual_seed(args.seed)  # random-init encoders are seeded too

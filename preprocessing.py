@@ -64,7 +64,7 @@ from datasources import (
     load_class_to_idx,
     save_class_to_idx,
 )
-from utils import atomic_write, atomic_write_text, remove_stale_temp_files
+from utils import atomic_write, atomic_write_text, non_negative_int, remove_stale_temp_files
 
 MANIFEST = "preprocessing_args.json"
 
@@ -266,8 +266,8 @@ def preprocess(source: str | os.PathLike, dest: str | os.PathLike, resolution: i
     return index
 
 
-def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="preprocessing.py", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--source", "--imagenet-path", dest="source", required=True,
                    help="image folder, REPA-E archive folder, or EDM folder/.zip (--imagenet-path: REPA-E's name)")
@@ -275,8 +275,8 @@ def main(argv=None) -> None:
                    help="output folder (created; resumable); the default 'data' is where train_repae.py / "
                         "cache_latents.py look (--data-dir data), as REPA-E's images.h5")
     p.add_argument("--resolution", type=int, default=256, help="output image size (ADM center crop)")
-    p.add_argument("--workers", "--num-workers", dest="workers", type=int, default=os.cpu_count() or 1,
-                   help="worker processes (one shard per task)")
+    p.add_argument("--workers", "--num-workers", dest="num_workers", type=non_negative_int, default=os.cpu_count() or 1,
+                   help="worker processes (one shard per task; 0 or 1: in this process)")
     p.add_argument("--shard-size", type=int, default=1000, help="images per shard file")
     p.add_argument("--channels", type=int, default=3, choices=[1, 3], help="1: convert to grayscale (L)")
     p.add_argument("--encoding", default="raw", choices=["raw", "png"],
@@ -285,9 +285,13 @@ def main(argv=None) -> None:
                    help="skip unreadable images (counted and listed in index.json) instead of stopping")
     p.add_argument("--max-images", type=int, default=None, help="only the first N images of the sorted source")
     p.add_argument("--class-to-idx", type=str, default=None, help="JSON {class folder: id} remapping the labels (image folders)")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv=None) -> None:
+    args = build_parser().parse_args(argv)
     try:
-        index = preprocess(args.source, args.dest, args.resolution, args.workers, args.shard_size, args.channels,
+        index = preprocess(args.source, args.dest, args.resolution, args.num_workers, args.shard_size, args.channels,
                            args.encoding, args.skip_bad_images, args.max_images,
                            class_to_idx=load_class_to_idx(args.class_to_idx))
     except (OSError, ValueError, KeyError) as e:

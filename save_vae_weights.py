@@ -38,7 +38,8 @@ from pathlib import Path
 import torch
 
 import utils
-from models.autoencoder import build_vae, save_latents_stats
+from models.autoencoder import build_vae
+from models.vae_loading import save_latents_stats
 from models.discriminators import discriminator_state_dict_from_checkpoint
 from models.sit import bn_latent_stats
 from models.tokenizers import describe_model, write_export_description
@@ -132,7 +133,7 @@ def export_stage1(ckpt: dict, ckpt_path, output_dir: str | Path, name: str, weig
     return paths
 
 
-def main(argv=None):
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="save_vae_weights.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--config", type=str, default=None, help="YAML file of flag values (flags given explicitly win)")
     p.add_argument("--ckpt", "--repae-ckpt", dest="ckpt", type=str, default=None,
@@ -148,6 +149,11 @@ def main(argv=None):
                    help="stage-1 runs: export the EMA (auto: when present) or the trained weights")
     p.add_argument("--format", type=str, default="pt", choices=["pt", "safetensors"],
                    help="file format of the exported weights: pt (the originals' release format) or safetensors (tensors only)")
+    return p
+
+
+def main(argv=None):
+    p = build_parser()
     args = utils.parse_args_with_config(p, argv)
     if args.save_dir is not None:
         args.output_dir = str(Path(args.save_dir) / args.name)

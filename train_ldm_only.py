@@ -160,7 +160,7 @@ def latent_statistics(args, cache_stats: dict, family: str, norm_mode: str, late
     (for an E2E-VAE: the statistics its REPA-E run learned); the latent folder's exact statistics
     are the alternative. A stats file holds scale = (var + bn_eps)^-1/2 (bn_eps = 0 in released
     files), so var = 1 / scale^2 - bn_eps gives back the BatchNorm's running variance."""
-    from models.autoencoder import default_stats_path, load_latents_stats
+    from models.vae_loading import default_stats_path, load_latents_stats
 
     cache_source = f"{args.latents_dir}/latents_stats.pt"
     vae_file = default_stats_path(args.vae_ckpt) if args.vae_ckpt else None

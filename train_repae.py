@@ -32,7 +32,8 @@ from tqdm.auto import tqdm
 import utils
 from datasources import ResumableDistributedSampler, build_image_dataset
 from loss.reconstruction import ReconstructionLoss
-from models.autoencoder import VAE_PRESETS, load_vae
+from models.autoencoder import VAE_PRESETS
+from models.vae_loading import load_vae
 from models.discriminators import discriminator_state_dict_from_checkpoint
 from models.sit import SiT_models, build_sit
 from evaluation.training import add_training_eval_flags, evaluate_generation, training_sample_grid

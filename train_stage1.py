@@ -47,7 +47,7 @@ from datasources import (
     load_class_to_idx,
     save_class_to_idx,
 )
-from loss.stage1 import build_loss, first_disc_step, loss_global_steps
+from loss.stage1 import build_loss, discriminator_objective, first_disc_step, generator_objective, loss_global_steps
 from models.stage1 import (
     KIND_DEFAULTS,
     TOKENIZERS,
@@ -258,21 +258,6 @@ def make_optimizer(params, lr: float, args) -> torch.optim.Optimizer:
         return utils.adamw(params, lr, args, betas=(args.adam_beta1, args.adam_beta2))
     return torch.optim.Adam(params, lr=lr, betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon,
                             weight_decay=args.adam_weight_decay, fused=torch.cuda.is_available() or None)
-
-
-def allreduce_grads(params, accelerator) -> None:
-    """Average the gradients of `params` over ranks in one flat all-reduce (the discriminator
-    is not wrapped in DDP: its loss is a method call, not a forward)."""
-    if accelerator.num_processes == 1:
-        return
-    grads = [p.grad for p in params if p.grad is not None]
-    if not grads:
-        return
-    flat = accelerator.reduce(torch.cat([g.reshape(-1) for g in grads]), reduction="mean")
-    offset = 0
-    for g in grads:
-        g.copy_(flat[offset:offset + g.numel()].view_as(g))
-        offset += g.numel()
 
 
 # ------------------------------------------------------------------------------------------------
@@ -511,17 +496,9 @@ def main(args):
                 # -- generator update
                 with accelerator.autocast():
                     out = fwd(x)
-                recon = out["recon"]
-                logs = {}
-                if kind in ("kl", "vavae"):
-                    aux = foundation(x, latent_grid) if kind == "vavae" else None
-                    g_loss, logs = loss_fn(x, recon, out["posterior"], 0, g_step, last_layer=last_layer,
-                                           z=out.get("z_proj"), aux_feature=aux, enc_last_layer=enc_last_layer)
-                elif kind == "vqgan":
-                    g_loss, logs = loss_fn(out["qloss"], x, recon, 0, g_step, last_layer=last_layer)
-                else:  # RAE: the loss runs under the step's autocast, as the original's (see RAELoss)
-                    with accelerator.autocast():
-                        g_loss, logs = loss_fn.generator_loss(x, recon, last_layer, epoch)
+                aux = foundation(x, latent_grid) if kind == "vavae" else None
+                g_loss, logs = generator_objective(kind, loss_fn, x, out, g_step, epoch, last_layer, enc_last_layer,
+                                                   aux, accelerator.autocast)
                 accelerator.backward(g_loss)
                 if accelerator.sync_gradients and args.max_grad_norm > 0:
                     accelerator.clip_grad_norm_(trainable, args.max_grad_norm)
@@ -533,21 +510,11 @@ def main(args):
                 # -- discriminator update
                 d_loss = torch.zeros((), device=device)
                 if use_d:
-                    if kind == "rae":  # a fresh reconstruction in eval mode (noise off), under autocast as the original
-                        with torch.no_grad(), accelerator.autocast():
-                            model.eval()
-                            fake = model((x + 1) / 2) * 2 - 1
-                            model.train()
-                        with accelerator.autocast():
-                            d_loss, d_logs = loss_fn.discriminator_loss(x, fake)
-                    elif kind == "vqgan":
-                        d_loss, d_logs = loss_fn(out["qloss"], x, recon.detach(), 1, d_step)
-                    else:
-                        d_loss, d_logs = loss_fn(x, recon.detach(), out["posterior"], 1, d_step)
+                    d_loss, d_logs = discriminator_objective(kind, loss_fn, model, x, out, d_step, accelerator.autocast)
                     logs.update(d_logs)
                     accelerator.backward(d_loss)
                     if accelerator.sync_gradients:
-                        allreduce_grads(disc_params, accelerator)
+                        utils.allreduce_grads(disc_params, accelerator)
                         if args.max_grad_norm > 0:
                             torch.nn.utils.clip_grad_norm_(disc_params, args.max_grad_norm)
                     opt_disc.step()

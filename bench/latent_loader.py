@@ -4,8 +4,8 @@ trainer uses them (workers, pin_memory, batch 256, shuffled, `collate_latents`),
   python bench/latent_loader.py                      # ~1 min: f8d4 (4x32x32) and RAE (768x16x16)
   python bench/latent_loader.py --num-workers 8 --f8-samples 16384
 
-Two synthetic folders are written with the real writer code of `cache_latents.py` (shards,
-tokenizer.json, exact statistics) from random latents:
+Two synthetic folders are written with the real writer code of `cache_latents.py`
+(`datasources.latent_writer`: shards, tokenizer.json, exact statistics) from random latents:
 * SiT-XL/2 on SD-VAE f8d4 at 256 px: [4, 32, 32] float16 with std and flips (REPA-E's cache);
 * RAE DINOv2-B at 256 px: [768, 16, 16] float16, flips, no std.
 The figure needed (assumption): one H100 trains SiT-XL/2 at 256 px in bf16 at about 3 it/s with
@@ -31,8 +31,8 @@ def write_synthetic_folder(root: Path, num: int, shape, has_std: bool, flip: boo
     """A latent folder from random latents, through cache_latents' own shard / info / stats code."""
     import torch
 
-    import cache_latents as cl
-    from datasources import latent_shard_range, num_latent_shards
+    from datasources import (compute_folder_stats, latent_moments, latent_shard_range, num_latent_shards, save_shard,
+                             write_info)
 
     info = dict(kind="synthetic", name=f"random-{'x'.join(map(str, shape))}", fingerprint="0" * 16,
                 latent_shape=list(shape), in_channels=3, stats_mode="channel", has_std=has_std, resolution=256,
@@ -52,9 +52,9 @@ def write_synthetic_folder(root: Path, num: int, shape, has_std: bool, flip: boo
                 out["std_flip"] = [out["std"][0].flip(-1)]
         means = out["mean"] + out.get("mean_flip", [])
         stds = out.get("std", []) + out.get("std_flip", [])
-        cl.save_shard(root, k, out, cl.latent_moments(means, stds), info)
-    cl.write_info(root, info)
-    cl.compute_folder_stats(root, info)
+        save_shard(root, k, out, latent_moments(means, stds), info)
+    write_info(root, info)
+    compute_folder_stats(root, info)
 
 
 def measure(root: Path, batch_size: int, num_workers: int, seconds: float, batched: bool = True,

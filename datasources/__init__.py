@@ -13,6 +13,7 @@
 | `sampler` | `ResumableDistributedSampler`: seeded per-epoch order that can restart mid-epoch |
 | `procedural` | `make_procedural_dataset`: the built-in class-conditional dataset of the demo and the tests |
 | `latents` | `LatentShardDataset`: the latent shards `cache_latents.py` writes (checked header, positional row reads) |
+| `latent_writer` | the writer side of a latent folder: shards, `tokenizer.json`, exact statistics (`save_shard`, `compute_folder_stats`) |
 
 Why not `data/`: by the REPA-E convention users keep their preprocessed data in `./data` at the
 repository root (`--data-dir data`, `preprocessing.py --output-path data`, and `.gitignore`
@@ -30,6 +31,8 @@ from datasources.image_folder import ImageFolderDataset
 from datasources.images import (CROP_MODES, HIGH_BIT_MODES, IMAGE_EXTENSIONS, UPSAMPLED, center_crop_arr,
                                 convert_image, cv2_resize_linear, load_image, note_upsampled,
                                 resize_short_side, resize_short_side_bicubic)
+from datasources.latent_writer import (LATENT_DTYPES, check_existing_info, compute_folder_stats, finalize_moments,
+                                       latent_moments, merge_moments, save_shard, shard_problem, write_info)
 from datasources.latents import (LATENT_INFO_FILE, LATENT_SHARD_DIR, LATENT_STATS_FILE, LatentBatch,
                                  LatentShardDataset, collate_latents, latent_flip_choice, latent_shard_path,
                                  latent_shard_range, map_shard_arrays, num_latent_shards, read_shard_header)
@@ -46,6 +49,8 @@ __all__ = [
     "resize_short_side_bicubic", "LATENT_INFO_FILE",
     "LATENT_SHARD_DIR", "LATENT_STATS_FILE", "LatentBatch", "LatentShardDataset", "collate_latents",
     "latent_flip_choice", "latent_shard_path", "latent_shard_range", "map_shard_arrays", "num_latent_shards",
-    "read_shard_header", "make_procedural_dataset", "ResumableDistributedSampler", "VideoClipDataset",
+    "read_shard_header", "LATENT_DTYPES", "check_existing_info", "compute_folder_stats", "finalize_moments",
+    "latent_moments", "merge_moments", "save_shard", "shard_problem", "write_info", "make_procedural_dataset",
+    "ResumableDistributedSampler", "VideoClipDataset",
     "flatten_video_batch", "unflatten_video_batch", "ClipFrames", "CropFlip", "RGBView", "image_channels_on_disk",
 ]

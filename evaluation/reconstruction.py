@@ -15,9 +15,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from evaluation.inception import INCEPTION_SIZE
-from evaluation.metrics import RANDOM_INCEPTION_NOTE, Reference, _default_device, _same_dims, dist_info, \
-    feature_statistics, frechet_distance_features, gather_strided, get_extractor, images_to_uint8, load_reference, \
-    local_indices
+from evaluation.metrics import RANDOM_INCEPTION_NOTE, Reference, _same_dims, dist_info, gather_strided, get_extractor, \
+    images_to_uint8, load_reference, local_indices
+from evaluation.scores import default_device, feature_statistics, frechet_distance_features
 
 
 def _ssim_per_image(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -57,7 +57,7 @@ def reconstruction_metrics(vae: nn.Module, dataset, reference=None, inception: O
     `load_reference`) or, by default, against the dataset images themselves. Per-image values are
     gathered in index order, so the figures do not depend on batch or world size. Collective.
     """
-    device = torch.device(device) if device is not None else _default_device()
+    device = torch.device(device) if device is not None else default_device()
     n = len(dataset) if num_samples is None else min(num_samples, len(dataset))
     idx = local_indices(n)
     lpips_fn = None

@@ -3,7 +3,7 @@
 
   kl / vavae  loss.reconstruction.VAVAELoss: L1 + LPIPS + KL + adaptive-weight PatchGAN (+ VF)
   vqgan       loss.reconstruction.VQLPIPSLoss: L1 + LPIPS + adaptive-weight PatchGAN + codebook
-  rae         loss.reconstruction.RAELoss: L1 + LPIPS + adaptive-weight DINO GAN through DiffAug
+  rae         loss.rae.RAELoss: L1 + LPIPS + adaptive-weight DINO GAN through DiffAug
 
 and the clock its GAN runs on: global steps (kl / vavae / vqgan, optionally counted as Lightning
 does) or epochs (rae). It lives in loss/ beside the losses it configures.
@@ -19,7 +19,8 @@ from models.stage1 import read_mapping
 def build_loss(args, in_channels: int) -> tuple:
     """(the family's loss with its discriminator, the LPIPS network shared with evaluation or None)."""
     from loss.perceptual import LPIPS
-    from loss.reconstruction import RAELoss, VAVAELoss, VQLPIPSLoss
+    from loss.rae import RAELoss
+    from loss.reconstruction import VAVAELoss, VQLPIPSLoss
 
     kind = args.tokenizer
     # The discriminator (and any random loss network) from one seed, not the per-rank stream:
@@ -66,6 +67,36 @@ class RepeatChannels(nn.Module):
         if x.shape[1] == 1:
             x, y = x.expand(-1, 3, -1, -1), y.expand(-1, 3, -1, -1)
         return self.distance(x, y)
+
+
+def generator_objective(kind: str, loss_fn: nn.Module, x: torch.Tensor, out: dict, g_step: int, epoch: int,
+                        last_layer, enc_last_layer, aux_feature, autocast) -> tuple:
+    """(loss, logs) of the tokenizer's update: each family's loss called as its original calls it.
+    `out` is `models.stage1.TrainForward`'s output; `aux_feature` the frozen foundation model's
+    features (vavae) or None; `autocast` the step's autocast context factory."""
+    if kind in ("kl", "vavae"):
+        return loss_fn(x, out["recon"], out["posterior"], 0, g_step, last_layer=last_layer, z=out.get("z_proj"),
+                       aux_feature=aux_feature, enc_last_layer=enc_last_layer)
+    if kind == "vqgan":
+        return loss_fn(out["qloss"], x, out["recon"], 0, g_step, last_layer=last_layer)
+    with autocast():  # RAE: the loss runs under the step's autocast, as the original's (see RAELoss)
+        return loss_fn.generator_loss(x, out["recon"], last_layer, epoch)
+
+
+def discriminator_objective(kind: str, loss_fn: nn.Module, model: nn.Module, x: torch.Tensor, out: dict, d_step: int,
+                            autocast) -> tuple:
+    """(loss, logs) of the discriminator's update on the step's reconstruction (detached); RAE
+    reconstructs afresh in eval mode (noise off), under autocast as the original does."""
+    if kind == "rae":
+        with torch.no_grad(), autocast():
+            model.eval()
+            fake = model((x + 1) / 2) * 2 - 1
+            model.train()
+        with autocast():
+            return loss_fn.discriminator_loss(x, fake)
+    if kind == "vqgan":
+        return loss_fn(out["qloss"], x, out["recon"].detach(), 1, d_step)
+    return loss_fn(x, out["recon"].detach(), out["posterior"], 1, d_step)
 
 
 def loss_global_steps(args, step: int) -> tuple:

@@ -15,7 +15,8 @@ import torch
 import torch.nn as nn
 
 import utils
-from models.autoencoder import VAE_PRESETS, build_vae, load_latents_stats, load_vae, vae_state_dict_from_checkpoint
+from models.autoencoder import VAE_PRESETS, build_vae
+from models.vae_loading import load_latents_stats, load_vae, vae_state_dict_from_checkpoint
 from models.diffusion import DIFFUSION_MODELS, VelocityModel, build_diffusion_model, default_time_convention, \
     model_family
 from models.sit import SIT_SIZES, SiT_models, bn_latent_stats

@@ -229,7 +229,7 @@ def init_from(args, model: nn.Module, logger) -> None:
     obj = utils.load_checkpoint_file(path)
     source = f"--init-from {path}"
     if args.tokenizer in ("kl", "vavae"):
-        from models.autoencoder import vae_state_dict_from_checkpoint
+        from models.vae_loading import vae_state_dict_from_checkpoint
 
         sd = vae_state_dict_from_checkpoint(obj, model)
     elif args.tokenizer == "vqgan":

@@ -256,10 +256,10 @@ def read_export_description(weights: Union[str, os.PathLike]) -> Optional[dict]:
     path = description_path(weights)
     base = str(path.parent)  # where the statistics file named in the description lives
     if not Path(weights).exists() and len(str(weights).split("/")) >= 3 and not str(weights).startswith(("/", ".")):
-        from models.autoencoder import _resolve_file
+        from models.vae_loading import resolve_file
 
         try:
-            path = _resolve_file(path, "tokenizer description")
+            path = resolve_file(path, "tokenizer description")
         except FileNotFoundError:
             return None
     elif not Path(weights).is_file() or not path.is_file():
@@ -350,10 +350,10 @@ def _seeded(build, random_init: bool, seed: int):
 def load_vq_checkpoint(model: nn.Module, path: Union[str, os.PathLike]) -> None:
     """Load a taming VQGAN checkpoint (Lightning `{'state_dict': ...}` or a plain state_dict)
     STRICTLY, dropping the training-only `loss.*` entries (LPIPS, discriminator)."""
-    from models.autoencoder import _resolve_file
+    from models.vae_loading import resolve_file
     from utils import check_state_dict, load_checkpoint_file
 
-    path = _resolve_file(path, "VQGAN checkpoint")
+    path = resolve_file(path, "VQGAN checkpoint")
     obj = load_checkpoint_file(path)
     if not isinstance(obj, Mapping):
         raise ValueError(f"{path}: expected a state_dict, got {type(obj).__name__}")
@@ -427,7 +427,7 @@ def build_tokenizer(kind: Optional[str], name: Optional[str] = None, ckpt: Optio
     label = name or (Path(config).stem if isinstance(config, (str, os.PathLike)) else kind)
 
     if kind in ("kl", "vavae"):
-        from models.autoencoder import load_vae
+        from models.vae_loading import load_vae
 
         model, stats_dict = _seeded(lambda: load_vae(cfg if cfg is not None else name, ckpt, stats), random_init, seed)
         if kind == "vavae" and not hasattr(model, "linear_proj"):
@@ -440,7 +440,7 @@ def build_tokenizer(kind: Optional[str], name: Optional[str] = None, ckpt: Optio
             load_vq_checkpoint(model, ckpt)
         stats_dict = None
         if stats is not None:
-            from models.autoencoder import load_latents_stats
+            from models.vae_loading import load_latents_stats
 
             stats_dict = load_latents_stats(stats, channels=model.latent_channels)
     else:

@@ -7,9 +7,9 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from models.autoencoder import (VAE_PRESETS, AutoencoderKL, DiagonalGaussianDistribution, Normalize, build_vae,
-                                default_stats_path, denormalize_latents, load_latents_stats, load_vae,
-                                normalize_latents, save_latents_stats)
+from models.autoencoder import VAE_PRESETS, AutoencoderKL, DiagonalGaussianDistribution, Normalize, build_vae
+from models.vae_loading import (default_stats_path, denormalize_latents, load_latents_stats, load_vae, normalize_latents,
+                                save_latents_stats)
 from models.vqgan import EMAVectorQuantizer, VectorQuantizer2, VQ_PRESETS, build_vqgan
 from tests.cli import free_port
 from utils import StateDictMismatch

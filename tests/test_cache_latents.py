@@ -14,8 +14,9 @@ from safetensors.torch import load_file, save_file
 
 from tests.cli import free_port
 import cache_latents
-from datasources import (LatentShardDataset, build_image_dataset, collate_latents, latent_flip_choice,
-                         latent_shard_path, latent_shard_range, make_procedural_dataset, num_latent_shards)
+from datasources import (LATENT_DTYPES, LatentShardDataset, build_image_dataset, collate_latents, finalize_moments,
+                         latent_flip_choice, latent_moments, latent_shard_path, latent_shard_range,
+                         make_procedural_dataset, merge_moments, num_latent_shards, save_shard, write_info)
 from models.tokenizers import build_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -30,7 +31,7 @@ def data_dir(tmp_path_factory):
 
 def flags(data_dir, out, tokenizer="kl", vae="tiny-f4d4", flip=True, **extra):
     argv = ["--data-dir", str(data_dir), "--output-dir", str(out), "--tokenizer", tokenizer, "--random-init",
-            "--resolution", str(RES), "--batch-size", "3", "--shard-size", "4", "--num-workers", "0"]
+            "--resolution", str(RES), "--per-proc-batch-size", "3", "--shard-size", "4", "--num-workers", "0"]
     if vae is not None:
         argv += ["--vae", vae]
     if flip:
@@ -101,8 +102,8 @@ def test_moment_merge_is_exact():
     stds = [torch.rand(m.shape, generator=g, dtype=torch.float64) for m in means]
     acc = None
     for m, s in zip(means, stds):
-        acc = cache_latents.merge_moments(acc, cache_latents.latent_moments([m], [s]))
-    stats = cache_latents.finalize_moments(*acc)
+        acc = merge_moments(acc, latent_moments([m], [s]))
+    stats = finalize_moments(*acc)
     for key, r in zip(("mean", "var", "channel_mean", "channel_var"), direct_stats(means, stds)):
         torch.testing.assert_close(stats[key], r, atol=1e-12, rtol=1e-12, msg=key)
 
@@ -335,11 +336,10 @@ def test_dataset_reads_the_stored_tensors_exactly(tmp_path, dtype, has_std):
         if has_std:
             out["std"] = [torch.rand(stop - start, *shape, generator=g)]
             out["std_flip"] = [out["std"][0].flip(-1)]
-        cache_latents.save_shard(tmp_path, k, out, cache_latents.latent_moments(out["mean"] + out["mean_flip"],
-                                                                                out.get("std", [])), info)
-    cache_latents.write_info(tmp_path, info)
+        save_shard(tmp_path, k, out, latent_moments(out["mean"] + out["mean_flip"], out.get("std", [])), info)
+    write_info(tmp_path, info)
     got, _ = read_folder(tmp_path)
-    assert got["mean"].dtype == cache_latents.DTYPES[dtype]
+    assert got["mean"].dtype == LATENT_DTYPES[dtype]
     order = [5, 0, 6, 3, 3, 1]
     for keep in (False, True):
         ds = LatentShardDataset(tmp_path, flip=True, seed=1, keep_dtype=keep)

@@ -21,7 +21,8 @@ import train_ldm_only
 import train_stage1
 import utils
 from datasources import make_procedural_dataset
-from models.autoencoder import build_vae, load_vae
+from models.autoencoder import build_vae
+from models.vae_loading import load_vae
 from models.loading import load_models
 from models.tokenizers import Tokenizer, build_tokenizer, describe_model, load_tokenizer, write_export_description
 from tests.cli import to_argv

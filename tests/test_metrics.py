@@ -16,6 +16,7 @@ import torch.nn as nn
 
 from tests.cli import free_port
 from evaluation import metrics as M
+from evaluation import scores as S
 from evaluation.inception import InceptionFeatures, build_inception
 from evaluation.reconstruction import reconstruction_metrics
 
@@ -48,17 +49,17 @@ def test_frechet_matches_scipy():
     rng = np.random.default_rng(0)
     a = rng.normal(size=(200, 24))
     b = rng.normal(size=(150, 24)) @ rng.normal(size=(24, 24)) * 0.5 + 0.3
-    mu1, s1 = M.feature_statistics(a)
-    mu2, s2 = M.feature_statistics(b)
+    mu1, s1 = S.feature_statistics(a)
+    mu2, s2 = S.feature_statistics(b)
     assert np.allclose(mu1, a.mean(0)) and np.allclose(s1, np.cov(a, rowvar=False))
-    assert M.frechet_distance(mu1, s1, mu2, s2) == pytest.approx(scipy_frechet(mu1, s1, mu2, s2), rel=1e-8)
-    assert M.frechet_distance(mu1, s1, mu1, s1) == pytest.approx(0.0, abs=1e-9)
+    assert S.frechet_distance(mu1, s1, mu2, s2) == pytest.approx(scipy_frechet(mu1, s1, mu2, s2), rel=1e-8)
+    assert S.frechet_distance(mu1, s1, mu1, s1) == pytest.approx(0.0, abs=1e-9)
     # fewer samples than dimensions: the low-rank paths (reference statistics only, or features
     # on both sides) equal the dense formula
     x, y = rng.normal(size=(20, 48)), rng.normal(size=(30, 48)) + 0.1
-    dense = M.frechet_distance(*M.feature_statistics(x), *M.feature_statistics(y))
-    assert M.frechet_distance_features(x, *M.feature_statistics(y)) == pytest.approx(dense, rel=1e-7)
-    assert M.frechet_distance_features(x, *M.feature_statistics(y), ref_feats=y) == pytest.approx(dense, rel=1e-7)
+    dense = S.frechet_distance(*S.feature_statistics(x), *S.feature_statistics(y))
+    assert S.frechet_distance_features(x, *S.feature_statistics(y)) == pytest.approx(dense, rel=1e-7)
+    assert S.frechet_distance_features(x, *S.feature_statistics(y), ref_feats=y) == pytest.approx(dense, rel=1e-7)
 
 
 def test_random_inception_is_not_collapsed(extractor):
@@ -92,10 +93,10 @@ def test_fid_properties_and_invariance(extractor, tmp_path):
     assert sr.shape[1] < 71  # full rank covariances: sqrtm is well defined
     ref_val = scipy_frechet(ss.mean(0), np.cov(ss, rowvar=False), sr.mean(0), np.cov(sr, rowvar=False))
     assert m8["sfid"] == pytest.approx(ref_val, rel=1e-6)
-    assert m8["fid"] == pytest.approx(M.frechet_distance_features(fs, *M.feature_statistics(fr)), rel=1e-6)
+    assert m8["fid"] == pytest.approx(S.frechet_distance_features(fs, *S.feature_statistics(fr)), rel=1e-6)
 
     # statistics-only reference (ADM layout): FID from the file, KID/PR skipped with a note
-    mu, sigma = M.feature_statistics(fr)
+    mu, sigma = S.feature_statistics(fr)
     np.savez(tmp_path / "stats.npz", mu=mu, sigma=sigma)
     st = M.evaluate_samples(same, tmp_path / "stats.npz", inception=extractor, metrics=("fid", "kid"), device="cpu")
     assert st["fid"] == pytest.approx(m8["fid"], rel=1e-6) and "kid" not in st and st["skipped"]

@@ -8,7 +8,7 @@ import torch.nn as nn
 import yaml
 
 from loss.diffaug import diff_augment, max_shift, rand_brightness, sample_translation, translate
-from loss.reconstruction import RAELoss, quantize_8bit
+from loss.rae import RAELoss, quantize_8bit
 from models.discriminators import DINO_DISC_TINY, SpectralConv1d, build_dino_discriminator
 from models.rae import RAEDecoder
 from utils import StateDictMismatch
@@ -347,7 +347,7 @@ def test_rae_bad_input_is_named():
 def test_diffaug_default_is_the_originals_order():
     """The original RAE augments translation first, then colour: a shift after the colour ops
     moves the zero fill differently than a shift before them."""
-    from loss.reconstruction import RAE_LOSS_DEFAULTS
+    from loss.rae import RAE_LOSS_DEFAULTS
 
     assert RAE_LOSS_DEFAULTS["diffaug_policy"] == "translation,color"
     x = _images(B=2, H=16, W=16)

@@ -231,10 +231,10 @@ def test_one_name_per_idea_both_names_work_everywhere(tmp_path):
     and as --config keys."""
     cache = ["--data-dir", "d", "--output-dir", "o"]
     args = cache_latents.build_args(cache + ["--random-init-vae", "--per-proc-batch-size", "4"])
-    assert args.random_init and args.batch_size == 4
+    assert args.random_init_vae and args.per_proc_batch_size == 4 and args.batch_size is None
     (tmp_path / "c.yaml").write_text("random-init-vae: true\nper_proc_batch_size: 5\n")
     args = cache_latents.build_args(cache + ["--config", str(tmp_path / "c.yaml")])
-    assert args.random_init and args.batch_size == 5
+    assert args.random_init_vae and args.per_proc_batch_size == 5
     assert train_ldm_only.parse_args(["--latents-dir", "l", "--random-init"]).random_init_vae
     assert train_repae.parse_args(["--random-init"]).random_init_vae
     (tmp_path / "t.yaml").write_text("random_init: true\n")
@@ -272,6 +272,21 @@ def test_cache_latents_refuses_a_zero_batch(capsys):
     with pytest.raises(SystemExit):
         cache_latents.build_args(["--data-dir", "d", "--output-dir", "o", "--batch-size", "0"])
     assert "argument --batch-size" in capsys.readouterr().err
+
+
+def test_cache_latents_batch_size_is_the_global_batch(capsys):
+    """--batch-size is the global batch as in the trainers (split over the processes, refused when
+    it does not divide), --per-proc-batch-size one process's batch; the two exclude each other."""
+    base = ["--data-dir", "d", "--output-dir", "o"]
+    per_process = cache_latents.per_process_batch
+    assert per_process(cache_latents.build_args(base + ["--batch-size", "64"]), 4) == 16
+    assert per_process(cache_latents.build_args(base + ["--pproc-batch-size", "64"]), 4) == 64
+    assert per_process(cache_latents.build_args(base), 4) == 128  # REPA-E's default, per process
+    with pytest.raises(SystemExit, match="--batch-size 6 .*not divisible by the 4 processes"):
+        per_process(cache_latents.build_args(base + ["--batch-size", "6"]), 4)
+    with pytest.raises(SystemExit):
+        cache_latents.build_args(base + ["--batch-size", "8", "--per-proc-batch-size", "2"])
+    assert "not both" in capsys.readouterr().err
 
 
 # --------------------------------------------------------------------------------------------

@@ -22,7 +22,7 @@ import train_ldm_only
 import train_repae
 import utils
 from datasources import make_procedural_dataset
-from models.autoencoder import load_vae
+from models.vae_loading import load_vae
 from models.discriminators import NLayerDiscriminator
 from tests.cli import free_port
 

@@ -152,7 +152,7 @@ def test_one_channel_end_to_end_and_export(gray_dir, tmp_path):
     assert json.loads((exp / "class_to_idx.json").read_text()) == {"user_00": 0, "user_01": 1}
     assert np.isfinite(json.loads((exp / "summary.json").read_text())["final_eval"]["lpips"])
     save_vae_weights.main(["--exp-dir", str(exp), "--output-dir", str(tmp_path / "pre"), "--name", "spec"])
-    from models.autoencoder import load_vae
+    from models.vae_loading import load_vae
 
     vae, _ = load_vae("tiny-f4d4", tmp_path / "pre/spec.pt", in_channels=1, out_ch=1)
     assert vae.encoder.conv_in.weight.shape[1] == 1
@@ -196,7 +196,7 @@ def test_export_reloads_strictly(runs, tmp_path):
                       "rae export")
     utils.load_state_dict_strict(RAEDecoder(num_tokens=16, in_dim=32, patch_size=8, hidden_size=32, depth=1,
                                             num_heads=2, mlp_dim=64), dec, "rae export")
-    from models.autoencoder import load_vae
+    from models.vae_loading import load_vae
 
     vae, _ = load_vae("tiny-f4d4", tmp_path / "vavae.pt", vf_dim=32, reverse_proj=True)  # VF projection kept
     assert vae.linear_proj.weight.shape == (32, 4, 1, 1)

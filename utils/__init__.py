@@ -3,7 +3,7 @@
   utils.io           strict weight loading, safe torch.load, atomic writes, temp-file cleanup
   utils.config       --config files, typed flag values, the originals' configs, shared flag groups
   utils.checkpoints  checkpoint paths, resume, RNG state, saving and restoring training state
-  utils.distributed  EMA, rank checks, broadcasts, wrapper stripping
+  utils.distributed  EMA, rank checks, broadcasts, gradient all-reduce, wrapper stripping
   utils.fsdp         --fsdp: sharding the trained network and its EMA, full-state checkpoints
   utils.run          start_run, the data loop, StepMonitor, stop signals, LR schedules, finish_run
   utils.images       sample grids
@@ -31,7 +31,8 @@ from utils.checkpoints import (  # noqa: F401
 )
 from utils.distributed import (  # noqa: F401
     requires_grad, update_ema, check_ranks_identical, training_state_tensors,
-    broadcast_buffers_from_main, unwrap, broadcast_from_main, tensor_fingerprints, is_sharded, local,
+    broadcast_buffers_from_main, unwrap, broadcast_from_main, allreduce_grads, tensor_fingerprints, is_sharded,
+    local,
 )
 from utils.run import (  # noqa: F401
     create_logger, StopRequest, NonFiniteLossError, ignore_stop_signals, _WorkerInit,

@@ -125,6 +125,21 @@ def broadcast_from_main(tensors, accelerator) -> None:
                 offset += t.numel()
 
 
+def allreduce_grads(params, accelerator) -> None:
+    """Average the gradients of `params` over ranks in one flat all-reduce (for a module not
+    wrapped in DDP, e.g. train_stage1.py's discriminator, whose loss is a method call, not a forward)."""
+    if accelerator.num_processes == 1:
+        return
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return
+    flat = accelerator.reduce(torch.cat([g.reshape(-1) for g in grads]), reduction="mean")
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset:offset + g.numel()].view_as(g))
+        offset += g.numel()
+
+
 def tensor_fingerprints(tensors) -> torch.Tensor:
     """[N, 2] int64: per tensor, the sum and the position-weighted sum of its raw bits (wrapping),
     so any bit that differs changes the row (barring a collision)."""
