@@ -8,7 +8,7 @@
 | `edm` | `EDMImageDataset`: EDM / REPA `dataset_tool.py` output, a folder or `.zip` with `dataset.json` |
 | `archive` | `ArchiveDataset`: the sharded uint8 (or PNG) training archive `preprocessing.py` writes; class maps |
 | `build` | `build_image_dataset`: picks the reader from what a folder holds |
-| `views` | `CropFlip`, `ClipFrames`, `RGBView`: index-keyed crops / flips, clip frames, RGB views |
+| `views` | `CropFlip`, `ClipFrames`, `RGBView`: index-keyed crops / flips, clip frames, RGB views; load size in pixels or x resolution |
 | `video` | `VideoClipDataset` and the video <-> image batch reshapes |
 | `sampler` | `ResumableDistributedSampler`: seeded per-epoch order that can restart mid-epoch |
 | `procedural` | `make_procedural_dataset`: the built-in class-conditional dataset of the demo and the tests |
@@ -36,7 +36,8 @@ from datasources.latents import (LATENT_INFO_FILE, LATENT_SHARD_DIR, LATENT_STAT
 from datasources.procedural import make_procedural_dataset
 from datasources.sampler import ResumableDistributedSampler
 from datasources.video import VideoClipDataset, flatten_video_batch, unflatten_video_batch
-from datasources.views import ClipFrames, CropFlip, RGBView, image_channels_on_disk
+from datasources.views import (ClipFrames, CropFlip, RGBView, image_channels_on_disk, load_size_arg,
+                               resolve_load_size)
 
 __all__ = [
     "ARCHIVE_FORMAT", "ARCHIVE_VERSION", "ArchiveDataset", "check_archive_shard", "is_archive", "load_class_to_idx",
@@ -48,4 +49,5 @@ __all__ = [
     "latent_flip_choice", "latent_shard_path", "latent_shard_range", "map_shard_arrays", "num_latent_shards",
     "read_shard_header", "make_procedural_dataset", "ResumableDistributedSampler", "VideoClipDataset",
     "flatten_video_batch", "unflatten_video_batch", "ClipFrames", "CropFlip", "RGBView", "image_channels_on_disk",
+    "load_size_arg", "resolve_load_size",
 ]
