@@ -45,6 +45,8 @@ from datasources import (
     image_channels_on_disk,
     is_archive,
     load_class_to_idx,
+    load_size_arg,
+    resolve_load_size,
     save_class_to_idx,
 )
 from loss.stage1 import build_loss, discriminator_objective, first_disc_step, generator_objective, loss_global_steps
@@ -153,10 +155,14 @@ def parse_args(argv=None):
     g = p.add_argument_group("data")
     g.add_argument("--data-dir", type=str, default="data", help="image folder (any class naming), archive, images.h5, or clips")
     g.add_argument("--resolution", type=int, default=256, help="training crop size")
-    g.add_argument("--load-size", type=int, default=None, help="images are loaded (ADM crop) at this size, then randomly cropped to --resolution")
+    g.add_argument("--load-size", type=load_size_arg, default=None,
+                   help="images are loaded at this size (--load-mode), then cropped to --resolution (--crop); "
+                        "pixels, or a multiple of --resolution such as 1.5x (RAE's rule)")
     g.add_argument("--load-mode", type=str, default="adm", choices=["adm", "short-side"],
-                   help="how images are loaded at --load-size before the random crop: ADM center crop, or the "
+                   help="how images are loaded at --load-size before the crop: ADM center crop, or the "
                         "originals' aspect-preserving short-side resize (image folders only)")
+    g.add_argument("--crop", type=str, default="random", choices=["random", "center"],
+                   help="training crop: random offsets (RandomCrop) or the centre (taming's custom data: CenterCrop)")
     g.add_argument("--short-side-resize", type=str, default=None, choices=["cv2-linear", "pil-bicubic"],
                    help="--load-mode short-side resampling: albumentations' OpenCV bilinear (taming, VA-VAE; "
                         "kl/vavae/vqgan default) or torchvision's PIL bicubic (RAE; rae default)")
@@ -198,6 +204,7 @@ def resolve_defaults(args):
         args.disc_learning_rate = args.learning_rate
     if args.gan_weight is None:
         args.gan_weight = args.disc_weight
+    args.load_size = resolve_load_size(args.load_size, args.resolution)
     if args.no_augment:
         args.load_size, args.hflip = None, False
     if args.load_size is not None and args.load_size < args.resolution:
@@ -298,7 +305,7 @@ def main(args):
     holdout = min(args.eval_samples, len(base) // 2) if args.eval_holdout and args.eval_samples > 0 else 0
     order = torch.randperm(len(base), generator=torch.Generator().manual_seed(args.seed)).tolist()
     train_base = Subset(base, sorted(order[holdout:])) if holdout else base
-    train_ds = CropFlip(train_base, args.resolution, random=True, hflip=args.hflip, seed=args.seed)
+    train_ds = CropFlip(train_base, args.resolution, random=args.crop == "random", hflip=args.hflip, seed=args.seed)
     eval_ds = None
     if args.eval_samples > 0:
         if args.eval_data_dir:

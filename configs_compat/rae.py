@@ -120,6 +120,12 @@ def _rae_stage1(r: _Reader):
     t = "training"
     _rae_training(r, t)
     _rae_schedule(r, t, 1)
+    # RAE's train_stage1.py (not in the file): torchvision Resize(int(1.5 x --image-size), BICUBIC) on
+    # the short side, then RandomCrop(--image-size), no flip; the RAE recipes' data settings
+    r.set("load_mode", "short-side")
+    r.set("short_side_resize", "pil-bicubic")
+    r.set("load_size", "1.5x")
+    r.set("crop", "random")
 
     g = "gan.disc"
     if r.has(g):

@@ -42,8 +42,10 @@ def _taming_vqgan(r: _Reader):
             r.error(f"{s}.target", f"= {target!r}: known CustomTrain, ImageNetTrain, FacesHQTrain")
         if split == "train" and target != "taming.data.faceshq.FacesHQTrain":
             # ImagePaths: albumentations SmallestMaxSize (OpenCV bilinear, --short-side-resize's default
-            # for vqgan), then the crop
+            # for vqgan), then RandomCrop (ImageNetTrain: random_crop=True) or CenterCrop (CustomTrain:
+            # random_crop=False)
             r.set("load_mode", "short-side")
+            r.set("crop", "center" if target == "taming.data.custom.CustomTrain" else "random")
         lst = r.get(f"{s}.params.{'training' if split == 'train' else 'test'}_images_list_file", None)
         if lst is not None and split == "train":
             r.out.needs_explicit["data_dir"] = (

@@ -8,7 +8,7 @@
 | `edm` | `EDMImageDataset`: EDM / REPA `dataset_tool.py` output, a folder or `.zip` with `dataset.json` |
 | `archive` | `ArchiveDataset`: the sharded uint8 (or PNG) training archive `preprocessing.py` writes; class maps |
 | `build` | `build_image_dataset`: picks the reader from what a folder holds |
-| `views` | `CropFlip`, `ClipFrames`, `RGBView`: index-keyed crops / flips, clip frames, RGB views |
+| `views` | `CropFlip`, `ClipFrames`, `RGBView`: index-keyed crops / flips, clip frames, RGB views; load size in pixels or x resolution |
 | `video` | `VideoClipDataset` and the video <-> image batch reshapes |
 | `sampler` | `ResumableDistributedSampler`: seeded per-epoch order that can restart mid-epoch |
 | `procedural` | `make_procedural_dataset`: the built-in class-conditional dataset of the demo and the tests |
@@ -39,7 +39,8 @@ from datasources.latents import (LATENT_INFO_FILE, LATENT_SHARD_DIR, LATENT_STAT
 from datasources.procedural import make_procedural_dataset
 from datasources.sampler import ResumableDistributedSampler
 from datasources.video import VideoClipDataset, flatten_video_batch, unflatten_video_batch
-from datasources.views import ClipFrames, CropFlip, RGBView, image_channels_on_disk
+from datasources.views import (ClipFrames, CropFlip, RGBView, image_channels_on_disk, load_size_arg,
+                               resolve_load_size)
 
 __all__ = [
     "ARCHIVE_FORMAT", "ARCHIVE_VERSION", "ArchiveDataset", "check_archive_shard", "is_archive", "load_class_to_idx",
@@ -53,4 +54,5 @@ __all__ = [
     "latent_moments", "merge_moments", "save_shard", "shard_problem", "write_info", "make_procedural_dataset",
     "ResumableDistributedSampler", "VideoClipDataset",
     "flatten_video_batch", "unflatten_video_batch", "ClipFrames", "CropFlip", "RGBView", "image_channels_on_disk",
+    "load_size_arg", "resolve_load_size",
 ]

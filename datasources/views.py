@@ -1,7 +1,9 @@
 """Training-time views over an image or clip dataset: index-keyed crops / flips (`CropFlip`), clip
-frames as images (`ClipFrames`), 1-channel images as RGB (`RGBView`)."""
+frames as images (`ClipFrames`), 1-channel images as RGB (`RGBView`); the load size before the
+crop given in pixels or as a multiple of the crop (`load_size_arg`, `resolve_load_size`)."""
 from __future__ import annotations
 
+import argparse
 import json
 from pathlib import Path
 
@@ -14,8 +16,9 @@ from datasources.images import IMAGE_EXTENSIONS
 
 
 class CropFlip(Dataset):
-    """Crop an image [C, H, W] (or clip [T, H, W, C]) item to `size`: random offsets (train) or
-    the centre (eval), optional horizontal flip. The offsets and the flip come from a generator
+    """Crop an image [C, H, W] (or clip [T, H, W, C]) item to `size`: random offsets (RandomCrop)
+    or the centre (evaluation; CenterCrop, as taming's custom-data training: albumentations'
+    (H - size) // 2 offsets), optional horizontal flip. The offsets and the flip come from a generator
     keyed by (seed, epoch, index), so a resumed run sees the very same crops on any number of
     processes or workers."""
 
@@ -51,6 +54,31 @@ class CropFlip(Dataset):
             item = item[:, top:top + s, left:left + s]
             item = item.flip(2) if flip else item
         return item.contiguous(), label
+
+
+def load_size_arg(text) -> int | str:
+    """Type of a load-size flag: pixels ("384") or a multiple of the crop resolution ("1.5x", RAE's
+    rule), the latter kept as normalised text until the resolution is known (`resolve_load_size`)."""
+    text = str(text).strip().lower()
+    try:
+        if text.endswith("x"):
+            ratio = float(text[:-1])
+            if ratio >= 1 and ratio != float("inf"):
+                return f"{ratio:g}x"
+        elif int(text) > 0:
+            return int(text)
+    except ValueError:
+        pass
+    raise argparse.ArgumentTypeError(f"expected a size in pixels (384) or a multiple >= 1 of the resolution "
+                                     f"(1.5x), got {text!r}")
+
+
+def resolve_load_size(value: int | str | None, resolution: int) -> int | None:
+    """The load size in pixels: `value` as given, or "Nx" -> int(N * resolution) (truncated, as RAE's
+    int(image_size * 1.5): 384 at 256, 768 at 512)."""
+    if value is None or isinstance(value, int):
+        return value
+    return int(float(value[:-1]) * resolution)
 
 
 class ClipFrames(Dataset):

@@ -15,7 +15,7 @@ import generate
 import train_ldm_only
 import train_stage1
 from configs_compat import OriginalConfigError, translate_original
-from datasources import make_procedural_dataset
+from datasources import make_procedural_dataset, resolve_load_size
 
 FIX = Path(__file__).resolve().parent / "fixtures" / "configs"
 RAE = FIX / "bytetriper+RAE" / "configs"
@@ -70,6 +70,8 @@ def test_every_translated_key_reaches_the_arguments(path, parse, prog, argv):
     values = {d: v for d, v in translation.defaults(explicit).items() if d not in explicit}
     assert values, path
     for dest, value in values.items():
+        if dest == "load_size":  # RAE's "1.5x" is resolved against --resolution
+            value = resolve_load_size(value, args.resolution)
         assert getattr(args, dest) == value, (path.name, dest)
     # the file really changes the run: most of its values differ from the script's defaults
     needed = {"train_stage1.py": ["--tokenizer", args.tokenizer],
@@ -182,10 +184,28 @@ def _stage1(config, images, out, name, *extra):
     return train_stage1.main(train_stage1.parse_args(argv))
 
 
-def test_rae_stage1_config_trains(data, tmp_path):
+def _record_views(monkeypatch) -> list:
+    """The CropFlip views train_stage1.main builds (training view first), for checking its data."""
+    views = []
+
+    class Recorded(train_stage1.CropFlip):
+        def __init__(self, *a, **kw):
+            super().__init__(*a, **kw)
+            views.append(self)
+
+    monkeypatch.setattr(train_stage1, "CropFlip", Recorded)
+    return views
+
+
+def test_rae_stage1_config_trains(data, tmp_path, monkeypatch):
     images, _ = data
+    views = _record_views(monkeypatch)
     _stage1(RAE_S1, images, tmp_path, "rae", "--model", "tiny-dinov2", "--random-init-encoders",
             "--disc-config", "tiny", "--perceptual-weight", "0")
+    # RAE's data: Resize(int(1.5 x 32) = 48, bicubic) on the short side, then RandomCrop(32), no flip
+    train = views[0]
+    assert (train.base.crop, train.base.resolution, train.random, train.hflip) == ("short-side-pil-bicubic", 48, True,
+                                                                                    False)
     ckpts = sorted(p.name for p in (tmp_path / "rae" / "checkpoints").glob("*.pt"))
     # checkpoint_interval: 1 epoch = 3 steps of 4 of the 12 images; and the last step
     assert ckpts == ["0000003.pt", "0000004.pt"], ckpts
@@ -201,9 +221,13 @@ def test_vavae_config_trains(data, tmp_path):
     assert (tmp_path / "vavae" / "checkpoints" / "0000004.pt").is_file()
 
 
-def test_taming_config_trains(data, tmp_path):
+def test_taming_config_trains(data, tmp_path, monkeypatch):
     images, _ = data
+    views = _record_views(monkeypatch)
     _stage1(VQGAN, images, tmp_path, "vq", "--model", "tiny-f4", "--checkpointing-steps", "4")
+    # CustomTrain: SmallestMaxSize(32) then CenterCrop(32)
+    train = views[0]
+    assert (train.base.crop, train.base.resolution, train.random) == ("short-side-cv2-linear", 32, False)
     args = json.loads((tmp_path / "vq" / "args.json").read_text())
     assert (args["tokenizer"], args["scale_lr"], args["codebook_weight"]) == ("vqgan", True, 1.0)
     assert (tmp_path / "vq" / "checkpoints" / "0000004.pt").is_file()

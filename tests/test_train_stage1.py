@@ -250,9 +250,10 @@ def test_recipes_carry_the_originals_values():
     for name in ("rae_dinov2b_vitxl_256", "rae_dinov2b_vitxl_512", "rae_small_1gpu"):
         assert _recipe(name).diffaug_policy == "translation,color", name  # the original: translation, then colour
     for name in ("vavae_f16d32_stage1", "vavae_f16d32_stage2", "vavae_f16d32_stage3", "vqgan_f16_imagenet",
-                 "vqgan_custom"):  # SmallestMaxSize + RandomCrop
+                 "vqgan_custom"):  # SmallestMaxSize + RandomCrop (taming's custom data: CenterCrop)
         args = _recipe(name)
         assert args.load_mode == "short-side" and (args.load_size or args.resolution) == args.resolution, name
+        assert args.crop == ("center" if name == "vqgan_custom" else "random"), name
         assert args.short_side_resize == "cv2-linear", name  # albumentations' OpenCV bilinear
     for name in ("vavae_f16d32_stage1", "vavae_f16d32_stage2", "vavae_f16d32_stage3", "vavae_domain_finetune"):
         assert _recipe(name).vf_legacy_input, name  # the original VF objective: raw [-1, 1] bilinear input
@@ -298,6 +299,82 @@ def test_short_side_resampling_follows_each_original(tmp_path):
     # a plain run keeps the ADM crop: the short-side modes need folders of original images
     plain = train_stage1.parse_args(["--tokenizer", "vqgan", "--data-dir", str(tmp_path)])
     assert (plain.load_mode, plain.short_side_resize) == ("adm", "cv2-linear")
+
+
+# data settings the crop a training step sees depends on (after resolve_defaults)
+DATA_ARGS = ("resolution", "load_size", "load_mode", "short_side_resize", "crop", "hflip", "no_augment")
+ORIGINALS = ROOT / "tests" / "fixtures" / "configs"
+
+
+ORIGINAL_DATA_CASES = [
+    ("bytetriper+RAE/configs/stage1/training/DINOv2-B_decXL.yaml", [], "rae_dinov2b_vitxl_256",
+     ("short-side", 384, "pil-bicubic", "random")),
+    ("bytetriper+RAE/configs/stage1/pretrained/DINOv2-B_512.yaml", ["--resolution", "512"], "rae_dinov2b_vitxl_512",
+     ("short-side", 768, "pil-bicubic", "random")),
+    ("CompVis+taming-transformers/configs/custom_vqgan.yaml", [], "vqgan_custom",
+     ("short-side", None, "cv2-linear", "center")),
+    ("CompVis+taming-transformers/configs/imagenet_vqgan.yaml", [], "vqgan_f16_imagenet",
+     ("short-side", None, "cv2-linear", "random")),
+    ("hustvl+LightningDiT/vavae/configs/f16d32_vfdinov2.yaml", [], "vavae_f16d32_stage1",
+     ("short-side", None, "cv2-linear", "random")),
+]
+
+
+@pytest.mark.parametrize("original,extra,recipe,loading", ORIGINAL_DATA_CASES, ids=[c[2] for c in ORIGINAL_DATA_CASES])
+def test_original_yaml_loads_data_as_the_matching_recipe(original, extra, recipe, loading):
+    """An original's YAML through --config resolves the same data arguments as our recipe for it:
+    RAE Resize(int(1.5 x size), bicubic) + RandomCrop (384 / 768), taming's CustomTrain
+    SmallestMaxSize + CenterCrop, its ImageNetTrain and VA-VAE SmallestMaxSize + RandomCrop."""
+    ours = _recipe(recipe, *extra)
+    theirs = train_stage1.parse_args(["--config", str(ORIGINALS / original), "--data-dir", "x", *extra])
+    assert {k: getattr(theirs, k) for k in DATA_ARGS} == {k: getattr(ours, k) for k in DATA_ARGS}
+    assert (ours.load_mode, ours.load_size, ours.short_side_resize, ours.crop) == loading
+    assert not ours.hflip and not ours.no_augment
+
+
+def test_load_size_in_pixels_or_times_the_resolution():
+    assert [_recipe("tiny_kl", "--load-size", v).load_size for v in ("40", "1.5x", "1.25X")] == [40, 48, 40]
+    assert _recipe("tiny_kl", "--load-size", "1.5x", "--no-augment").load_size is None
+    for bad in ("0.5x", "x", "-3", "1.5"):
+        with pytest.raises(SystemExit):
+            _recipe("tiny_kl", "--load-size", bad)
+
+
+def test_custom_data_is_center_cropped_and_rae_data_randomly_cropped(tmp_path):
+    """One wide image through the training view of each original's YAML (resolution 32): taming's
+    CustomTrain gives albumentations' CenterCrop of the SmallestMaxSize image in every epoch; RAE
+    gives RandomCrop windows of torchvision's Resize(48, BICUBIC) image."""
+    import cv2
+    from torchvision.transforms import InterpolationMode
+    from torchvision.transforms import functional as TF
+
+    from datasources import CropFlip
+
+    arr = np.random.default_rng(1).integers(0, 256, (60, 90, 3), dtype=np.uint8)
+    (tmp_path / "a").mkdir()
+    Image.fromarray(arr).save(tmp_path / "a" / "wide.png")
+
+    def views(original):
+        args = train_stage1.parse_args(["--config", str(ORIGINALS / original), "--data-dir", str(tmp_path),
+                                        "--resolution", "32"])
+        base = train_stage1.build_data(args, tmp_path, 3, args.load_size or args.resolution, "--data-dir")
+        view = CropFlip(base, 32, random=args.crop == "random", hflip=args.hflip, seed=args.seed)
+        out = []
+        for epoch in range(8):
+            view.set_epoch(epoch)
+            out.append(view[0][0].permute(1, 2, 0).numpy())
+        return out
+
+    loaded = cv2.resize(arr, (48, 32), interpolation=cv2.INTER_LINEAR)  # SmallestMaxSize(32): 60x90 -> 32x48
+    for crop in views("CompVis+taming-transformers/configs/custom_vqgan.yaml"):
+        assert np.array_equal(crop, loaded[:, 8:40])  # CenterCrop: x offset (48 - 32) // 2
+    loaded = np.asarray(TF.resize(Image.fromarray(arr), 48, interpolation=InterpolationMode.BICUBIC))  # 48x72
+    offsets = set()
+    for crop in views("bytetriper+RAE/configs/stage1/training/DINOv2-B_decXL.yaml"):
+        hits = [(y, x) for y in range(17) for x in range(41) if np.array_equal(crop, loaded[y:y + 32, x:x + 32])]
+        assert hits, "not a window of the Resize(48) image"
+        offsets.add(hits[0])
+    assert len(offsets) > 3
 
 
 def test_lightning_global_step_steps_the_discriminator_optimizer_from_the_first_batch(data_dir, tmp_path):
