@@ -308,16 +308,20 @@ def main(args):
     train_ds = CropFlip(train_base, args.resolution, random=args.crop == "random", hflip=args.hflip, seed=args.seed)
     eval_ds = None
     if args.eval_samples > 0:
+        # rFID protocol: evaluation images are the ADM crop at --resolution, never the training load
+        # (e.g. RAE's Resize(384), whose centre 256 would be a zoomed-in view)
+        eval_source = base if args.eval_data_dir or (load_size == args.resolution and args.load_mode == "adm") else \
+            build_data(args, args.data_dir, in_channels, args.resolution, "--data-dir (evaluation)")
         if args.eval_data_dir:
-            eval_base = build_data(args, args.eval_data_dir, in_channels, load_size, "--eval-data-dir")
+            eval_base = build_data(args, args.eval_data_dir, in_channels, args.resolution, "--eval-data-dir")
             logger.info(f"evaluation on --eval-data-dir {args.eval_data_dir}: {len(eval_base)} {unit}")
         elif holdout:
-            eval_base = Subset(base, sorted(order[:holdout]))
+            eval_base = Subset(eval_source, sorted(order[:holdout]))
             logger.info(f"--eval-holdout: {holdout} {unit} of --data-dir {args.data_dir} held out for evaluation, "
                         f"{len(train_base)} {unit} left for training")
         else:
             # Every rank picks the same seeded subset (the evaluation shards it); these images also train.
-            eval_base = Subset(base, sorted(order[:min(args.eval_samples, len(base))]))
+            eval_base = Subset(eval_source, sorted(order[:min(args.eval_samples, len(base))]))
             logger.info(f"evaluation on {len(eval_base)} of the {len(base)} training {unit} of --data-dir "
                         f"{args.data_dir} (not held out: pass --eval-data-dir, e.g. the validation images of the "
                         f"papers' rFID, or --eval-holdout)")

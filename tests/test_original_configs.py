@@ -201,11 +201,14 @@ def test_rae_stage1_config_trains(data, tmp_path, monkeypatch):
     images, _ = data
     views = _record_views(monkeypatch)
     _stage1(RAE_S1, images, tmp_path, "rae", "--model", "tiny-dinov2", "--random-init-encoders",
-            "--disc-config", "tiny", "--perceptual-weight", "0")
+            "--disc-config", "tiny", "--perceptual-weight", "0", "--eval-samples", "2", "--eval-every", "100",
+            "--random-init-inception", "--inception-size", "75")
     # RAE's data: Resize(int(1.5 x 32) = 48, bicubic) on the short side, then RandomCrop(32), no flip
-    train = views[0]
+    train, evaluation = views
     assert (train.base.crop, train.base.resolution, train.random, train.hflip) == ("short-side-pil-bicubic", 48, True,
                                                                                     False)
+    # rFID's images: the ADM crop at the resolution, not the centre of the 48-pixel training load
+    assert (evaluation.base.dataset.crop, evaluation.base.dataset.resolution, evaluation.random) == ("adm", 32, False)
     ckpts = sorted(p.name for p in (tmp_path / "rae" / "checkpoints").glob("*.pt"))
     # checkpoint_interval: 1 epoch = 3 steps of 4 of the 12 images; and the last step
     assert ckpts == ["0000003.pt", "0000004.pt"], ckpts
