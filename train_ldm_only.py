@@ -96,7 +96,7 @@ def parse_args(argv=None):
     g = utils.add_sample_grid_flags(p)
     g.add_argument("--sample-shift", type=str, default="1", help="time shift of the sampling grid (number or 'auto')")
     add_training_eval_flags(p)
-    args = utils.finish_args(utils.parse_args_with_config(p, argv), "ldm", mixed_precision_default="fp16")
+    args = fsdp.finish_args_with_fsdp(utils.parse_args_with_config(p, argv), "ldm", mixed_precision_default="fp16")
     if args.enc_type is None:
         args.enc_type = "dinov2-vit-b" if model_family(args.model) == "sit" else "none"
     if not args.latents_dir and args.vae_latents_name:

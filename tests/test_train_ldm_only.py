@@ -316,6 +316,18 @@ def test_fsdp_matches_ddp_resumes_exactly_and_writes_ddp_checkpoints(data, tmp_p
         assert half == pytest.approx(full / 2, rel=0.02), held
 
 
+def test_fsdp_defaults_on_a_gpu(monkeypatch):
+    """On a GPU the script's defaults (fp16, compile) are what --fsdp refuses: --fsdp alone gets bf16
+    and no compile instead, while explicit flags still win (and are refused below)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.delenv("ACCELERATE_MIXED_PRECISION", raising=False)
+    plain = train_ldm_only.parse_args(["--latents-dir", "x"])
+    sharded = train_ldm_only.parse_args(["--latents-dir", "x", "--fsdp"])
+    assert (plain.mixed_precision, plain.compile) == ("fp16", True)
+    assert (sharded.mixed_precision, sharded.compile) == ("bf16", False)
+    assert train_ldm_only.parse_args(["--latents-dir", "x", "--fsdp", "--mixed-precision", "no"]).mixed_precision == "no"
+
+
 def test_fsdp_refuses_what_it_does_not_support(data, tmp_path):
     from argparse import Namespace
 

@@ -28,7 +28,24 @@ def add_fsdp_flag(g) -> None:
     g.add_argument("--fsdp", action="store_true",
                    help="shard the network, its gradients, AdamW moments and EMA over the processes (FSDP2, per "
                         "transformer block) instead of replicating them (DDP), for a training state that outgrows "
-                        "one GPU; checkpoints keep the DDP format")
+                        "one GPU; checkpoints keep the DDP format; on a GPU it implies bf16 (not fp16) and no --compile")
+
+
+def finish_args_with_fsdp(args, default_exp_name: str, mixed_precision_default: str):
+    """`utils.finish_args`, with the defaults --fsdp needs when the flags were not given: bf16 for
+    the script's fp16 default and no compile (both refused when given explicitly, see below), each
+    said in a notice, so `--fsdp` alone runs on a GPU."""
+    from utils.config import _notice, finish_args
+
+    compile_off = args.fsdp and args.compile is None
+    if compile_off:
+        args.compile = False
+    if args.fsdp and mixed_precision_default == "fp16" and torch.cuda.is_available():
+        mixed_precision_default = "bf16"
+    args = finish_args(args, default_exp_name, mixed_precision_default)
+    if compile_off and torch.cuda.is_available():
+        _notice("--fsdp: --compile off (not supported with --fsdp; no --compile flag given)")
+    return args
 
 
 def check_fsdp_args(args) -> None:
