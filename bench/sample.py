@@ -1,7 +1,7 @@
 """Sampling throughput through generate.py's code path (`samplers.sample_batch`: index-keyed noise,
 guidance wrapper, sampler, denormalisation and decode) with the published sampling recipes of
-configs/sampling/ run unchanged (read by generate.parse_args, as `generate.py --recipe NAME`), at
-generate.py's batch (--per-proc-batch-size, 64 per GPU). One step = one batch sampled and decoded.
+configs/sampling/ run unchanged (read by sampling.cli.parse_args, generate.py's own parser, as
+`generate.py --recipe NAME`), at generate.py's batch (--per-proc-batch-size, 64 per GPU). One step = one batch sampled and decoded.
 
   python bench/sample.py [--model SiT-XL/2 | LightningDiT-XL/1 | DiTDH-XL] [--recipe NAME]
                          [--mixed-precision bf16] [--compile] [--tiny]
@@ -27,14 +27,14 @@ import torch.nn as nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-# generate.py's own parse_args only: the recipes and defaults read exactly as `generate.py --recipe NAME`
-import generate  # noqa: E402
 from common import StepProbe, add_probe_flags, record  # noqa: E402
 from models.autoencoder import build_vae  # noqa: E402
 from models.diffusion import VelocityModel, build_diffusion_model  # noqa: E402
 from models.loading import LatentDecoder  # noqa: E402
 from models.rae import RAEDecoder  # noqa: E402
 from samplers import CompiledField, sample_batch, sampler_kwargs_from_args  # noqa: E402
+# generate.py's parser: the recipes and defaults read exactly as `generate.py --recipe NAME`
+from sampling.cli import parse_args as generate_args  # noqa: E402
 from transport import shift_from_dims  # noqa: E402
 
 # name -> CUDA latents and tokenizer, tiny stand-ins, and the recipes: (label, generate.py flags)
@@ -110,7 +110,7 @@ def main(argv=None):
     for name, flags in recipes.items():
         if args.recipe not in (None, name):
             continue
-        gen = generate.parse_args(flags)
+        gen = generate_args(flags)
         kw = sampler_kwargs_from_args(gen)
         kw["path_type"] = gen.path_type or "linear"  # generate.py's resolution of its defaults
         if gen.shift == "auto":
