@@ -78,7 +78,8 @@ from evaluation.metrics import barrier, broadcast_object, dist_info, evaluate_sa
 from models.lightningdit import LEGACY_CFG_CHANNELS
 from models.loading import experiment_class_names, load_guide, load_models
 from sampling import cli
-from samplers import CompiledField, class_label_table, index_labels, sample_for_eval, sampler_kwargs_from_args
+from sampling.output import FeatureStore, PNGWriter, extractor_identity
+from samplers import class_label_table, index_labels, prepare_decoder, sample_for_eval, sampler_kwargs_from_args
 
 PNG_RE = re.compile(r"^(\d{6,})\.png$")
 RNG_VERSION = "splitmix64-boxmuller-v1"
@@ -119,6 +120,8 @@ def sampling_identity(args, info) -> dict:
         cfg["time_grid"] = args.time_grid
     if args.cfg_legacy_channels:
         cfg["cfg_channels"] = LEGACY_CFG_CHANNELS
+    if args.decode_precision != "fp32":
+        cfg["decode_precision"] = args.decode_precision
     if info.get("guide"):
         cfg["guidance"] = "autoguidance"
         cfg["guide"] = info["guide"]
@@ -332,22 +335,31 @@ def main(argv=None) -> dict:
         args.classes = chosen  # ids: part of the folder's identity
         log(f"classes {', '.join(f'{c} ({class_names.get(c, c)})' for c in chosen)}: "
             f"{args.num_fid_samples} samples" + (f", {args.samples_per_class} per class" if args.samples_per_class else ""))
-    model, decoder = setup.model.to(device), setup.decoder.to(device)
-    field = CompiledField(model) if args.compile else model
+    model, decoder = setup.model.to(device), prepare_decoder(setup.decoder, device)
     if guide is not None:
         guide = guide.to(device)
-        guide = CompiledField(guide) if args.compile else guide
+    extractor = store = None
+    if args.eval:
+        from evaluation.inception import InceptionFeatures, build_inception
+
+        extractor = InceptionFeatures(build_inception(args.inception_weights, random_init=args.random_init_inception),
+                                      args.inception_image_size, args.inception_chunk).to(device)
     amp = {"no": None, "fp16": torch.float16, "bf16": torch.bfloat16}[args.mixed_precision]
 
     # ---- output folder (rank 0 decides; everyone scans before anyone writes)
     sample_dir = Path(args.sample_dir)
     folder = sample_dir / (args.folder_name or default_folder_name(args, setup.info))
     identity = sampling_identity(args, setup.info)
+    if args.eval and args.stream_eval:  # features of each batch on the device, stored beside its PNGs
+        store = FeatureStore(folder, extractor, extractor_identity(args.inception_weights, args.random_init_inception,
+                                                                   extractor, device), rank)
     error = None
     if rank == 0:
         try:
             check_or_write_config(folder, identity, {"num_fid_samples": args.num_fid_samples, "world_size": world,
                                                      "per_proc_batch_size": args.per_proc_batch_size})
+            if store is not None:
+                store.prepare()
         except SystemExit as e:
             error = str(e)
     error = broadcast_object(error)
@@ -367,19 +379,22 @@ def main(argv=None) -> dict:
 
     kw = sampler_kwargs_from_args(args)
     kw["guide"] = guide
-    made = []
+    decoded = {}
 
-    def write_pngs(chunk, arr):  # [b, H, W, C] uint8, C = 3 or 1 (written as a grayscale PNG)
-        for i, a in zip(chunk, arr):
-            utils.atomic_save_png(a[..., 0] if a.shape[-1] == 1 else a, folder / f"{i:06d}.png")
-        made.extend(chunk)
+    def stream_features(chunk, images):  # uint8 [b, C, H, W] on the device, right after the decode
+        decoded["features"] = store.compute(images)
+
+    def write_pngs(chunk, arr):  # [b, H, W, C] uint8, written in the background while the next batch samples
+        feats = decoded.pop("features", None)
+        writer.write(chunk, arr, None if feats is None else (lambda: store.save(chunk, feats)))
 
     t0 = time.time()
-    sample_for_eval(field, decoder, setup.latent_shape, setup.num_classes, n, args.global_seed,
-                    args.per_proc_batch_size, kw, device, label_sampling=args.label_sampling, autocast_dtype=amp,
-                    labels=label_table,
-                    indices=todo, on_batch=write_pngs, gather=False, progress=rank == 0,
-                    uint8_conversion=args.uint8_conversion)
+    with PNGWriter(folder, args.png_writers) as writer:  # every file finished on leaving (before the .npz)
+        sample_for_eval(model, decoder, setup.latent_shape, setup.num_classes, n, args.global_seed,
+                        args.per_proc_batch_size, kw, device, label_sampling=args.label_sampling, autocast_dtype=amp,
+                        labels=label_table, indices=todo, on_batch=write_pngs, gather=False, progress=rank == 0,
+                        uint8_conversion=args.uint8_conversion, decode_precision=args.decode_precision,
+                        on_decoded=stream_features if store is not None else None)
     elapsed = time.time() - t0
     barrier()
     result = {"folder": str(folder), "generated": len(todo), "existing": len(done), "seconds": elapsed,
@@ -399,15 +414,16 @@ def main(argv=None) -> dict:
     if not args.no_npz:
         result["npz"] = str(npz)
     if args.eval:
-        from evaluation.inception import InceptionFeatures, build_inception
         from evaluation.metrics import format_scores
 
-        extractor = InceptionFeatures(build_inception(args.inception_weights, random_init=args.random_init_inception),
-                                      args.inception_image_size, args.inception_chunk).to(device)
         metrics = [m.strip() for m in args.metrics.split(",") if m.strip()]
-        images = str(npz) if not args.no_npz else [folder / f"{i:06d}.png" for i in range(n)]
-        scores = evaluate_samples(images, reference_for_eval(args, folder / "000000.png"), inception=extractor, metrics=metrics,
-                                  batch_size=args.eval_batch_size, device=device, progress=rank == 0)
+        if store is not None:  # the streamed features; an earlier run's samples without them from their files
+            images, feats = None, store.complete(n, args.eval_batch_size, progress=rank == 0)
+        else:  # --no-stream-eval: every sample read back from the .npz / PNGs
+            images, feats = (str(npz) if not args.no_npz else [folder / f"{i:06d}.png" for i in range(n)]), None
+        scores = evaluate_samples(images, reference_for_eval(args, folder / "000000.png"), inception=extractor,
+                                  metrics=metrics, batch_size=args.eval_batch_size, device=device,
+                                  progress=rank == 0, features=feats)
         result["metrics"] = scores
         if rank == 0:
             ref = {"ref_batch": str(args.ref_batch)} if args.ref_batch else {"ref_dir": str(args.ref_dir)}

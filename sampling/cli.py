@@ -16,6 +16,7 @@ from typing import List, Optional
 import utils
 from evaluation.metrics import ALL_METRICS, UINT8_CONVERSIONS
 from models.autoencoder import VAE_PRESETS
+from samplers import COMPILE_MODES, DECODE_PRECISIONS
 
 RECIPE_DIR = Path(__file__).resolve().parents[1] / "configs" / "sampling"
 
@@ -71,7 +72,15 @@ def build_parser(description: Optional[str] = None) -> argparse.ArgumentParser:
     g.add_argument("--mixed-precision", type=str, default="no", choices=["no", "fp16", "bf16"], help="autocast precision of the network")
     g.add_argument("--allow-tf32", "--tf32", action=argparse.BooleanOptionalAction, default=True,
                    help="allow TF32 matmuls and convolutions on Ampere+ GPUs (--tf32 is REPA-E's name)")
-    g.add_argument("--compile", action="store_true", help="torch.compile the SiT")
+    g.add_argument("--compile", action="store_true",
+                   help="torch.compile the guided field (cond/uncond batch, network, guidance) as one graph per step")
+    g.add_argument("--compile-mode", type=str, default=None, choices=list(COMPILE_MODES), metavar="MODE",
+                   help="torch.compile mode of --compile: reduce-overhead (CUDA graphs of the fixed-shape batches), "
+                        "max-autotune, or default (torch's, also when not given)")
+    g.add_argument("--decode-precision", type=str, default="fp32", choices=list(DECODE_PRECISIONS),
+                   help="tokenizer decode in fp32 (the originals') or under bf16 autocast (faster; other images)")
+    g.add_argument("--png-writers", type=int, default=4, metavar="N",
+                   help="threads that encode and write the PNGs while the next batch samples (0: inline after each batch)")
     g.add_argument("--device", type=str, default=None, help="default: cuda when available")
     g = p.add_argument_group("evaluation")
     g.add_argument("--eval", action="store_true", help="compute metrics of the samples against --ref-batch")
@@ -86,6 +95,9 @@ def build_parser(description: Optional[str] = None) -> argparse.ArgumentParser:
     g.add_argument("--eval-batch-size", type=utils.positive_int, default=100, help="Inception batch for --eval")
     g.add_argument("--inception-image-size", "--inception-size", dest="inception_image_size", type=int, default=299, help="299 is the protocol (smaller: tests only)")
     g.add_argument("--inception-chunk", type=int, default=50, help="fixed Inception batch (figures depend on it at ~1e-6)")
+    g.add_argument("--stream-eval", action=argparse.BooleanOptionalAction, default=True,
+                   help="Inception features of each batch right after its decode, stored in <folder>/inception_features/ "
+                        "(--no-stream-eval: read every sample back after sampling)")
     return p
 
 
@@ -179,3 +191,5 @@ def check_args(args) -> None:
     line and in --config / --recipe files alike)."""
     if args.heun and args.mode != "ode":
         raise SystemExit(f"--heun is an ODE solver: it cannot be combined with --mode {args.mode}")
+    if args.png_writers < 0:
+        raise SystemExit(f"--png-writers must be >= 0 (0: write inline), got {args.png_writers}")

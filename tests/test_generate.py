@@ -260,7 +260,7 @@ def test_heun_with_sde_is_refused():
 
 
 def test_help_lists_repae_names_with_one_default_each():
-    text = generate.build_parser().format_help()
+    text = cli.build_parser().format_help()
     for name in ("--exp-path", "--exp-dir", "--train-steps", "--ckpt-step", "--pproc-batch-size", "--per-proc-batch-size",
                  "--tf32", "--allow-tf32", "--heun", "--global-seed", "--sample-dir", "--num-fid-samples"):
         assert name in text, name
