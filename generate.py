@@ -78,7 +78,7 @@ from evaluation.metrics import barrier, broadcast_object, dist_info, evaluate_sa
 from models.lightningdit import LEGACY_CFG_CHANNELS
 from models.loading import experiment_class_names, load_guide, load_models
 from sampling import cli
-from sampling.output import FeatureStore, PNGWriter, extractor_identity
+from sampling.output import FeatureStore, PNGWriter, batch_hooks, extractor_identity
 from samplers import class_label_table, index_labels, prepare_decoder, sample_for_eval, sampler_kwargs_from_args
 
 PNG_RE = re.compile(r"^(\d{6,})\.png$")
@@ -379,22 +379,14 @@ def main(argv=None) -> dict:
 
     kw = sampler_kwargs_from_args(args)
     kw["guide"] = guide
-    decoded = {}
-
-    def stream_features(chunk, images):  # uint8 [b, C, H, W] on the device, right after the decode
-        decoded["features"] = store.compute(images)
-
-    def write_pngs(chunk, arr):  # [b, H, W, C] uint8, written in the background while the next batch samples
-        feats = decoded.pop("features", None)
-        writer.write(chunk, arr, None if feats is None else (lambda: store.save(chunk, feats)))
-
     t0 = time.time()
     with PNGWriter(folder, args.png_writers) as writer:  # every file finished on leaving (before the .npz)
+        on_decoded, on_batch = batch_hooks(writer, store)  # PNGs written while the next batch samples
         sample_for_eval(model, decoder, setup.latent_shape, setup.num_classes, n, args.global_seed,
                         args.per_proc_batch_size, kw, device, label_sampling=args.label_sampling, autocast_dtype=amp,
-                        labels=label_table, indices=todo, on_batch=write_pngs, gather=False, progress=rank == 0,
+                        labels=label_table, indices=todo, on_batch=on_batch, gather=False, progress=rank == 0,
                         uint8_conversion=args.uint8_conversion, decode_precision=args.decode_precision,
-                        on_decoded=stream_features if store is not None else None)
+                        on_decoded=on_decoded)
     elapsed = time.time() - t0
     barrier()
     result = {"folder": str(folder), "generated": len(todo), "existing": len(done), "seconds": elapsed,

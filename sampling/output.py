@@ -181,6 +181,22 @@ class FeatureStore:
         return feats
 
 
+def batch_hooks(writer: PNGWriter, store: Optional[FeatureStore]) -> Tuple[Optional[Callable], Callable]:
+    """samplers.sample_for_eval's (on_decoded, on_batch) for generate.py's output: the batch's
+    features computed on the device right after its decode (when `store` is given), then its PNGs
+    handed to `writer`, the features stored once those files exist."""
+    decoded: Dict[str, Dict[str, torch.Tensor]] = {}
+
+    def on_decoded(chunk: List[int], images: torch.Tensor) -> None:  # uint8 [b, C, H, W] on the device
+        decoded["features"] = store.compute(images)
+
+    def on_batch(chunk: List[int], images: np.ndarray) -> None:  # uint8 [b, H, W, C] on the host
+        feats = decoded.pop("features", None)
+        writer.write(chunk, images, None if feats is None else (lambda: store.save(chunk, feats)))
+
+    return (on_decoded if store is not None else None), on_batch
+
+
 def extractor_identity(weights: Optional[str], random_init: bool, extractor: InceptionFeatures,
                        device: torch.device) -> dict:
     """What stored features depend on (FeatureStore's extractor.json)."""
