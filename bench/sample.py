@@ -93,7 +93,8 @@ def _output_step(stack, args, tiny, model, decoder, latents, classes, bs, gen, k
     writer = stack.enter_context(PNGWriter(folder, args.png_writers if args.output == "writer" else 0))
     store = None
     if args.stream_eval:
-        extractor = InceptionFeatures(build_inception(random_init=True), 75 if tiny else 299, 50).to(device)
+        # tiny: a small input and a chunk of one batch (CPU time); the protocol otherwise
+        extractor = InceptionFeatures(build_inception(random_init=True), *((75, bs) if tiny else (299, 50))).to(device)
         store = FeatureStore(folder, extractor, {})
         store.prepare()
     on_decoded, on_batch = batch_hooks(writer, store)
