@@ -62,7 +62,6 @@ index-keyed randomness from `samplers`.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import re
@@ -75,13 +74,13 @@ import torch
 import torch.distributed as dist
 
 import utils
-from evaluation.metrics import ALL_METRICS, UINT8_CONVERSIONS, barrier, broadcast_object, dist_info, evaluate_samples
-from models.autoencoder import VAE_PRESETS
+from evaluation.metrics import barrier, broadcast_object, dist_info, evaluate_samples
 from models.lightningdit import LEGACY_CFG_CHANNELS
 from models.loading import experiment_class_names, load_guide, load_models
-from samplers import CompiledField, class_label_table, index_labels, sample_for_eval, sampler_kwargs_from_args
+from sampling import cli
+from sampling.output import FeatureStore, PNGWriter, batch_hooks, extractor_identity
+from samplers import class_label_table, index_labels, prepare_decoder, sample_for_eval, sampler_kwargs_from_args
 
-RECIPE_DIR = Path(__file__).resolve().parent / "configs" / "sampling"
 PNG_RE = re.compile(r"^(\d{6,})\.png$")
 RNG_VERSION = "splitmix64-boxmuller-v1"
 # Keys of sampling_config.json that do not change the images (may differ between runs).
@@ -121,6 +120,8 @@ def sampling_identity(args, info) -> dict:
         cfg["time_grid"] = args.time_grid
     if args.cfg_legacy_channels:
         cfg["cfg_channels"] = LEGACY_CFG_CHANNELS
+    if args.decode_precision != "fp32":
+        cfg["decode_precision"] = args.decode_precision
     if info.get("guide"):
         cfg["guidance"] = "autoguidance"
         cfg["guide"] = info["guide"]
@@ -267,162 +268,11 @@ def write_npz(folder: Path, n: int) -> Path:
 
 
 # ------------------------------------------------------------------------------------------------
-# CLI
+# CLI (sampling.cli: one definition of the flags, read by bench/sample.py too)
 # ------------------------------------------------------------------------------------------------
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="generate.py", description=__doc__.split("\n\n")[0],
-                                formatter_class=utils.OneDefaultHelpFormatter)
-    p.add_argument("--config", type=str, default=None, help="YAML of flag values (explicit flags win)")
-    p.add_argument("--recipe", type=str, default=None,
-                   help=f"named sampling recipe: configs/sampling/NAME.yaml ({', '.join(list_recipes()) or 'none'})")
-    g = p.add_argument_group("model source")
-    g.add_argument("--exp-path", "--exp-dir", dest="exp_dir", type=str, default=None, metavar="DIR",
-                   help="experiment folder (args.json + checkpoints/); --exp-path is REPA-E's name")
-    g.add_argument("--train-steps", "--ckpt-step", dest="ckpt_step", type=str, default=None, metavar="STEP",
-                   help="training step of the checkpoint in --exp-path (default: latest); --train-steps is REPA-E's name")
-    g.add_argument("--ckpt", type=str, default=None, help="explicit checkpoint (state_dict or dict with ema/model) of --model")
-    g.add_argument("--no-ema", action="store_true", help="use the raw 'model' weights instead of 'ema'")
-    g.add_argument("--model", type=str, default=None,
-                   help="SiT-XL/2, LightningDiT-XL/1, DiTDH-XL ... (default: from the experiment or SiT-XL/2)")
-    g.add_argument("--resolution", type=int, default=None, help="image size (default: from the experiment or the checkpoint)")
-    g.add_argument("--num-classes", type=int, default=None, help="default: from args.json or the label table")
-    g.add_argument("--path-type", type=str, default=None, choices=["linear", "cosine"], help="REPA-E SiT interpolant (default: from the experiment; the SDE's score needs it)")
-    g.add_argument("--qk-norm", action=argparse.BooleanOptionalAction, default=None, help="SiT qk-norm (default: read off the checkpoint)")
-    g.add_argument("--encoder-depth", type=int, default=None, help="REPA-E SiT projector depth (default: from the experiment)")
-    g.add_argument("--time-convention", type=str, default="auto", choices=["auto", "data-at-1", "noise-at-1"],
-                   help="how the network reads t (auto: the experiment's; data-at-1 for hustvl LightningDiT and "
-                        "learn_sigma SiT releases, noise-at-1 otherwise)")
-    g.add_argument("--tokenizer", type=str, default=None, choices=["kl", "vavae", "vq", "rae"],
-                   help="tokenizer kind (default: the experiment's; vavae for LightningDiT, rae for DiT^DH releases)")
-    g.add_argument("--vae", type=str, default=None, help=f"VAE / tokenizer preset ({', '.join(sorted(VAE_PRESETS))})")
-    g.add_argument("--vae-ckpt", type=str, default=None, help="tokenizer weights (default: the experiment's)")
-    g.add_argument("--vae-stats", type=str, default=None,
-                   help="latent statistics file: latents_scale/bias (REPA-E), mean/std (hustvl) or mean/var (RAE)")
-    g.add_argument("--latent-scale", type=float, default=None, help="constant latent scale, no bias (SD-VAE: 0.18215)")
-    g.add_argument("--rae-config", type=str, default=None, help="RAE config (tokenizer rae)")
-    g.add_argument("--random-init-vae", "--random-init", dest="random_init_vae", action="store_true",
-                   help="tokenizer with seeded random weights (tests; --random-init: cache_latents.py's name)")
-    g.add_argument("--tokenizer-seed", type=int, default=None, help="seed of --random-init-vae (default: the run's seed)")
-    g.add_argument("--vae-ckpt-override", action="store_true", help="use --vae-ckpt even if the checkpoint holds a VAE")
-    g = p.add_argument_group("guidance")
-    g.add_argument("--guidance", type=str, default="cfg", choices=["cfg", "autoguidance"],
-                   help="what --cfg-scale scales: classifier-free guidance or autoguidance by --guide-*")
-    g.add_argument("--guide-ckpt", type=str, default=None, help="autoguidance: guide checkpoint (with --guide-model)")
-    g.add_argument("--guide-model", type=str, default=None, help="autoguidance: guide architecture, e.g. DiTDH-S")
-    g.add_argument("--guide-exp-dir", type=str, default=None, help="autoguidance: guide experiment folder")
-    g.add_argument("--guide-ckpt-step", type=str, default=None, help="step in --guide-exp-dir (default: latest)")
-    g.add_argument("--guide-time-convention", type=str, default="auto", choices=["auto", "data-at-1", "noise-at-1"], help="how the guide network reads t (as --time-convention)")
-    g.add_argument("--cfg-legacy-channels", action=argparse.BooleanOptionalAction, default=False,
-                   help="hustvl LightningDiT's CFG on latent channels 0..2 only (reproduces its published FIDs)")
-    g = p.add_argument_group("sampler")
-    g.add_argument("--mode", type=str, default="ode", choices=["ode", "sde"], help="ode (probability flow) or sde (Euler-Maruyama)")
-    g.add_argument("--solver", type=str, default="euler", choices=["euler", "heun", "dopri5"], help="ODE solver")
-    g.add_argument("--heun", action=argparse.BooleanOptionalAction, default=False,
-                   help="same as --solver heun (REPA-E's flag; ODE only)")
-    g.add_argument("--num-steps", type=utils.positive_int, default=50, help="sampler steps (time points for --time-grid rae)")
-    g.add_argument("--cfg-scale", type=float, default=1.5, help="guidance scale, 1 for none (REPA-E's default 1.5)")
-    g.add_argument("--guidance-low", type=float, default=0.0, help="guidance only for noise times t >= this")
-    g.add_argument("--guidance-high", type=float, default=1.0, help="guidance only for noise times t <= this (REPA-E's recipe: 0.75)")
-    g.add_argument("--shift", type=_shift_value, default=None,
-                   help="noise-time shift: a number (LightningDiT's data-time 0.3 = 1/0.3 here) or 'auto' "
-                        "(RAE: sqrt(C*h*w / 4096)); default: the experiment's sampling shift or 1")
-    g.add_argument("--time-grid", type=str, default="uniform", choices=["uniform", "rae"],
-                   help="uniform: linspace(1, 0, steps + 1); rae: RAE's shift(1 - linspace(0, 0.999, steps)) (ODE)")
-    g.add_argument("--t-last", type=float, default=0.04, help="SDE: last stochastic time before the final mean step")
-    g.add_argument("--rtol", type=float, default=1e-5, help="dopri5 relative tolerance")
-    g.add_argument("--atol", type=float, default=1e-5, help="dopri5 absolute tolerance")
-    g.add_argument("--label-sampling", type=str, default="equal", choices=["random", "equal"],
-                   help="random labels, or equal (REPA-E's default): the same count per class, exact for any world size")
-    g.add_argument("--per-class-sampling", dest="label_sampling", action="store_const", const="equal",
-                   default=argparse.SUPPRESS, help="earlier REPA-E name of --label-sampling equal")
-    g.add_argument("--no-per-class-sampling", dest="label_sampling", action="store_const", const="random",
-                   default=argparse.SUPPRESS, help="earlier REPA-E name of --label-sampling random")
-    g.add_argument("--classes", type=str, default=None,
-                   help="comma list of classes to sample, by name (the training data's class folders) or id; "
-                        "cycled over --num-fid-samples unless --samples-per-class is given")
-    g.add_argument("--samples-per-class", type=utils.positive_int, default=None,
-                   help="N samples of each class of --classes (or of every class), in class blocks; sets --num-fid-samples")
-    g.add_argument("--class-to-idx", type=str, default=None,
-                   help="JSON {class name: id} for --classes and labels.csv (default: the experiment's data, "
-                        "archive or latents record)")
-    g.add_argument("--global-seed", "--seed", dest="global_seed", type=int, default=0, help="seed of the index-keyed noise and labels")
-    g = p.add_argument_group("output and speed")
-    g.add_argument("--num-fid-samples", type=utils.positive_int, default=50000, help="number of samples to generate")
-    g.add_argument("--pproc-batch-size", "--per-proc-batch-size", dest="per_proc_batch_size", type=utils.positive_int, default=128, metavar="N",
-                   help="sampling batch per process (--pproc-batch-size is REPA-E's name)")
-    g.add_argument("--sample-dir", type=str, default="samples", help="parent folder of the sample folder and its .npz")
-    g.add_argument("--folder-name", type=str, default=None,
-                   help="sample folder name (default: REPA-E's EXP_STEP_cfgS-LOW-HIGH-labelsampling-L for --exp-path, "
-                        "else derived from the configuration)")
-    g.add_argument("--no-npz", action="store_true", help="do not write the .npz of all samples")
-    g.add_argument("--uint8-conversion", type=str, default="truncate", choices=list(UINT8_CONVERSIONS),
-                   help="decoded [-1, 1] -> uint8: truncate as the originals (published FIDs) or round to the nearest level")
-    g.add_argument("--mixed-precision", type=str, default="no", choices=["no", "fp16", "bf16"], help="autocast precision of the network")
-    g.add_argument("--allow-tf32", "--tf32", action=argparse.BooleanOptionalAction, default=True,
-                   help="allow TF32 matmuls and convolutions on Ampere+ GPUs (--tf32 is REPA-E's name)")
-    g.add_argument("--compile", action="store_true", help="torch.compile the SiT")
-    g.add_argument("--device", type=str, default=None, help="default: cuda when available")
-    g = p.add_argument_group("evaluation")
-    g.add_argument("--eval", action="store_true", help="compute metrics of the samples against --ref-batch")
-    g.add_argument("--ref-batch", type=str, default=None, help="reference .npz (arr_0 images and/or mu, sigma)")
-    g.add_argument("--ref-dir", type=str, default=None,
-                   help="reference images for --eval: an image folder (class folders too) or a preprocessing.py "
-                        "archive, read at the samples' resolution (instead of --ref-batch)")
-    g.add_argument("--inception-weights", type=str, default=None, help="local torch-fidelity Inception weights (.pth)")
-    g.add_argument("--random-init-inception", action="store_true",
-                   help="random-weight Inception (offline tests): every figure is labelled not comparable")
-    g.add_argument("--metrics", type=str, default=",".join(ALL_METRICS), help=f"comma list of {ALL_METRICS}")
-    g.add_argument("--eval-batch-size", type=utils.positive_int, default=100, help="Inception batch for --eval")
-    g.add_argument("--inception-image-size", "--inception-size", dest="inception_image_size", type=int, default=299, help="299 is the protocol (smaller: tests only)")
-    g.add_argument("--inception-chunk", type=int, default=50, help="fixed Inception batch (figures depend on it at ~1e-6)")
-    return p
-
-
-def _shift_value(v):
-    if str(v).lower() == "auto":
-        return "auto"
-    try:
-        return float(v)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--shift must be a number or 'auto', got {v!r}") from None
-
-
-def list_recipes() -> List[str]:
-    return sorted(p.stem for p in RECIPE_DIR.glob("*.yaml")) if RECIPE_DIR.is_dir() else []
-
-
 def parse_args(argv=None):
-    """Defaults < --recipe file < --config file < explicit flags."""
-    parser = build_parser()
-    pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument("--recipe", type=str, default=None, help="named sampling recipe from configs/sampling/")
-    pre.add_argument("--config", type=str, default=None, help="YAML file of flag values (explicit flags win)")
-    known, _ = pre.parse_known_args(argv)
-    files = []
-    if known.recipe:
-        path = Path(known.recipe) if known.recipe.endswith(".yaml") else RECIPE_DIR / f"{known.recipe}.yaml"
-        if not path.is_file():
-            raise SystemExit(f"--recipe {known.recipe}: no {path} (known recipes: {', '.join(list_recipes())})")
-        files.append(path)
-    if known.config:
-        files.append(Path(known.config))
-    for path in files:  # the config file's values override the recipe's
-        try:
-            utils.apply_config_file(parser, path, argv)
-        except ValueError as e:
-            raise SystemExit(str(e)) from None
-    args = parser.parse_args(argv)
-    check_args(args)
-    if args.heun:
-        args.solver = "heun"
-    return args
-
-
-def check_args(args) -> None:
-    """Refuse combinations the flags' types cannot (counts are `utils.positive_int`, on the command
-    line and in --config / --recipe files alike)."""
-    if args.heun and args.mode != "ode":
-        raise SystemExit(f"--heun is an ODE solver: it cannot be combined with --mode {args.mode}")
+    """Defaults < --recipe file < --config file < explicit flags (sampling.cli.parse_args)."""
+    return cli.parse_args(argv, description=__doc__.split("\n\n")[0])
 
 
 def setup_distributed(device_arg: Optional[str]):
@@ -485,22 +335,31 @@ def main(argv=None) -> dict:
         args.classes = chosen  # ids: part of the folder's identity
         log(f"classes {', '.join(f'{c} ({class_names.get(c, c)})' for c in chosen)}: "
             f"{args.num_fid_samples} samples" + (f", {args.samples_per_class} per class" if args.samples_per_class else ""))
-    model, decoder = setup.model.to(device), setup.decoder.to(device)
-    field = CompiledField(model) if args.compile else model
+    model, decoder = setup.model.to(device), prepare_decoder(setup.decoder, device)
     if guide is not None:
         guide = guide.to(device)
-        guide = CompiledField(guide) if args.compile else guide
+    extractor = store = None
+    if args.eval:
+        from evaluation.inception import InceptionFeatures, build_inception
+
+        extractor = InceptionFeatures(build_inception(args.inception_weights, random_init=args.random_init_inception),
+                                      args.inception_image_size, args.inception_chunk).to(device)
     amp = {"no": None, "fp16": torch.float16, "bf16": torch.bfloat16}[args.mixed_precision]
 
     # ---- output folder (rank 0 decides; everyone scans before anyone writes)
     sample_dir = Path(args.sample_dir)
     folder = sample_dir / (args.folder_name or default_folder_name(args, setup.info))
     identity = sampling_identity(args, setup.info)
+    if args.eval and args.stream_eval:  # features of each batch on the device, stored beside its PNGs
+        store = FeatureStore(folder, extractor, extractor_identity(args.inception_weights, args.random_init_inception,
+                                                                   extractor, device), rank)
     error = None
     if rank == 0:
         try:
             check_or_write_config(folder, identity, {"num_fid_samples": args.num_fid_samples, "world_size": world,
                                                      "per_proc_batch_size": args.per_proc_batch_size})
+            if store is not None:
+                store.prepare()
         except SystemExit as e:
             error = str(e)
     error = broadcast_object(error)
@@ -520,19 +379,14 @@ def main(argv=None) -> dict:
 
     kw = sampler_kwargs_from_args(args)
     kw["guide"] = guide
-    made = []
-
-    def write_pngs(chunk, arr):  # [b, H, W, C] uint8, C = 3 or 1 (written as a grayscale PNG)
-        for i, a in zip(chunk, arr):
-            utils.atomic_save_png(a[..., 0] if a.shape[-1] == 1 else a, folder / f"{i:06d}.png")
-        made.extend(chunk)
-
     t0 = time.time()
-    sample_for_eval(field, decoder, setup.latent_shape, setup.num_classes, n, args.global_seed,
-                    args.per_proc_batch_size, kw, device, label_sampling=args.label_sampling, autocast_dtype=amp,
-                    labels=label_table,
-                    indices=todo, on_batch=write_pngs, gather=False, progress=rank == 0,
-                    uint8_conversion=args.uint8_conversion)
+    with PNGWriter(folder, args.png_writers) as writer:  # every file finished on leaving (before the .npz)
+        on_decoded, on_batch = batch_hooks(writer, store)  # PNGs written while the next batch samples
+        sample_for_eval(model, decoder, setup.latent_shape, setup.num_classes, n, args.global_seed,
+                        args.per_proc_batch_size, kw, device, label_sampling=args.label_sampling, autocast_dtype=amp,
+                        labels=label_table, indices=todo, on_batch=on_batch, gather=False, progress=rank == 0,
+                        uint8_conversion=args.uint8_conversion, decode_precision=args.decode_precision,
+                        on_decoded=on_decoded)
     elapsed = time.time() - t0
     barrier()
     result = {"folder": str(folder), "generated": len(todo), "existing": len(done), "seconds": elapsed,
@@ -552,15 +406,16 @@ def main(argv=None) -> dict:
     if not args.no_npz:
         result["npz"] = str(npz)
     if args.eval:
-        from evaluation.inception import InceptionFeatures, build_inception
         from evaluation.metrics import format_scores
 
-        extractor = InceptionFeatures(build_inception(args.inception_weights, random_init=args.random_init_inception),
-                                      args.inception_image_size, args.inception_chunk).to(device)
         metrics = [m.strip() for m in args.metrics.split(",") if m.strip()]
-        images = str(npz) if not args.no_npz else [folder / f"{i:06d}.png" for i in range(n)]
-        scores = evaluate_samples(images, reference_for_eval(args, folder / "000000.png"), inception=extractor, metrics=metrics,
-                                  batch_size=args.eval_batch_size, device=device, progress=rank == 0)
+        if store is not None:  # the streamed features; an earlier run's samples without them from their files
+            images, feats = None, store.complete(n, args.eval_batch_size, progress=rank == 0)
+        else:  # --no-stream-eval: every sample read back from the .npz / PNGs
+            images, feats = (str(npz) if not args.no_npz else [folder / f"{i:06d}.png" for i in range(n)]), None
+        scores = evaluate_samples(images, reference_for_eval(args, folder / "000000.png"), inception=extractor,
+                                  metrics=metrics, batch_size=args.eval_batch_size, device=device,
+                                  progress=rank == 0, features=feats)
         result["metrics"] = scores
         if rank == 0:
             ref = {"ref_batch": str(args.ref_batch)} if args.ref_batch else {"ref_dir": str(args.ref_dir)}

@@ -25,6 +25,7 @@ one code path for every family:
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Callable, List, Optional, Sequence
 
@@ -33,7 +34,6 @@ import torch
 import torch.distributed as dist
 
 from evaluation.metrics import broadcast_object, dist_info, images_to_uint8
-from models.diffusion import VelocityModel
 from models.lightningdit import LEGACY_CFG_CHANNELS
 from models.sit import interpolant
 
@@ -295,17 +295,23 @@ class GuidedVelocity:
     (outside, one call on the n conditional rows). `cfg_channels=k` guides channels 0..k-1 only and
     keeps the conditional velocity elsewhere (hustvl LightningDiT's legacy CFG, k = 3).
     Autoguidance (`guide` given): g + s (m - g) with ONE call of the main and ONE of the guide
-    model, both on the n conditional rows (no doubled batch). Guided velocities are float64."""
+    model, both on the n conditional rows (no doubled batch). Guided velocities are float64.
+    `compile_mode` (see `compiled_guided_velocity`): the whole guided evaluation runs as one
+    compiled graph; a `compile_backend` other than inductor serves tests."""
 
     def __init__(self, model, scale: float = 1.0, low: float = 0.0, high: float = 1.0, guide=None,
-                 cfg_channels: Optional[int] = None):
+                 cfg_channels: Optional[int] = None, compile_mode: Optional[str] = None,
+                 compile_backend: str = "inductor"):
         if guide is not None and int(guide.num_classes) != int(model.num_classes):
             raise ValueError(f"the guide model has {guide.num_classes} classes, the main model {model.num_classes}")
         if guide is not None and cfg_channels is not None:
             raise ValueError("--cfg-legacy-channels applies to classifier-free guidance, not to autoguidance")
         self.model, self.guide = model, guide
         self.scale, self.low, self.high = float(scale), float(low), float(high)
-        self.cfg_channels = cfg_channels
+        self.cfg_channels = None if cfg_channels is None else int(cfg_channels)
+        self._velocity = compiled_guided_velocity(compile_mode, compile_backend) if compile_mode else _guided_velocity
+        self.cudagraphs = compile_mode == "reduce-overhead" and compile_backend == "inductor" \
+            and torch.cuda.is_available()
 
     @property
     def num_classes(self) -> int:
@@ -322,21 +328,46 @@ class GuidedVelocity:
     def guided_inference(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, guided: bool) -> torch.Tensor:
         """The velocity with the guidance decision made by the caller: samplers.py decides once per
         step at t_cur and Heun's corrector at t_next reuses it (REPA-E's euler_sampler)."""
-        if not guided:
-            return self.model.inference(x, t, y)
-        if self.guide is not None:
-            m = self.model.inference(x, t, y).double()  # [n, C, h, w]
-            g = self.guide.inference(x, t, y).double()
-            return g + self.scale * (m - g)
-        n = x.shape[0]
-        y_null = torch.full_like(y, self.num_classes)
-        out = self.model.inference(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, y_null])).double()  # [2n, ...]
-        cond, uncond = out[:n], out[n:]
-        guided = uncond + self.scale * (cond - uncond)
-        if self.cfg_channels is not None:
-            k = int(self.cfg_channels)
-            guided = torch.cat([guided[:, :k], cond[:, k:]], dim=1)
-        return guided
+        if self.cudagraphs:  # each call may replay a graph: its output buffers are the graph's
+            torch.compiler.cudagraph_mark_step_begin()
+        out = self._velocity(self.model, self.guide, x, t, y, guided, self.scale, self.cfg_channels)
+        # a later replay would overwrite the output, and Heun still needs the predictor's
+        return out.clone() if self.cudagraphs else out
+
+
+def _guided_velocity(model, guide, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, guided: bool, scale: float,
+                     cfg_channels: Optional[int]) -> torch.Tensor:
+    """One guided velocity evaluation (see `GuidedVelocity`); a function of its arguments alone, so
+    torch.compile turns it (cat, network, guidance combine) into one graph per guided/unguided shape."""
+    if not guided:
+        return model.inference(x, t, y)
+    if guide is not None:
+        m = model.inference(x, t, y).double()  # [n, C, h, w]
+        g = guide.inference(x, t, y).double()
+        return g + scale * (m - g)
+    n = x.shape[0]
+    y_null = torch.full_like(y, int(model.num_classes))
+    out = model.inference(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, y_null])).double()  # [2n, ...]
+    cond, uncond = out[:n], out[n:]
+    v = uncond + scale * (cond - uncond)
+    if cfg_channels is not None:
+        v = torch.cat([v[:, :cfg_channels], cond[:, cfg_channels:]], dim=1)
+    return v
+
+
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")
+
+
+@functools.lru_cache(maxsize=None)
+def compiled_guided_velocity(mode: str = "default", backend: str = "inductor") -> Callable:
+    """`_guided_velocity` under torch.compile, built once per (mode, backend): the guards (model
+    identity, guided flag, shapes) pick the graph, so the fields of every batch share the compiled
+    graphs. Fixed shapes (dynamic=False): sample_for_eval pads to full batches, and
+    'reduce-overhead' records one CUDA graph per shape (guided [2n] and unguided [n] rows)."""
+    if mode not in COMPILE_MODES:
+        raise ValueError(f"--compile-mode must be one of {COMPILE_MODES}, got {mode!r}")
+    return torch.compile(_guided_velocity, backend=backend, dynamic=False,
+                         mode=mode if backend == "inductor" else None)
 
 
 def run_sampler(model, z: torch.Tensor, y: torch.Tensor, sampler_kwargs: dict,
@@ -345,11 +376,12 @@ def run_sampler(model, z: torch.Tensor, y: torch.Tensor, sampler_kwargs: dict,
 
     sampler_kwargs: those of `samplers.sample` (mode, solver, num_steps, shift, path_type, t_last,
     rtol, atol) plus cfg_scale, guidance_low, guidance_high, cfg_channels (int or None), guide (a
-    VelocityModel or None) and time_grid ("uniform": samplers.py's linspace(1, 0, steps + 1);
+    VelocityModel or None), compile_mode (None: eager; see `compiled_guided_velocity`) and time_grid ("uniform": samplers.py's linspace(1, 0, steps + 1);
     "rae": transport.py's RAE grid of num_steps points, ODE only)."""
     kw = dict(sampler_kwargs)
     field = GuidedVelocity(model, kw.pop("cfg_scale", 1.0), kw.pop("guidance_low", 0.0), kw.pop("guidance_high", 1.0),
-                           kw.pop("guide", None), kw.pop("cfg_channels", None))
+                           kw.pop("guide", None), kw.pop("cfg_channels", None), kw.pop("compile_mode", None),
+                           kw.pop("compile_backend", "inductor"))
     grid = kw.pop("time_grid", "uniform")
     if grid == "rae":
         import transport
@@ -380,7 +412,8 @@ def sampler_kwargs_from_args(args) -> dict:
     kw = dict(mode=args.mode, solver=args.solver, num_steps=args.num_steps, cfg_scale=args.cfg_scale,
               guidance_low=args.guidance_low, guidance_high=args.guidance_high, path_type=args.path_type,
               shift=args.shift, time_grid=args.time_grid,
-              cfg_channels=LEGACY_CFG_CHANNELS if args.cfg_legacy_channels else None)
+              cfg_channels=LEGACY_CFG_CHANNELS if args.cfg_legacy_channels else None,
+              compile_mode=(getattr(args, "compile_mode", None) or "default") if getattr(args, "compile", False) else None)
     if args.mode == "sde":
         kw["t_last"] = args.t_last
     if args.mode == "ode" and args.solver == "dopri5":
@@ -395,10 +428,14 @@ def sampler_kwargs_from_args(args) -> dict:
 def sample_batch(model, decode_fn: Callable[[torch.Tensor], torch.Tensor], latent_shape: Sequence[int],
                  num_classes: int, indices: torch.Tensor, seed: int, sampler_kwargs: dict, device,
                  label_sampling: str = "random", autocast_dtype: Optional[torch.dtype] = None,
-                 uint8_conversion: str = "truncate", labels: Optional[torch.Tensor] = None) -> torch.Tensor:
+                 uint8_conversion: str = "truncate", labels: Optional[torch.Tensor] = None,
+                 decode_precision: str = "fp32") -> torch.Tensor:
     """uint8 images [B, C, H, W] for sample indices [B]; depends only on (seed, indices, config).
     `uint8_conversion`: see evaluation.metrics.images_to_uint8 (truncate: the originals');
-    `labels`: a label per sample index (e.g. `class_label_table`) instead of `label_sampling`."""
+    `labels`: a label per sample index (e.g. `class_label_table`) instead of `label_sampling`;
+    `decode_precision`: fp32 (the originals') or bf16 (the decoder under bf16 autocast)."""
+    if decode_precision not in DECODE_PRECISIONS:
+        raise ValueError(f"--decode-precision must be one of {DECODE_PRECISIONS}, got {decode_precision!r}")
     device = torch.device(device)
     indices = indices.to(device=device, dtype=torch.int64)
     z = index_normal(seed, indices, STREAM_NOISE, tuple(int(v) for v in latent_shape)).to(device)
@@ -410,8 +447,22 @@ def sample_batch(model, decode_fn: Callable[[torch.Tensor], torch.Tensor], laten
     use_amp = autocast_dtype is not None
     with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=use_amp):
         latents = run_sampler(model, z, y, sampler_kwargs, noise)  # float64 [B, C, h, w], normalised
-    images = decode_fn(latents.float()).float()  # [B, 3, H, W] in [-1, 1]
+    latents = latents.float()
+    if latents.is_cuda:  # cuDNN's NHWC convolutions (see prepare_decoder); the values are the same
+        latents = latents.contiguous(memory_format=torch.channels_last)
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=decode_precision == "bf16"):
+        images = decode_fn(latents).float()  # [B, 3, H, W] in [-1, 1]
     return images_to_uint8(images, uint8_conversion)
+
+
+DECODE_PRECISIONS = ("fp32", "bf16")
+
+
+def prepare_decoder(decoder: torch.nn.Module, device) -> torch.nn.Module:
+    """The decoder on `device`, channels_last on CUDA: the conv decoders (SD-VAE, VA-VAE, VQGAN)
+    then run cuDNN's NHWC kernels, faster than NCHW under tensor cores; other layers ignore it."""
+    decoder = decoder.to(device)
+    return decoder.to(memory_format=torch.channels_last) if torch.device(device).type == "cuda" else decoder
 
 
 @torch.no_grad()
@@ -421,7 +472,8 @@ def sample_for_eval(model, decode_fn: Callable[[torch.Tensor], torch.Tensor], la
                     indices: Optional[Sequence[int]] = None,
                     on_batch: Optional[Callable[[List[int], np.ndarray], None]] = None,
                     gather: bool = True, progress: bool = False, uint8_conversion: str = "truncate",
-                    labels: Optional[torch.Tensor] = None) -> Optional[np.ndarray]:
+                    labels: Optional[torch.Tensor] = None, decode_precision: str = "fp32",
+                    on_decoded: Optional[Callable[[List[int], torch.Tensor], None]] = None) -> Optional[np.ndarray]:
     """Samples 0..n-1 (or `indices`) as uint8 [n, H, W, 3] in index order, on every rank.
 
     `model`: a VelocityModel-like object (`.inference(x, t, y)`, `.num_classes`) in the toolkit's
@@ -431,7 +483,9 @@ def sample_for_eval(model, decode_fn: Callable[[torch.Tensor], torch.Tensor], la
     and the padding discarded: kernels pick algorithms by batch size), then every rank gathers
     all of them. Noise, labels and SDE noise are keyed by sample index (see index_normal), so the
     result does not depend on the number of processes. `on_batch(chunk, images [b, H, W, 3])` is
-    called after each local batch (generate.py writes its PNGs there, with gather=False)."""
+    called after each local batch (generate.py hands its PNGs to a background writer there, with
+    gather=False); `on_decoded(chunk, images uint8 [b, C, H, W] on the device)` before that, while
+    the batch is still on the device (generate.py's streamed Inception features)."""
     rank, world = dist_info()
     todo = list(range(n)) if indices is None else [int(i) for i in indices]
     mine = todo[rank::world]
@@ -445,7 +499,9 @@ def sample_for_eval(model, decode_fn: Callable[[torch.Tensor], torch.Tensor], la
         chunk = mine[start:start + batch_size]
         idx = torch.tensor(chunk + [chunk[-1]] * (batch_size - len(chunk)), dtype=torch.int64)
         images = sample_batch(model, decode_fn, latent_shape, num_classes, idx, seed, sampler_kwargs, device,
-                              label_sampling, autocast_dtype, uint8_conversion, labels)
+                              label_sampling, autocast_dtype, uint8_conversion, labels, decode_precision)
+        if on_decoded is not None:
+            on_decoded(chunk, images[:len(chunk)])
         arr = images[:len(chunk)].permute(0, 2, 3, 1).contiguous().cpu()  # [b, H, W, 3]
         if on_batch is not None:
             on_batch(chunk, arr.numpy())
@@ -477,14 +533,3 @@ def sample_for_eval(model, decode_fn: Callable[[torch.Tensor], torch.Tensor], la
         count = len(todo[r::world])
         out[r::world] = gathered[r][:count].cpu().numpy()
     return out
-
-
-class CompiledField:
-    """torch.compile of a VelocityModel, reachable through `.inference` as the samplers call it
-    (calling `.inference` on torch.compile's wrapper would run the uncompiled method)."""
-
-    def __init__(self, model: VelocityModel):
-        self.compiled, self.num_classes = torch.compile(model), model.num_classes
-
-    def inference(self, x, t, y):
-        return self.compiled(x, t, y)

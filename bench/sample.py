@@ -1,10 +1,14 @@
 """Sampling throughput through generate.py's code path (`samplers.sample_batch`: index-keyed noise,
 guidance wrapper, sampler, denormalisation and decode) with the published sampling recipes of
-configs/sampling/ run unchanged (read by generate.parse_args, as `generate.py --recipe NAME`), at
-generate.py's batch (--per-proc-batch-size, 64 per GPU). One step = one batch sampled and decoded.
+configs/sampling/ run unchanged (read by sampling.cli.parse_args, generate.py's own parser, as
+`generate.py --recipe NAME`), at generate.py's batch (--per-proc-batch-size, 64 per GPU). One step =
+one batch sampled and decoded; with --output, one batch of generate.py's loop (samplers.sample_for_eval
+handing the batch to the PNG output, written inline or by the background writer, and with
+--stream-eval the batch's Inception features computed and stored).
 
   python bench/sample.py [--model SiT-XL/2 | LightningDiT-XL/1 | DiTDH-XL] [--recipe NAME]
-                         [--mixed-precision bf16] [--compile] [--tiny]
+                         [--mixed-precision bf16] [--compile [--compile-mode reduce-overhead]]
+                         [--decode-precision bf16] [--output {inline,writer} [--stream-eval]] [--tiny]
 
 Models and recipes (random weights: throughput does not depend on the values):
   SiT-XL/2           REPA-E SiT, f8d4 VAE latents [4, 32, 32]: repae-sde-250 (SDE 250, CFG 2.5 on t <= 0.75,
@@ -19,6 +23,7 @@ counts).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 from pathlib import Path
 
@@ -27,14 +32,15 @@ import torch.nn as nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-# generate.py's own parse_args only: the recipes and defaults read exactly as `generate.py --recipe NAME`
-import generate  # noqa: E402
 from common import StepProbe, add_probe_flags, record  # noqa: E402
 from models.autoencoder import build_vae  # noqa: E402
 from models.diffusion import VelocityModel, build_diffusion_model  # noqa: E402
 from models.loading import LatentDecoder  # noqa: E402
 from models.rae import RAEDecoder  # noqa: E402
-from samplers import CompiledField, sample_batch, sampler_kwargs_from_args  # noqa: E402
+from samplers import COMPILE_MODES, DECODE_PRECISIONS, prepare_decoder, sample_batch, sample_for_eval  # noqa: E402
+from samplers import sampler_kwargs_from_args  # noqa: E402
+# generate.py's parser: the recipes and defaults read exactly as `generate.py --recipe NAME`
+from sampling.cli import parse_args as generate_args  # noqa: E402
 from transport import shift_from_dims  # noqa: E402
 
 # name -> CUDA latents and tokenizer, tiny stand-ins, and the recipes: (label, generate.py flags)
@@ -73,6 +79,37 @@ def build_velocity(name: str, latents, num_classes: int, device) -> VelocityMode
     return VelocityModel(net.to(device).eval(), data_at_one=name.startswith("LightningDiT"))
 
 
+def _output_step(stack, args, tiny, model, decoder, latents, classes, bs, gen, kw, device, amp):
+    """One batch of generate.py's loop: sample_for_eval handing the batch to the PNG writer (and,
+    with --stream-eval, its features to the FeatureStore), as generate.main wires them. Batch k
+    takes indices k*bs.. so each step writes new files; the writer is closed (drained) at the end."""
+    import itertools
+    import tempfile
+
+    from evaluation.inception import InceptionFeatures, build_inception
+    from sampling.output import FeatureStore, PNGWriter, batch_hooks
+
+    folder = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="bench-sample-")))
+    writer = stack.enter_context(PNGWriter(folder, args.png_writers if args.output == "writer" else 0))
+    store = None
+    if args.stream_eval:
+        # tiny: a small input and a chunk of one batch (CPU time); the protocol otherwise
+        extractor = InceptionFeatures(build_inception(random_init=True), *((75, bs) if tiny else (299, 50))).to(device)
+        store = FeatureStore(folder, extractor, {})
+        store.prepare()
+    on_decoded, on_batch = batch_hooks(writer, store)
+    batches = itertools.count()
+
+    def step():
+        start = next(batches) * bs
+        sample_for_eval(model, decoder, latents, classes, start + bs, gen.global_seed, bs, kw, device,
+                        label_sampling=gen.label_sampling, autocast_dtype=amp, indices=range(start, start + bs),
+                        on_batch=on_batch, gather=False, decode_precision=args.decode_precision,
+                        on_decoded=on_decoded)
+
+    return step
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="SiT-XL/2", choices=list(MODELS), help="stage-2 model family to time")
@@ -80,7 +117,14 @@ def main(argv=None):
     p.add_argument("--batch-size", type=int, default=None, help="default: generate.py's --per-proc-batch-size (8 tiny)")
     p.add_argument("--mixed-precision", default=None, choices=["no", "fp16", "bf16"],
                    help="default: generate.py's (no)")
-    p.add_argument("--compile", action="store_true", help="compile the network as generate.py --compile does")
+    p.add_argument("--compile", action="store_true", help="compile the guided field as generate.py --compile does")
+    p.add_argument("--compile-mode", default=None, choices=list(COMPILE_MODES), help="as generate.py's (implies --compile)")
+    p.add_argument("--decode-precision", default="fp32", choices=list(DECODE_PRECISIONS), help="as generate.py's")
+    p.add_argument("--output", default="none", choices=["none", "inline", "writer"],
+                   help="also write each batch's PNGs (to a temporary folder): inline, or by the background writer")
+    p.add_argument("--png-writers", type=int, default=4, help="threads of --output writer (generate.py's default)")
+    p.add_argument("--stream-eval", action="store_true",
+                   help="with --output: Inception features of each batch stored beside its PNGs (random weights)")
     p.add_argument("--tiny", action=argparse.BooleanOptionalAction, default=None,
                    help="tiny sizes (default: on without CUDA)")
     add_probe_flags(p)
@@ -102,7 +146,10 @@ def main(argv=None):
 
     c = latents[0]
     tok = _RAEPixelDecoder(c, latents[1], xl=not tiny) if vae_name.startswith("rae") else build_vae(vae_name)
-    decoder = LatentDecoder(tok.to(device).eval(), torch.zeros(c, 1, 1), torch.ones(c, 1, 1)).to(device)
+    decoder = prepare_decoder(LatentDecoder(tok.eval(), torch.zeros(c, 1, 1), torch.ones(c, 1, 1)), device)
+    if args.stream_eval and args.output == "none":
+        p.error("--stream-eval needs --output inline or writer")
+    args.compile = args.compile or args.compile_mode is not None
     model = build_velocity(model_name, latents, classes, device)
     guide = build_velocity(spec["cpu_guide"] if tiny else spec["guide"], latents, classes, device) \
         if "guide" in spec else None
@@ -110,25 +157,31 @@ def main(argv=None):
     for name, flags in recipes.items():
         if args.recipe not in (None, name):
             continue
-        gen = generate.parse_args(flags)
+        gen = generate_args(flags + (["--compile"] + (["--compile-mode", args.compile_mode] if args.compile_mode else [])
+                                     if args.compile else []))
         kw = sampler_kwargs_from_args(gen)
         kw["path_type"] = gen.path_type or "linear"  # generate.py's resolution of its defaults
         if gen.shift == "auto":
             kw["shift"] = shift_from_dims(c * latents[1] * latents[2])
         if gen.guidance == "autoguidance":
-            kw["guide"] = CompiledField(guide) if args.compile else guide
-        field = CompiledField(model) if args.compile else model
+            kw["guide"] = guide
         precision = args.mixed_precision or gen.mixed_precision
         amp = {"no": None, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
         bs = args.batch_size or (8 if tiny else gen.per_proc_batch_size)
-        idx = torch.arange(bs)
         probe = StepProbe(args.warmup, args.steps)
-        with torch.no_grad():
-            probe.run(lambda: sample_batch(field, decoder, latents, classes, idx, gen.global_seed, kw, device,
-                                           gen.label_sampling, amp))
+        with torch.no_grad(), contextlib.ExitStack() as stack:
+            if args.output == "none":
+                idx = torch.arange(bs)
+                probe.run(lambda: sample_batch(model, decoder, latents, classes, idx, gen.global_seed, kw, device,
+                                               gen.label_sampling, amp, decode_precision=args.decode_precision))
+            else:
+                probe.run(_output_step(stack, args, tiny, model, decoder, latents, classes, bs, gen, kw, device, amp))
         lines.append(record("sample", f"{name} ({model_name} on {'x'.join(map(str, latents))}, decode {vae_name})",
                             bs, probe, recipe=name, model=model_name, tiny=tiny, mixed_precision=precision,
-                            compile=args.compile))
+                            compile=args.compile and (args.compile_mode or "default"),
+                            decode_precision=args.decode_precision, output=args.output,
+                            png_writers=args.png_writers if args.output == "writer" else 0,
+                            stream_eval=args.stream_eval))
     return lines
 
 

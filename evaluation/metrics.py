@@ -354,14 +354,16 @@ def evaluate_samples(images, reference, inception: Optional[nn.Module] = None, i
                      metrics: Sequence[str] = ALL_METRICS, batch_size: int = 50, device=None,
                      image_size: int = INCEPTION_SIZE, use_file_stats: bool = True, progress: bool = False,
                      kid_subsets: int = 100, kid_subset_size: int = 1000, pr_k: int = 3,
-                     is_split_size: int = 5000) -> Dict[str, float]:
+                     is_split_size: int = 5000, features: Optional[Dict[str, torch.Tensor]] = None) -> Dict[str, float]:
     """Metrics of generated images against a reference batch.
 
     images: uint8 array/tensor [N, H, W, 3] or [N, 3, H, W], a `.npz` with arr_0, or a folder of
     PNGs (sorted by name). reference: see `load_reference`. Collective under torch.distributed:
     every rank must call it with the same arguments; every rank gets the same dict. Metrics that
     need reference images (KID, precision/recall) are skipped, and listed under "skipped", when the
-    reference only holds statistics.
+    reference only holds statistics. `features`: the samples' features already computed
+    ({name: float32 [N, D]} in index order, as compute_features returns them; rank 0's are read),
+    used instead of `images` (generate.py's streamed evaluation).
     """
     unknown = [m for m in metrics if m not in ALL_METRICS]
     if unknown:
@@ -376,8 +378,14 @@ def evaluate_samples(images, reference, inception: Optional[nn.Module] = None, i
         want.append("spatial")
     if "is" in metrics:
         want.append("logits_unbiased")
-    feats = compute_features(images, extractor, want, batch_size, progress, what="samples")
     rank, _ = dist_info()
+    if features is not None:
+        missing = [f for f in want if f not in features] if rank == 0 else []
+        if missing:
+            raise ValueError(f"evaluate_samples: the given features lack {missing}")
+        feats = features
+    else:
+        feats = compute_features(images, extractor, want, batch_size, progress, what="samples")
     result: Optional[Dict[str, float]] = None
     if rank == 0:
         result = {"num_samples": int(next(iter(feats.values())).shape[0]) if feats else 0}

@@ -245,6 +245,11 @@ def test_sample_tiny(capsys):
     lines = sample.main(["--model", "SiT-XL/2", "--recipe", "repae-ode-50", "--batch-size", "2", *FAST])
     _check_lines(lines, capsys)
     assert lines[0]["syncs_per_step"] <= 2  # the host grid (and the labels), never one per sampler step
+    # generate.py's loop with the background writer, streamed features and bf16 decode
+    lines = sample.main(["--model", "SiT-XL/2", "--recipe", "repae-ode-50", "--batch-size", "2", "--output", "writer",
+                         "--stream-eval", "--decode-precision", "bf16", *FAST])
+    _check_lines(lines, capsys)
+    assert lines[0]["output"] == "writer" and lines[0]["stream_eval"] and lines[0]["decode_precision"] == "bf16"
 
 
 def test_train_stage1_step_tiny(capsys):

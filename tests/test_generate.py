@@ -15,6 +15,7 @@ import torch
 from tests.cli import free_port
 import generate
 import samplers
+from sampling import cli
 from evaluation.training import caption_rows, evaluate_generation, grid_row_labels
 from models.autoencoder import build_vae
 from models.diffusion import VelocityModel
@@ -121,7 +122,7 @@ def test_bad_inputs(exp, tmp_path):
 
 
 def test_recipes_parse():
-    names = generate.list_recipes()
+    names = cli.list_recipes()
     assert {"repae-sde-250", "lightningdit-euler-250", "sit-sde-250"} <= set(names)
     a = generate.parse_args(["--recipe", "repae-sde-250"])
     assert (a.mode, a.num_steps, a.cfg_scale, a.guidance_high) == ("sde", 250, 2.5, 0.75)
@@ -259,7 +260,7 @@ def test_heun_with_sde_is_refused():
 
 
 def test_help_lists_repae_names_with_one_default_each():
-    text = generate.build_parser().format_help()
+    text = cli.build_parser().format_help()
     for name in ("--exp-path", "--exp-dir", "--train-steps", "--ckpt-step", "--pproc-batch-size", "--per-proc-batch-size",
                  "--tf32", "--allow-tf32", "--heun", "--global-seed", "--sample-dir", "--num-fid-samples"):
         assert name in text, name
