@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 
 import utils
 from datasources import ResumableDistributedSampler, build_image_dataset
+from loss.perceptual import add_lpips_memory_flags, set_memory_options
 from loss.reconstruction import ReconstructionLoss
 from models.autoencoder import VAE_PRESETS
 from models.vae_loading import load_vae
@@ -66,6 +67,7 @@ def parse_args(argv=None):
     g.add_argument("--disc-pretrained-ckpt", type=str, default=None, help="discriminator weights to start from (e.g. <name>-discriminator-ckpt.pt)")
     g.add_argument("--loss-cfg-path", type=str, default="configs/l1_lpips_kl_gan.yaml", help="VAE loss config (REPA-E keys)")
     g.add_argument("--lpips-weights", type=str, default=None, help="local VGG16 weights for LPIPS (offline)")
+    add_lpips_memory_flags(g)
     g = p.add_argument_group("data")
     g.add_argument("--data-dir", type=str, default="data", help="image folder with one subfolder per class, or a REPA-E images.h5 archive")
     g.add_argument("--resolution", type=int, default=256, help="training image size (ADM center crop)")
@@ -101,12 +103,15 @@ def build_vae(args, logger):
 
 
 def build_loss(args) -> ReconstructionLoss:
-    """The VAE loss from --loss-cfg-path (REPA-E keys); --lpips-weights points LPIPS at local VGG weights."""
+    """The VAE loss from --loss-cfg-path (REPA-E keys); --lpips-weights points LPIPS at local VGG weights,
+    --lpips-lean-head / --lpips-grad-checkpointing set its backward memory."""
     cfg = utils.load_yaml(args.loss_cfg_path)
     if args.lpips_weights:
         losses = cfg["losses"] if "losses" in cfg else cfg
         losses["perceptual_vgg_weights"] = args.lpips_weights
-    return ReconstructionLoss(cfg, source=args.loss_cfg_path)
+    loss_fn = ReconstructionLoss(cfg, source=args.loss_cfg_path)
+    set_memory_options(loss_fn, lean_head=args.lpips_lean_head, grad_checkpointing=args.lpips_grad_checkpointing)
+    return loss_fn
 
 
 @torch.no_grad()

@@ -49,6 +49,7 @@ from datasources import (
     resolve_load_size,
     save_class_to_idx,
 )
+from loss.perceptual import add_lpips_memory_flags
 from loss.stage1 import build_loss, discriminator_objective, first_disc_step, generator_objective, loss_global_steps
 from models.stage1 import (
     KIND_DEFAULTS,
@@ -104,6 +105,7 @@ def parse_args(argv=None):
     g.add_argument("--perceptual-weight", type=float, default=1.0, help="LPIPS weight")
     g.add_argument("--codebook-weight", type=float, default=1.0, help="VQ codebook loss weight")
     g.add_argument("--lpips-weights", type=str, default="imagenet", help="LPIPS VGG trunk: imagenet, a local file, or random")
+    add_lpips_memory_flags(g)
     g = p.add_argument_group("VF alignment (vavae)")
     g.add_argument("--vf-model", type=str, default="dinov2-vit-l", help="frozen foundation model (models.encoders name)")
     g.add_argument("--vf-weight", type=float, default=0.1, help="VF loss weight")

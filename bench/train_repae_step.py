@@ -4,7 +4,8 @@ cost of trained ones; nothing is downloaded).
 
   python bench/train_repae_step.py                  # CUDA: the published configuration (preset xl)
   python bench/train_repae_step.py --preset tiny    # CPU: the same step at tiny sizes (the CPU default)
-  python bench/train_repae_step.py --preset tiny --grad-checkpointing sit,vae
+  python bench/train_repae_step.py --preset tiny --grad-checkpointing sit,vae,lpips
+  python bench/train_repae_step.py --preset tiny --no-lpips-lean-head   # LPIPS as the lpips package
 
 Preset xl is REPA-E's published ImageNet-256 run (specs/repae.md: SiT-XL/2, SD-VAE f8d4,
 DINOv2-B at block 8, proj-coeff 0.5, vae-align-proj-coeff 1.5, configs/l1_lpips_kl_gan.yaml,
@@ -46,7 +47,9 @@ def main(argv=None):
     p.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"], default=None, help="default: the preset's")
     p.add_argument("--batch-size", type=int, default=None, help="per-GPU batch (default: the preset's)")
     p.add_argument("--grad-checkpointing", type=str, default="",
-                   help="comma list of networks to checkpoint: sit, vae (empty: none)")
+                   help="comma list of networks to checkpoint: sit, vae, lpips (empty: none)")
+    p.add_argument("--lpips-lean-head", action=argparse.BooleanOptionalAction, default=True,
+                   help="the trainer's --lpips-lean-head (its default: on)")
     p.add_argument("--num-workers", type=int, default=2, help="data loader workers")
     p.add_argument("--log-every", type=int, default=1, help="the trainer's --log-every (its default: 1)")
     args = p.parse_args(argv)
@@ -66,8 +69,8 @@ def main(argv=None):
     res = int(flags[flags.index("--resolution") + 1])
     bs = int(flags[flags.index("--batch-size") + 1])
     ckpt = {n for n in args.grad_checkpointing.split(",") if n}
-    if ckpt - {"sit", "vae"}:
-        p.error(f"--grad-checkpointing: unknown networks {sorted(ckpt - {'sit', 'vae'})} (sit, vae)")
+    if ckpt - {"sit", "vae", "lpips"}:
+        p.error(f"--grad-checkpointing: unknown networks {sorted(ckpt - {'sit', 'vae', 'lpips'})} (sit, vae, lpips)")
     probe = StepProbe(args.warmup, args.steps)
     with tempfile.TemporaryDirectory() as tmp:
         data = make_procedural_dataset(Path(tmp) / "data", num_classes=10, per_class=max(4, bs // 2),
@@ -78,11 +81,13 @@ def main(argv=None):
                   "--sampling-steps", "0", "--num-workers", str(args.num_workers), "--log-every", str(args.log_every),
                   "--num-classes", "1000" if preset == "xl" else "10", "--compile" if args.compile else "--no-compile"]
         flags += ["--grad-checkpointing"] * ("sit" in ckpt) + ["--vae-grad-checkpointing"] * ("vae" in ckpt)
+        flags += ["--lpips-grad-checkpointing"] * ("lpips" in ckpt)
+        flags += ["--lpips-lean-head" if args.lpips_lean_head else "--no-lpips-lean-head"]
         with probed_trainer(utils, probe):
             train_repae.main(train_repae.parse_args(flags))
     return record("train_repae_step", DESCRIPTION[preset], bs, probe, preset=preset,
                   mixed_precision=flags[flags.index("--mixed-precision") + 1], compile=args.compile, log_every=args.log_every,
-                  grad_checkpointing=sorted(ckpt))
+                  grad_checkpointing=sorted(ckpt), lpips_lean_head=args.lpips_lean_head)
 
 
 if __name__ == "__main__":

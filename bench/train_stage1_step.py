@@ -40,7 +40,7 @@ GPU_RECIPES = ("rae-xl", "vavae-f16d32", "vqgan-f16")
 CPU_RECIPES = ("tiny-kl", "tiny-vavae", "tiny-vqgan", "tiny-rae")
 
 
-def bench(name: str, batch_size: int, probe, mixed_precision, grad_checkpointing: bool, tmp: Path,
+def bench(name: str, batch_size: int, probe, mixed_precision, memory_flags: list, tmp: Path,
           num_workers: int) -> dict:
     import train_stage1
     import utils
@@ -70,8 +70,7 @@ def bench(name: str, batch_size: int, probe, mixed_precision, grad_checkpointing
         flags.append(f)
     if mixed_precision:
         flags += ["--mixed-precision", mixed_precision]
-    if grad_checkpointing:
-        flags.append("--grad-checkpointing")
+    flags += memory_flags
     import torch
 
     if torch.cuda.is_available():
@@ -91,6 +90,9 @@ def main(argv=None):
     p.add_argument("--batch-size", type=int, default=None, help="per-GPU batch (default per recipe)")
     p.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"], default=None, help="default: the recipe's")
     p.add_argument("--grad-checkpointing", action="store_true", help="pass --grad-checkpointing to the trainer")
+    p.add_argument("--lpips-grad-checkpointing", action="store_true", help="pass --lpips-grad-checkpointing to the trainer")
+    p.add_argument("--lpips-lean-head", action=argparse.BooleanOptionalAction, default=True,
+                   help="the trainer's --lpips-lean-head (its default: on)")
     p.add_argument("--num-workers", type=int, default=2, help="data loader workers")
     add_probe_flags(p)
     args = p.parse_args(argv)
@@ -102,14 +104,18 @@ def main(argv=None):
         torch.set_num_threads(1)  # tiny convolutions: one thread beats oversubscribed ones
     names = ([args.recipe] if args.recipe not in (None, "all") else
              list(GPU_RECIPES if cuda else CPU_RECIPES) if args.recipe is None else list(RECIPES))
+    memory_flags = (["--grad-checkpointing"] * args.grad_checkpointing
+                    + ["--lpips-grad-checkpointing"] * args.lpips_grad_checkpointing
+                    + ["--lpips-lean-head" if args.lpips_lean_head else "--no-lpips-lean-head"])
     lines = []
     for name in names:
         probe = StepProbe(args.warmup, args.steps)
         with tempfile.TemporaryDirectory() as tmp:
-            s = bench(name, args.batch_size, probe, args.mixed_precision, args.grad_checkpointing, Path(tmp),
+            s = bench(name, args.batch_size, probe, args.mixed_precision, memory_flags, Path(tmp),
                       args.num_workers)
         lines.append(record("train_stage1_step", f"{name} ({RECIPES[name][0]})", s["batch"], probe, recipe=name,
-                            mixed_precision=s["mixed_precision"], grad_checkpointing=args.grad_checkpointing))
+                            mixed_precision=s["mixed_precision"], grad_checkpointing=args.grad_checkpointing,
+                            lpips_grad_checkpointing=args.lpips_grad_checkpointing, lpips_lean_head=args.lpips_lean_head))
     return lines
 
 

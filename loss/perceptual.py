@@ -23,6 +23,18 @@ match the published REPA-E numbers); `"[0,1]"` is the same mapping for genuinely
 The network is frozen and always in eval mode (its heads contain dropout). Its weights are
 constants that are never trained, so they are kept out of `state_dict()` (checkpoints stay small)
 and a loaded state dict does not need them.
+
+Memory of the backward (what autograd keeps between the loss and its gradient), two options with
+the same loss and the same gradient w.r.t. the images up to fp rounding:
+* `lean_head` (default on, free): each layer's "normalise, diff, square, 1x1 lin, spatial mean"
+  is one autograd node (`_LayerDistance`) that keeps only the two VGG feature maps and recomputes
+  the rest in backward, instead of the diff and its square (two feature-sized float32 tensors per
+  layer, ~40% of what lpips keeps). Its forward runs lpips' own ops, so the loss is bit-identical.
+* `grad_checkpointing` (default off: it recomputes): the VGG slices of an input that needs a
+  gradient run under non-reentrant activation checkpointing, so only the five slice boundaries are
+  kept instead of every conv input and max-pool index (the trunk's ~60%), for one more VGG forward
+  of that input in backward.
+`set_memory_options` / `add_lpips_memory_flags` give them to every LPIPS inside a loss.
 """
 from __future__ import annotations
 
@@ -34,6 +46,8 @@ from typing import Mapping, Optional
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from utils import load_checkpoint_file, load_state_dict_strict
 
@@ -87,8 +101,10 @@ class LPIPS(nn.Module):
         input_range: "[-1,1]" (default), "[0,1]" or "repae_quirk" (see the module docstring).
     """
 
-    def __init__(self, vgg_weights: str = "imagenet", input_range: str = "[-1,1]"):
+    def __init__(self, vgg_weights: str = "imagenet", input_range: str = "[-1,1]", lean_head: bool = True,
+                 grad_checkpointing: bool = False):
         super().__init__()
+        self.lean_head, self.grad_checkpointing = lean_head, grad_checkpointing
         if input_range not in INPUT_RANGES:
             raise ValueError(f"LPIPS: input_range must be one of {INPUT_RANGES}, got {input_range!r}")
         self.input_range = input_range
@@ -124,7 +140,84 @@ class LPIPS(nn.Module):
         # x, y: [B, 3, H, W] in the configured range -> [B, 1, 1, 1]
         if self.input_range != "[-1,1]":
             x, y = 2 * x - 1, 2 * y - 1
-        return self.net(x, y)
+        if not (self.lean_head or self.grad_checkpointing):
+            return self.net(x, y)  # the lpips package's graph
+        net = self.net
+        feats_x, feats_y = self._features(x), self._features(y)
+        val = 0  # summed in lpips' order, so the forward is bit-identical to it
+        for fx, fy, lin in zip(feats_x, feats_y, net.lins):
+            weight = lin.model[-1].weight  # the 1x1 conv after an (eval-mode, identity) dropout
+            if self.lean_head:
+                val = val + _LayerDistance.apply(fx, fy, weight)
+            else:
+                val = val + _layer_distance(fx, fy, weight)
+        return val
+
+    def _features(self, x: torch.Tensor) -> list:
+        """The five VGG feature maps of `x`; checkpointed slice by slice when asked and `x` needs a
+        gradient (a target without one saves nothing either way)."""
+        h = self.net.scaling_layer(x)
+        trunk = self.net.net
+        slices = [getattr(trunk, f"slice{i}") for i in range(1, trunk.N_slices + 1)]
+        recompute = self.grad_checkpointing and torch.is_grad_enabled() and x.requires_grad
+        feats = []
+        for s in slices:
+            h = checkpoint(s, h, use_reentrant=False) if recompute else s(h)
+            feats.append(h)
+        return feats
+
+    def set_memory_options(self, lean_head: Optional[bool] = None, grad_checkpointing: Optional[bool] = None) -> None:
+        """Switch the backward-memory options (module docstring); None leaves one unchanged."""
+        if lean_head is not None:
+            self.lean_head = bool(lean_head)
+        if grad_checkpointing is not None:
+            self.grad_checkpointing = bool(grad_checkpointing)
+
+
+_EPS = 1e-10  # lpips.normalize_tensor's
+
+
+def _layer_distance(fa: torch.Tensor, fb: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """One LPIPS layer with lpips' own ops: spatial mean of lin((n(fa) - n(fb))^2), n = division by
+    the channel norm (+eps); [B, 1, 1, 1]."""
+    import lpips
+
+    d = lpips.normalize_tensor(fa, _EPS) - lpips.normalize_tensor(fb, _EPS)
+    return F.conv2d(d ** 2, weight).mean([2, 3], keepdim=True)
+
+
+def _unit_backward(grad_u: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
+    """Gradient w.r.t. f of u = f / (|f| + eps) (|.| over channels) given dL/du, in f's precision:
+    grad_u / s - f * <grad_u, f> / (s^2 |f|), s = |f| + eps."""
+    norm = f.pow(2).sum(1, keepdim=True).sqrt()
+    s = norm + _EPS
+    # a position whose features are all zero has <grad_u, f> = 0: its second term is 0 (lpips'
+    # sqrt backward gives 0/0 = NaN there)
+    return grad_u / s - f * ((grad_u * f).sum(1, keepdim=True) / (s * s * norm.clamp_min(torch.finfo(f.dtype).tiny)))
+
+
+class _LayerDistance(torch.autograd.Function):
+    """`_layer_distance` as one autograd node that saves only its inputs (the two feature maps,
+    which the trunk keeps anyway for an input with a gradient) and recomputes the normalised
+    difference in float32 in backward."""
+
+    @staticmethod
+    def forward(ctx, fa, fb, weight):
+        ctx.save_for_backward(fa, fb, weight)
+        return _layer_distance(fa, fb, weight)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        fa, fb, weight = ctx.saved_tensors
+        fa32, fb32 = fa.float(), fb.float()
+        d = fa32 / (fa32.pow(2).sum(1, keepdim=True).sqrt() + _EPS) - fb32 / (fb32.pow(2).sum(1, keepdim=True).sqrt() + _EPS)
+        # out = sum_c w_c mean_hw d_c^2  ->  dL/dd = 2 w d grad_out / (H W)
+        scale = grad_out.float() / (d.shape[2] * d.shape[3])
+        grad_d = (2 * scale) * weight.float().view(1, -1, 1, 1) * d
+        grad_fa = _unit_backward(grad_d, fa32).to(fa.dtype) if ctx.needs_input_grad[0] else None
+        grad_fb = _unit_backward(-grad_d, fb32).to(fb.dtype) if ctx.needs_input_grad[1] else None
+        grad_w = (scale * d * d).sum((0, 2, 3)).view_as(weight).to(weight.dtype) if ctx.needs_input_grad[2] else None
+        return grad_fa, grad_fb, grad_w
 
 
 def _drop_own_keys(module, state_dict, prefix, local_metadata) -> None:
@@ -140,6 +233,25 @@ def _fill_own_keys(module, state_dict, prefix, local_metadata, strict, missing_k
         del state_dict[key]
     for name, tensor in module.net.state_dict().items():
         state_dict[prefix + "net." + name] = tensor
+
+
+def set_memory_options(module: nn.Module, lean_head: Optional[bool] = None,
+                       grad_checkpointing: Optional[bool] = None) -> None:
+    """`LPIPS.set_memory_options` on every LPIPS inside `module` (a loss, a wrapper, an LPIPS)."""
+    for m in module.modules():
+        if isinstance(m, LPIPS):
+            m.set_memory_options(lean_head=lean_head, grad_checkpointing=grad_checkpointing)
+
+
+def add_lpips_memory_flags(group) -> None:
+    """--lpips-lean-head / --lpips-grad-checkpointing of the tokenizer trainers."""
+    import argparse
+
+    group.add_argument("--lpips-lean-head", action=argparse.BooleanOptionalAction, default=True,
+                       help="LPIPS's normalise/diff/lin head keeps only the two VGG feature maps for backward "
+                            "(same loss and gradient, no recompute); --no-lpips-lean-head: the lpips package's graph")
+    group.add_argument("--lpips-grad-checkpointing", action="store_true",
+                       help="recompute LPIPS's VGG slices of the reconstruction in backward (memory, one more VGG forward)")
 
 
 class ZeroPerceptual(nn.Module):
@@ -165,4 +277,4 @@ class PerceptualLoss(nn.Module):
         return self.lpips(x, y)
 
 
-__all__ = ["LPIPS", "ZeroPerceptual", "PerceptualLoss", "INPUT_RANGES"]
+__all__ = ["LPIPS", "ZeroPerceptual", "PerceptualLoss", "INPUT_RANGES", "set_memory_options", "add_lpips_memory_flags"]

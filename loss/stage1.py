@@ -18,7 +18,7 @@ from models.stage1 import read_mapping
 
 def build_loss(args, in_channels: int) -> tuple:
     """(the family's loss with its discriminator, the LPIPS network shared with evaluation or None)."""
-    from loss.perceptual import LPIPS
+    from loss.perceptual import LPIPS, set_memory_options
     from loss.rae import RAELoss
     from loss.reconstruction import VAVAELoss, VQLPIPSLoss
 
@@ -53,6 +53,7 @@ def build_loss(args, in_channels: int) -> tuple:
                               diffaug_policy=args.diffaug_policy, disc_loss=args.disc_loss,
                               perceptual=perceptual if perceptual is not None else None,
                               vgg_weights=args.lpips_weights, full_precision=args.rae_loss_full_precision)
+    set_memory_options(loss_fn, lean_head=args.lpips_lean_head, grad_checkpointing=args.lpips_grad_checkpointing)
     return loss_fn, lpips_net
 
 

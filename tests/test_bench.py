@@ -220,16 +220,20 @@ def _check_lines(lines, capsys):
         assert line["s_per_step_median"] > 0 and line["steps_timed"] == 1
 
 
-def test_train_repae_step_tiny_and_checkpointing_cuts_saved_bytes(capsys):
+def test_train_repae_step_tiny_and_checkpointing_and_lean_lpips_cut_saved_bytes(capsys):
     import train_repae_step
 
     base = ["--preset", "tiny", "--batch-size", "2", "--num-workers", "0", *FAST]
     plain = train_repae_step.main(base)
-    ckpt = train_repae_step.main(base + ["--grad-checkpointing", "sit,vae"])
-    _check_lines([plain, ckpt], capsys)
+    ckpt = train_repae_step.main(base + ["--grad-checkpointing", "sit,vae,lpips"])
+    lpips_graph = train_repae_step.main(base + ["--no-lpips-lean-head"])
+    _check_lines([plain, ckpt, lpips_graph], capsys)
     assert plain["syncs_per_step"] <= 3  # the losses' one read at --log-every 1, and two from the loss module
     assert ckpt["saved_activation_bytes"] < 0.7 * plain["saved_activation_bytes"]
     assert ckpt["flops_per_image"] > plain["flops_per_image"]  # the recomputation
+    # the trainer's default lean LPIPS head keeps less than the lpips package's graph, for no FLOPs
+    assert plain["saved_activation_bytes"] < lpips_graph["saved_activation_bytes"]
+    assert plain["flops_per_image"] <= lpips_graph["flops_per_image"]
 
 
 @pytest.mark.parametrize("model", ["SiT-XL/2", "DiTDH-XL"])

@@ -1,6 +1,8 @@
 """Unit tests of the discriminator, LPIPS wrapper, GAN pieces, VF loss and the two tokenizer
 losses (offline, CPU, a few seconds)."""
 import math
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -285,3 +287,64 @@ def test_vavae_loss_generator_and_discriminator():
     with torch.no_grad():  # validation: no graph, the adaptive weights fall back to 0
         _, vlog = loss(x, dec, post, 0, 5, z=z, aux_feature=aux, split="val")
     assert vlog["val/d_weight"].item() == 0.0 and vlog["val/vf_weight"].item() == 0.0
+
+
+def _lpips_run(m, x, y, lean_head, grad_checkpointing, grad_x=False):
+    """(distance, saved bytes, grad w.r.t. y[, grad w.r.t. x]) with the given memory options."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    from common import SavedBytes
+
+    m.set_memory_options(lean_head=lean_head, grad_checkpointing=grad_checkpointing)
+    x, y = x.clone().requires_grad_(grad_x), y.clone().requires_grad_(True)
+    with SavedBytes() as saved:
+        d = m(x, y)
+    d.backward(torch.linspace(0.5, 2.0, d.numel()).view_as(d))  # a different weight per sample
+    return d.detach(), saved.total, y.grad, x.grad
+
+
+def test_lpips_memory_options_same_loss_and_gradient_fewer_saved_bytes(lpips_random):
+    """The lean head and VGG checkpointing give lpips' loss bit for bit and its gradient (both
+    inputs) to fp rounding, and keep exactly the expected bytes fewer for backward."""
+    g = torch.Generator().manual_seed(4)
+    x = torch.rand(2, 3, 16, 16, generator=g) * 2 - 1
+    y = (x + 0.3 * torch.randn(x.shape, generator=g)).clamp(-1, 1)
+    try:
+        ref, ref_bytes, ref_gy, _ = _lpips_run(lpips_random, x, y, False, False)
+        # features of one input (float32): relu1_2 .. relu5_3 at 16 px
+        feats = [(64, 16), (128, 8), (256, 4), (512, 2), (512, 1)]
+        feat_bytes = sum(2 * c * s * s * 4 for c, s in feats)
+        norm_bytes = sum(2 * 1 * s * s * 4 for _, s in feats)
+        runs = {}
+        for lean, ckpt in [(True, False), (False, True), (True, True)]:
+            d, nbytes, gy, _ = runs[lean, ckpt] = _lpips_run(lpips_random, x, y, lean, ckpt)
+            assert torch.equal(d, ref)
+            torch.testing.assert_close(gy, ref_gy, rtol=1e-5, atol=1e-6 * ref_gy.abs().max().item())
+        # lpips keeps per layer the diff and its square (+ two norm maps); the lean head the target's feature
+        assert ref_bytes - runs[True, False][1] == 2 * feat_bytes + 2 * norm_bytes - feat_bytes
+        # checkpointed: the scaled input (+ lpips' 3-float scale buffer), both inputs' five
+        # features, nothing else
+        assert runs[True, True][1] == 2 * 3 * 16 * 16 * 4 + 12 + 2 * feat_bytes
+        assert runs[True, True][1] < runs[False, True][1] < ref_bytes
+        # both inputs with a gradient (the lean head's two-sided backward)
+        _, _, ref_gy, ref_gx = _lpips_run(lpips_random, x, y, False, False, grad_x=True)
+        _, _, gy, gx = _lpips_run(lpips_random, x, y, True, True, grad_x=True)
+        torch.testing.assert_close(gx, ref_gx, rtol=1e-5, atol=1e-6 * ref_gx.abs().max().item())
+        torch.testing.assert_close(gy, ref_gy, rtol=1e-5, atol=1e-6 * ref_gy.abs().max().item())
+    finally:
+        lpips_random.set_memory_options(lean_head=True, grad_checkpointing=False)
+
+
+def test_lpips_lean_head_under_autocast(lpips_random):
+    """bf16 autocast: the lean head's loss is lpips' (same ops), its gradient within bf16 rounding."""
+    g = torch.Generator().manual_seed(5)
+    x = torch.rand(1, 3, 16, 16, generator=g) * 2 - 1
+    y = (x + 0.3 * torch.randn(x.shape, generator=g)).clamp(-1, 1)
+    try:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            ref, _, ref_gy, _ = _lpips_run(lpips_random, x, y, False, False)
+            d, _, gy, _ = _lpips_run(lpips_random, x, y, True, True)
+        assert torch.equal(d, ref)
+        assert gy.dtype == torch.float32 and torch.isfinite(gy).all()
+        assert torch.nn.functional.cosine_similarity(gy.flatten(), ref_gy.flatten(), dim=0) > 0.99
+    finally:
+        lpips_random.set_memory_options(lean_head=True, grad_checkpointing=False)

@@ -409,3 +409,18 @@ def test_discriminator_lr_schedule_follows_the_run_on_its_own_clock():
         opt_d.step()
         sched_d.step()
     assert sched_d.get_last_lr()[0] == pytest.approx(2e-5)
+
+
+def test_lpips_memory_flags_reach_the_loss(data_dir, tmp_path):
+    """--lpips-grad-checkpointing / --no-lpips-lean-head reach every LPIPS of the family's loss
+    (the lean head is on, checkpointing off, by default)."""
+    from loss.perceptual import LPIPS
+    from loss.stage1 import build_loss
+
+    def lpips_options(argv):
+        loss_fn, _ = build_loss(train_stage1.parse_args(argv), 3)
+        return {(m.lean_head, m.grad_checkpointing) for m in loss_fn.modules() if isinstance(m, LPIPS)}
+
+    base = flags("kl", data_dir, tmp_path, "m", 1)
+    assert lpips_options(base) == {(True, False)}
+    assert lpips_options(base + ["--no-lpips-lean-head", "--lpips-grad-checkpointing"]) == {(False, True)}
