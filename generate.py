@@ -270,6 +270,11 @@ def write_npz(folder: Path, n: int) -> Path:
 # ------------------------------------------------------------------------------------------------
 # CLI (sampling.cli: one definition of the flags, read by bench/sample.py too)
 # ------------------------------------------------------------------------------------------------
+def build_parser():
+    """generate.py's parser (the flags are defined in sampling.cli)."""
+    return cli.build_parser(description=__doc__.split("\n\n")[0])
+
+
 def parse_args(argv=None):
     """Defaults < --recipe file < --config file < explicit flags (sampling.cli.parse_args)."""
     return cli.parse_args(argv, description=__doc__.split("\n\n")[0])

@@ -49,6 +49,7 @@ from datasources import (
     resolve_load_size,
     save_class_to_idx,
 )
+from evaluation.inception import add_inception_flags
 from loss.perceptual import add_lpips_memory_flags
 from loss.stage1 import build_loss, discriminator_objective, first_disc_step, generator_objective, loss_global_steps
 from models.stage1 import (
@@ -185,9 +186,7 @@ def parse_args(argv=None):
     g.add_argument("--eval-samples", type=int, default=1000, help="images evaluated (0: no evaluation)")
     g.add_argument("--eval-batch-size", type=int, default=32, help="evaluation batch per process")
     g.add_argument("--eval-metrics", type=str, default="rfid,psnr,ssim,lpips", help="comma list of rfid, psnr, ssim, lpips")
-    g.add_argument("--inception-weights", type=str, default=None, help="local Inception weights (torch-fidelity's file) for rFID")
-    g.add_argument("--random-init-inception", action="store_true", help="random Inception (offline tests; not a real rFID)")
-    g.add_argument("--inception-size", type=int, default=299, help="Inception input size (299 = protocol)")
+    add_inception_flags(g)
     g.add_argument("--num-recon-images", type=int, default=8, help="pairs in each reconstruction grid")
     args = utils.finish_args(utils.parse_args_with_config(p, argv), "stage1")
     return resolve_defaults(args)
@@ -424,7 +423,7 @@ def main(args):
     if eval_ds is not None and "rfid" in metrics:
         from evaluation.metrics import get_extractor
 
-        extractor = get_extractor(weights_path=args.inception_weights, device=device, image_size=args.inception_size,
+        extractor = get_extractor(weights_path=args.inception_weights, device=device, image_size=args.inception_image_size,
                                   random_init=args.random_init_inception)
     grid_images = None
     if eval_ds is not None:

@@ -38,6 +38,17 @@ INCEPTION_SIZE = 299
 OFFLINE_ENV = ("HF_HUB_OFFLINE", "TORCH_HUB_OFFLINE")
 
 
+def add_inception_flags(g) -> None:
+    """The Inception network of every FID / rFID (generate.py --eval, the trainers' evaluation):
+    one definition, so the three scripts read these flags alike."""
+    g.add_argument("--inception-weights", type=str, default=None,
+                   help="local torch-fidelity Inception weights (.pth; offline)")
+    g.add_argument("--random-init-inception", action="store_true",
+                   help="random-weight Inception (offline tests): every figure is labelled not comparable")
+    g.add_argument("--inception-image-size", "--inception-size", dest="inception_image_size", type=int, default=299,
+                   help="Inception input size (299 is the protocol; smaller: tests only)")
+
+
 def _offline() -> bool:
     return any(os.environ.get(k, "").strip().lower() in ("1", "true", "yes", "on") for k in OFFLINE_ENV)
 

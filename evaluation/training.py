@@ -11,6 +11,7 @@ from typing import Dict, Optional
 import numpy as np
 import torch
 
+from evaluation.inception import add_inception_flags
 from evaluation.metrics import evaluate_samples
 from samplers import sample_batch, sample_for_eval
 
@@ -26,9 +27,7 @@ def add_training_eval_flags(p) -> None:
     g.add_argument("--eval-num-steps", type=int, default=50, help="Euler steps of the evaluation sampler")
     g.add_argument("--eval-cfg-scale", type=float, default=1.0, help="guidance scale of the evaluation samples")
     g.add_argument("--eval-label-sampling", type=str, default="equal", choices=["random", "equal"], help="labels of the evaluation samples")
-    g.add_argument("--inception-weights", type=str, default=None, help="local torch-fidelity Inception weights (offline)")
-    g.add_argument("--random-init-inception", action="store_true", help="random Inception (offline tests; not a real FID)")
-    g.add_argument("--inception-size", type=int, default=299, help="Inception input size (299 = protocol)")
+    add_inception_flags(g)
 
 
 def euler_kwargs(num_steps: int, cfg_scale: float, shift: float = 1.0) -> dict:
@@ -86,7 +85,7 @@ def evaluate_generation(field, decode_fn, latent_shape, num_classes: int, args, 
     same `sample_for_eval` + `evaluate_samples` path as generate.py --eval. Logged to the trackers."""
     from evaluation.metrics import get_extractor
 
-    extractor = get_extractor(weights_path=args.inception_weights, device=device, image_size=args.inception_size,
+    extractor = get_extractor(weights_path=args.inception_weights, device=device, image_size=args.inception_image_size,
                               random_init=args.random_init_inception)
     kw = euler_kwargs(args.eval_num_steps, args.eval_cfg_scale, shift)
     images = sample_for_eval(field, decode_fn, latent_shape, num_classes, args.eval_samples, args.seed,

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import List, Optional
 
 import utils
+from evaluation.inception import add_inception_flags
 from evaluation.metrics import ALL_METRICS, UINT8_CONVERSIONS
 from models.autoencoder import VAE_PRESETS
 from samplers import COMPILE_MODES, DECODE_PRECISIONS
@@ -72,7 +73,7 @@ def build_parser(description: Optional[str] = None) -> argparse.ArgumentParser:
     g.add_argument("--mixed-precision", type=str, default="no", choices=["no", "fp16", "bf16"], help="autocast precision of the network")
     g.add_argument("--allow-tf32", "--tf32", action=argparse.BooleanOptionalAction, default=True,
                    help="allow TF32 matmuls and convolutions on Ampere+ GPUs (--tf32 is REPA-E's name)")
-    g.add_argument("--compile", action="store_true",
+    g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
                    help="torch.compile the guided field (cond/uncond batch, network, guidance) as one graph per step")
     g.add_argument("--compile-mode", type=str, default=None, choices=list(COMPILE_MODES), metavar="MODE",
                    help="torch.compile mode of --compile: reduce-overhead (CUDA graphs of the fixed-shape batches), "
@@ -88,12 +89,9 @@ def build_parser(description: Optional[str] = None) -> argparse.ArgumentParser:
     g.add_argument("--ref-dir", type=str, default=None,
                    help="reference images for --eval: an image folder (class folders too) or a preprocessing.py "
                         "archive, read at the samples' resolution (instead of --ref-batch)")
-    g.add_argument("--inception-weights", type=str, default=None, help="local torch-fidelity Inception weights (.pth)")
-    g.add_argument("--random-init-inception", action="store_true",
-                   help="random-weight Inception (offline tests): every figure is labelled not comparable")
     g.add_argument("--metrics", type=str, default=",".join(ALL_METRICS), help=f"comma list of {ALL_METRICS}")
     g.add_argument("--eval-batch-size", type=utils.positive_int, default=100, help="Inception batch for --eval")
-    g.add_argument("--inception-image-size", "--inception-size", dest="inception_image_size", type=int, default=299, help="299 is the protocol (smaller: tests only)")
+    add_inception_flags(g)
     g.add_argument("--inception-chunk", type=int, default=50, help="fixed Inception batch (figures depend on it at ~1e-6)")
     g.add_argument("--stream-eval", action=argparse.BooleanOptionalAction, default=True,
                    help="Inception features of each batch right after its decode, stored in <folder>/inception_features/ "

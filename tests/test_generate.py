@@ -657,7 +657,7 @@ def test_training_evaluation_labels_random_inception(exp, tmp_path):
     setup = load_models(generate.parse_args(["--exp-dir", str(exp), "--device", "cpu"]), lambda m: None)
     rng = np.random.default_rng(0)
     np.savez(tmp_path / "ref.npz", arr_0=rng.integers(0, 256, (6, 32, 32, 3), dtype=np.uint8))
-    args = SimpleNamespace(inception_weights=None, inception_size=75, random_init_inception=True, eval_num_steps=1,
+    args = SimpleNamespace(inception_weights=None, inception_image_size=75, random_init_inception=True, eval_num_steps=1,
                            eval_cfg_scale=1.0, eval_samples=4, seed=0, eval_batch_size=4, eval_label_sampling="equal",
                            eval_metrics="fid", eval_reference=str(tmp_path / "ref.npz"))
     logged, lines = [], []

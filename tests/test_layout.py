@@ -12,7 +12,7 @@ import utils
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = ("train_repae", "train_ldm_only", "train_stage1", "generate", "cache_latents", "save_vae_weights",
            "preprocessing", "linear_probe", "demo")
-LIBRARY_PACKAGES = ("models", "loss", "utils", "datasources", "evaluation", "configs_compat")
+LIBRARY_PACKAGES = ("models", "loss", "utils", "datasources", "evaluation", "configs_compat", "sampling")
 LIBRARY_MODULES = ("samplers.py", "transport.py")
 MAX_LINES = 600
 
@@ -50,10 +50,8 @@ ALLOWED_DIFFERENCES = {
     # linear_probe.py: random weights of whatever model it probes (an encoder as often as a
     # tokenizer); elsewhere --random-init is the tokenizer's alias of --random-init-vae.
     ("--random-init", "linear_probe"): "random weights of the probed model, encoder or tokenizer",
-    # generate.py is owned elsewhere; the same meaning under REPA-E's dest / an older action.
+    # the same meaning under REPA-E's name: generate.py's seed is --global-seed, --seed its alias
     ("--seed", "generate"): "dest global_seed: REPA-E's --global-seed is the main name",
-    ("--inception-size", "generate"): "dest inception_image_size: --inception-image-size is the main name",
-    ("--compile", "generate"): "store_true where the trainers take --compile / --no-compile",
 }
 # Validators that only narrow an int's range produce the same kind of value as int.
 VALUE_KIND = {utils.positive_int: int, utils.non_negative_int: int}

@@ -193,7 +193,7 @@ def test_periodic_fid_uses_the_shared_evaluation_path(data, tmp_path):
     np.savez(ref, arr_0=np.stack([ds[i][0].permute(1, 2, 0).numpy() for i in range(len(ds))]))
     summary = run(flags(latents, tmp_path, "eval", 2, model="LightningDiT-N/1", sampling_steps=0, eval_every=2,
                         eval_samples=8, eval_batch_size=4, eval_num_steps=2, eval_reference=ref,
-                        random_init_inception=True, inception_size=75, eval_metrics="fid"))
+                        random_init_inception=True, inception_image_size=75, eval_metrics="fid"))
     fid = summary["evaluations"][2]["fid"]
     assert fid > 0 and np.isfinite(fid) and summary["evaluations"][2]["num_samples"] == 8
     assert "eval at step 2: " in (tmp_path / "eval/log.txt").read_text()

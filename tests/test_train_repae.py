@@ -191,5 +191,5 @@ def test_periodic_fid(data_dir, tmp_path):
     np.savez(ref, arr_0=np.stack([ds[i][0].permute(1, 2, 0).numpy() for i in range(len(ds))]))
     summary = run(tiny_flags(data_dir, tmp_path, "fid", 2, sampling_steps=0, eval_every=2, eval_samples=8,
                              eval_batch_size=4, eval_num_steps=2, eval_reference=ref, random_init_inception=True,
-                             inception_size=75, eval_metrics="fid"))
+                             inception_image_size=75, eval_metrics="fid"))
     assert np.isfinite(summary["evaluations"][2]["fid"]) and summary["evaluations"][2]["num_samples"] == 8
