@@ -415,11 +415,11 @@ def main(argv=None) -> dict:
 
         metrics = [m.strip() for m in args.metrics.split(",") if m.strip()]
         if store is not None:  # the streamed features; an earlier run's samples without them from their files
-            images, feats = None, store.complete(n, args.eval_batch_size, progress=rank == 0)
+            images, feats = None, store.complete(n, args.inception_batch_size, progress=rank == 0)
         else:  # --no-stream-eval: every sample read back from the .npz / PNGs
             images, feats = (str(npz) if not args.no_npz else [folder / f"{i:06d}.png" for i in range(n)]), None
         scores = evaluate_samples(images, reference_for_eval(args, folder / "000000.png"), inception=extractor,
-                                  metrics=metrics, batch_size=args.eval_batch_size, device=device,
+                                  metrics=metrics, batch_size=args.inception_batch_size, device=device,
                                   progress=rank == 0, features=feats)
         result["metrics"] = scores
         if rank == 0:

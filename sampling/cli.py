@@ -90,7 +90,9 @@ def build_parser(description: Optional[str] = None) -> argparse.ArgumentParser:
                    help="reference images for --eval: an image folder (class folders too) or a preprocessing.py "
                         "archive, read at the samples' resolution (instead of --ref-batch)")
     g.add_argument("--metrics", type=str, default=",".join(ALL_METRICS), help=f"comma list of {ALL_METRICS}")
-    g.add_argument("--eval-batch-size", type=utils.positive_int, default=100, help="Inception batch for --eval")
+    g.add_argument("--inception-batch-size", type=utils.positive_int, default=100,
+                   help="images read per batch when --eval computes features from files (the features do not "
+                        "depend on it: Inception runs in fixed --inception-chunk chunks)")
     add_inception_flags(g)
     g.add_argument("--inception-chunk", type=int, default=50, help="fixed Inception batch (figures depend on it at ~1e-6)")
     g.add_argument("--stream-eval", action=argparse.BooleanOptionalAction, default=True,

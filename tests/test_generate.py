@@ -147,7 +147,7 @@ def test_two_processes_match_one_and_eval(exp, tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", free_port(),
            str(ROOT / "generate.py"), *common, "--sample-dir", str(tmp_path / "two"), "--per-proc-batch-size", "3",
            "--eval", "--ref-batch", str(tmp_path / "ref.npz"), "--inception-weights", str(weights),
-           "--inception-image-size", "75", "--inception-chunk", "8", "--eval-batch-size", "3"]
+           "--inception-image-size", "75", "--inception-chunk", "8", "--inception-batch-size", "3"]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     one, two = load_pngs(tmp_path / "one" / "run", 7), load_pngs(tmp_path / "two" / "run", 7)
@@ -228,7 +228,7 @@ def test_npz_holds_exactly_the_requested_samples_and_eval_reads_only_those(exp, 
     for i in range(10):
         Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(ref / f"{i}.png")
     ev = ["--eval", "--ref-dir", str(ref), "--random-init-inception", "--metrics", "fid", "--inception-image-size", "75",
-          "--inception-chunk", "4", "--eval-batch-size", "4"]
+          "--inception-chunk", "4", "--inception-batch-size", "4"]
     res = generate.main(base_args(exp, out, *quick, "--num-fid-samples", "8", *ev))
     with np.load(out / "run.npz") as data:
         assert data["arr_0"].shape == (8, 32, 32, 3)
@@ -628,7 +628,7 @@ def test_one_channel_samples_npz_and_eval(exp, tmp_path, monkeypatch, capsys):
     np.savez(tmp_path / "ref.npz", arr_0=rng.integers(0, 256, (6, 32, 32, 1), dtype=np.uint8))
     res = generate.main(base_args(exp, tmp_path / "s", "--num-steps", "1", "--num-fid-samples", "5", "--eval",
                                   "--ref-batch", str(tmp_path / "ref.npz"), "--random-init-inception", "--metrics", "fid",
-                                  "--inception-image-size", "75", "--inception-chunk", "5", "--eval-batch-size", "5"))
+                                  "--inception-image-size", "75", "--inception-chunk", "5", "--inception-batch-size", "5"))
     from PIL import Image
 
     assert Image.open(tmp_path / "s" / "run" / "000000.png").mode == "L"

@@ -91,7 +91,7 @@ def test_streamed_eval_equals_the_after_the_fact_evaluation_and_resumes(exp, tmp
     out = tmp_path / "s"
     ev = ["--num-steps", "1", "--cfg-scale", "1.5", "--eval", "--ref-dir", str(_reference(tmp_path)),
           "--random-init-inception", "--metrics", "fid,sfid,is", "--inception-image-size", "75",
-          "--inception-chunk", "4", "--eval-batch-size", "3"]
+          "--inception-chunk", "4", "--inception-batch-size", "3"]
     first = generate.main(base_args(exp, out, *ev, "--num-fid-samples", "6"))
     folder = out / "run"
     files = sorted((folder / FEATURE_FOLDER).glob("*.npz"))
