@@ -166,9 +166,26 @@ def test_fsdp_rae_matches_ddp_resumes_exactly_and_writes_ddp_checkpoints(data_di
         assert {k: (v.shape, v.dtype) for k, v in ddp[part].items()} == \
                {k: (v.shape, v.dtype) for k, v in sharded[part].items()}, part
     assert ddp["opt"]["param_groups"] == sharded["opt"]["param_groups"]
-    # the same training: the gradients are averaged over 2 processes either way (a + b halved,
-    # exact), the adaptive weight takes the same full, local gradient of decoder_pred.weight
-    assert differing_tensors(ddp, sharded, ("model", "ema", "loss"), ("opt", "opt_disc")) == []
+    # The same training (the adaptive weight takes the same full, local gradient of decoder_pred.weight)
+    # up to rounding: the sharded path computes from gathered copies of the weights and differs from
+    # DDP in the last bits (about 1e-7 of each tensor's scale after 4 steps). The key projection's
+    # bias has an analytically zero gradient (softmax ignores a shift shared by all keys): its AdamW
+    # moments are rounding noise, as large as themselves, in both runs.
+    def close(a, b, what, rel=1e-5):
+        torch.testing.assert_close(b, a, rtol=0, atol=rel * a.abs().max().item(), msg=lambda m: f"{what}: {m}")
+
+    for part in ("model", "ema", "loss"):
+        for k, v in ddp[part].items():
+            close(v, sharded[part][k], f"{part}.{k}")
+    names = [k for k in ddp["model"] if k.startswith("decoder.") and k != "decoder.decoder_pos_embed"]
+    assert len(names) == len(ddp["opt"]["state"])
+    for i, st in ddp["opt"]["state"].items():
+        for k, v in st.items():
+            if names[i].endswith("attention.key.bias") and k != "step":
+                assert v.abs().max() < 1e-9 and sharded["opt"]["state"][i][k].abs().max() < 1e-9
+            else:
+                close(v, sharded["opt"]["state"][i][k], f"opt.{names[i]}.{k}")
+    assert differing_tensors(ddp, sharded, (), ("opt_disc",)) == []
     assert not torch.equal(ddp["ema"]["decoder.decoder_pred.weight"], ddp["model"]["decoder.decoder_pred.weight"])
     assert differing_tensors(sharded, load(tmp_path / "fsdp-resumed/checkpoints/0000004.pt"),
                              ("model", "ema", "loss"), ("opt", "opt_disc")) == []
@@ -181,7 +198,7 @@ def test_fsdp_rae_matches_ddp_resumes_exactly_and_writes_ddp_checkpoints(data_di
         line = next(x for x in (tmp_path / name / "log.txt").read_text().splitlines() if "per-process training" in x)
         held[name] = [float(v) for v in re.findall(r"([0-9.]+) MiB", line)]
     for full, half in zip(held["ddp"], held["fsdp"]):
-        assert half == pytest.approx(full / 2, rel=0.01), held
+        assert half == pytest.approx(full / 2, rel=0.01, abs=1e-3), held  # the log rounds to 1e-3 MiB
 
 
 def test_fsdp_refuses_a_convolutional_tokenizer(data_dir, tmp_path):
