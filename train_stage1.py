@@ -33,7 +33,6 @@ from torch.utils.data import Subset
 from tqdm.auto import tqdm
 
 import utils
-from utils import fsdp
 from datasources import (
     ClipFrames,
     CropFlip,
@@ -70,6 +69,7 @@ from models.stage1 import (
     model_in_channels,
     trainable_parameters,
 )
+from utils import fsdp
 
 
 def parse_args(argv=None):
