@@ -11,8 +11,9 @@ wrap it in DDP.
 Layout: one FSDP unit per transformer block (`module.blocks`) plus the root (embeddings, final
 layer, projectors); parameters are split along dim 0 (DTensor `Shard(0)`); buffers stay
 replicated. Where only part of a network trains (train_stage1.py's RAE: the ViT decoder, beside a
-frozen encoder), that part is the root and the rest stays replicated. Checkpoints hold full state dicts in exactly the DDP layout (`full_state_dict`), so
-a run resumes DDP <-> FSDP and generate.py / the exports read them unchanged."""
+frozen encoder), that part is the root and the rest stays replicated. Checkpoints hold full state
+dicts in exactly the DDP layout (`full_state_dict`), so a run resumes DDP <-> FSDP and
+generate.py / the exports read them unchanged."""
 from __future__ import annotations
 
 import copy
