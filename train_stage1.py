@@ -433,10 +433,10 @@ def main(args):
 
         net, tok = eval_tokenizer()
         was_training = net.training
-        ds = eval_ds
+        ds, scored = eval_ds, tok
         if in_channels == 1:  # LPIPS / Inception are RGB networks: compare the grey image repeated
-            ds, tok = RGBView(eval_ds), GrayTokenizer(tok)
-        res = reconstruction_metrics(tok, ds, inception=extractor, metrics=metrics, batch_size=args.eval_batch_size,
+            ds, scored = RGBView(eval_ds), GrayTokenizer(tok)
+        res = reconstruction_metrics(scored, ds, inception=extractor, metrics=metrics, batch_size=args.eval_batch_size,
                                      device=device, lpips=lpips_net if lpips_net is not None else "random")
         if kind == "vqgan":  # histogram of code ids over the evaluation set, summed over ranks
             counts = codebook_counts(net, eval_ds, local_indices(len(eval_ds)), args.eval_batch_size, device)
