@@ -410,9 +410,7 @@ def main(args):
             utils.update_ema(ema, net_m, args.ema_decay)
             step += 1
             if step == start_step + 1:
-                held = fsdp.state_bytes(net_m, ema, opt)
-                logger.info(f"per-process training state ({'sharded' if args.fsdp else 'replicated'}): "
-                            + ", ".join(f"{k} {v / 2**20:.3f} MiB" for k, v in held.items()))
+                logger.info(fsdp.state_bytes_line(net_m, ema, opt, args.fsdp))
             if args.check_ranks_every > 0 and step % args.check_ranks_every == 0:
                 utils.check_ranks_identical(accelerator, utils.training_state_tensors(model=net_m, ema=ema, opt=opt), step)
 

@@ -25,7 +25,6 @@ What differs per family lives beside the family: models/stage1.py (networks), lo
 from __future__ import annotations
 
 import argparse
-import copy
 from pathlib import Path
 
 import torch
@@ -51,22 +50,26 @@ from datasources import (
 )
 from evaluation.inception import add_inception_flags
 from loss.perceptual import add_lpips_memory_flags
-from loss.stage1 import build_loss, discriminator_objective, first_disc_step, generator_objective, loss_global_steps
+from loss.stage1 import build_loss, build_optimizers, discriminator_objective, generator_objective, loss_global_steps
 from models.stage1 import (
+    FSDP_UNITS,
     KIND_DEFAULTS,
     TOKENIZERS,
     GrayTokenizer,
     TrainForward,
     build_foundation,
     build_model,
+    check_fsdp,
     check_model,
     codebook_counts,
     codebook_size,
     codebook_stats,
     init_from,
+    make_ema,
     model_in_channels,
     trainable_parameters,
 )
+from utils import fsdp
 
 
 def parse_args(argv=None):
@@ -89,6 +92,7 @@ def parse_args(argv=None):
                    help="start from released weights: VA-VAE/LDM .ckpt (state_dict), taming VQGAN .ckpt, RAE decoder file")
     g.add_argument("--grad-checkpointing", action="store_true", help="recompute decoder (and encoder) blocks in backward")
     g.add_argument("--ema-decay", type=float, default=None, help="EMA of the tokenizer (0: off; default per kind)")
+    fsdp.add_fsdp_flag(g)
     g = p.add_argument_group("loss (kl / vavae / vqgan)")
     g.add_argument("--disc-start", type=int, default=None, help="step at which the GAN term and discriminator updates start")
     g.add_argument("--lightning-global-step", action="store_true",
@@ -188,7 +192,7 @@ def parse_args(argv=None):
     g.add_argument("--eval-metrics", type=str, default="rfid,psnr,ssim,lpips", help="comma list of rfid, psnr, ssim, lpips")
     add_inception_flags(g)
     g.add_argument("--num-recon-images", type=int, default=8, help="pairs in each reconstruction grid")
-    args = utils.finish_args(utils.parse_args_with_config(p, argv), "stage1")
+    args = fsdp.finish_args_with_fsdp(utils.parse_args_with_config(p, argv), "stage1", mixed_precision_default="no")
     return resolve_defaults(args)
 
 
@@ -198,6 +202,7 @@ def resolve_defaults(args):
         raise SystemExit("--tokenizer is required (kl, vavae, vqgan, rae)")
     if args.tokenizer == "vq":
         args.tokenizer = "vqgan"
+    check_fsdp(args)
     for k, v in KIND_DEFAULTS[args.tokenizer].items():
         if getattr(args, k) is None:
             setattr(args, k, v)
@@ -221,22 +226,6 @@ def resolve_defaults(args):
     return args
 
 
-def build_schedulers(opt, opt_disc, args, total_steps: int, warmup: int, disc_first: int) -> tuple:
-    """The two LR schedules, each stepped on its own optimizer's clock. With --disc-lr-horizon run
-    (the originals) the discriminator's schedule is the generator's, so one that starts at epoch 6
-    of 16 ends 10 epochs into a 16-epoch decay (RAE: 8.2e-5, not the final 2e-5)."""
-    sched = utils.lr_scheduler(opt, schedule=args.lr_schedule, warmup_steps=warmup, decay_start=args.lr_decay_start,
-                               total_steps=total_steps, final_ratio=args.lr_final_ratio)
-    if args.disc_lr_horizon == "run":
-        decay_start, horizon = args.lr_decay_start, total_steps
-    else:
-        decay_start = max(args.lr_decay_start - disc_first, 0)
-        horizon = max(1, len(range(disc_first, total_steps, args.disc_every)))
-    sched_disc = utils.lr_scheduler(opt_disc, schedule=args.lr_schedule, warmup_steps=warmup, decay_start=decay_start,
-                                    total_steps=horizon, final_ratio=args.lr_final_ratio)
-    return sched, sched_disc
-
-
 # ------------------------------------------------------------------------------------------------
 # Data
 # ------------------------------------------------------------------------------------------------
@@ -256,16 +245,6 @@ def build_data(args, data_dir: str, channels: int, load_size: int, what: str):
     crop = f"short-side-{args.short_side_resize}" if what == "--data-dir" and args.load_mode != "adm" else "adm"
     return build_image_dataset(data_dir, load_size, channels, skip_bad_images=args.skip_bad_images, crop=crop,
                                class_to_idx=load_class_to_idx(args.class_to_idx))
-
-
-# ------------------------------------------------------------------------------------------------
-# Optimisers (the tokenizer, the model side, and its loss: models/stage1.py, loss/stage1.py)
-# ------------------------------------------------------------------------------------------------
-def make_optimizer(params, lr: float, args) -> torch.optim.Optimizer:
-    if args.optimizer == "adamw":
-        return utils.adamw(params, lr, args, betas=(args.adam_beta1, args.adam_beta2))
-    return torch.optim.Adam(params, lr=lr, betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon,
-                            weight_decay=args.adam_weight_decay, fused=torch.cuda.is_available() or None)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -343,46 +322,37 @@ def main(args):
                 f"evaluated; "
                 f"batch {args.batch_size} = {world} x {args.gradient_accumulation_steps} x {local_bs}")
 
-    # ---------------- optimisers and schedules (each on its own clock)
-    lr = args.learning_rate
-    if args.scale_lr:
-        lr = args.gradient_accumulation_steps * world * local_bs * args.learning_rate
-        logger.info(f"--scale-lr: lr = {args.gradient_accumulation_steps} x {world} x {local_bs} x "
-                    f"{args.learning_rate:.2e} = {lr:.2e}")
-    disc_lr = args.disc_learning_rate * (lr / args.learning_rate)  # scaled by the same rule
-    opt = make_optimizer(trainable, lr, args)
-    opt_disc = make_optimizer(disc_params, disc_lr, args)
-    warmup = (round(args.lr_warmup_epochs * steps_per_epoch) if args.lr_warmup_epochs is not None
-              else args.lr_warmup_steps)
-    sched, sched_disc = build_schedulers(opt, opt_disc, args, total_steps, warmup, first_disc_step(args, steps_per_epoch))
-
-    # ---------------- resume
+    # ---------------- resume: the weights first (--fsdp shards them, then the optimizer is built over the shards)
     step, epoch, batch_pos = 0, 0, 0
     ckpt = utils.load_resume_checkpoint(run)
-    ema_state = None
     if ckpt is not None:
-        src = run.resume_path
-        utils.load_state_dict_strict(model, ckpt["model"], f"{src}['model']")
-        utils.load_state_dict_strict(loss_fn, ckpt["loss"], f"{src}['loss']")
-        opt.load_state_dict(ckpt["opt"])
+        utils.load_state_dict_strict(model, ckpt["model"], f"{run.resume_path}['model']")
+        utils.load_state_dict_strict(loss_fn, ckpt["loss"], f"{run.resume_path}['loss']")
+    ema = make_ema(args, model, ckpt, run.resume_path)
+    template = None  # --fsdp: the tokenizer's architecture on the meta device (for its gathered copies)
+    if args.fsdp:
+        template = fsdp.shard_for_training(model, ema, accelerator, args.mixed_precision, ckpt is None, *FSDP_UNITS[kind])
+        trainable = trainable_parameters(args, model)  # the shards that replaced the parameters
+
+    # ---------------- optimisers and schedules (each on its own clock)
+    opt, opt_disc, sched, sched_disc = build_optimizers(args, trainable, disc_params, world, local_bs, steps_per_epoch,
+                                                        total_steps, logger)
+    if ckpt is not None:
+        fsdp.load_full_optimizer_state(opt, ckpt["opt"])
         opt_disc.load_state_dict(ckpt["opt_disc"])
         sched.load_state_dict(ckpt["sched"])
         sched_disc.load_state_dict(ckpt["sched_disc"])
-        ema_state = ckpt.get("ema")
         step, epoch, batch_pos = utils.resume_position(run, ckpt)
     fwd = TrainForward(kind, model)
     if args.compile:
         fwd = torch.compile(fwd)
-    fwd, opt, opt_disc = accelerator.prepare(fwd, opt, opt_disc)
+    # --fsdp: the model is already sharded (prepare would wrap it in DDP)
+    fwd, opt, opt_disc = (fwd, *accelerator.prepare(opt, opt_disc)) if args.fsdp else accelerator.prepare(fwd, opt, opt_disc)
     model = utils.unwrap(fwd).model
-    # EMA made AFTER prepare, i.e. after DDP has broadcast rank 0's weights to every rank.
-    ema = None
-    if args.ema_decay > 0:
-        ema = copy.deepcopy(model).eval().requires_grad_(False)
-        if ema_state is not None:
-            utils.load_state_dict_strict(ema, ema_state, f"{run.resume_path}['ema']")
-    elif ema_state is not None:
-        raise SystemExit(f"{run.resume_path} holds an EMA but --ema-decay is 0; resume with the same --ema-decay")
+    if ema is not None and not args.fsdp:
+        ema.to(device)
+        if ckpt is None:  # from the weights DDP broadcast from rank 0 (--fsdp: shard_for_training did)
+            ema.load_state_dict(model.state_dict())
     if ckpt is not None:
         utils.restore_scaler(run, ckpt)
         utils.restore_rng(run, ckpt)
@@ -405,12 +375,15 @@ def main(args):
     description = describe_model(kind, model)  # what the export's NAME.json says (save_vae_weights.py)
 
     def save_checkpoint():
+        # collective under --fsdp: the shards are gathered into full CPU tensors on the main process
+        model_sd, ema_sd, opt_sd = (x if x is None else fsdp.full_state_dict(x, run.is_main) for x in (model, ema, opt.optimizer))
+
         def state():
-            out = {"model": model.state_dict(), "loss": loss_fn.state_dict(), "opt": opt.optimizer.state_dict(),
+            out = {"model": model_sd, "loss": loss_fn.state_dict(), "opt": opt_sd,
                    "opt_disc": opt_disc.optimizer.state_dict(), "sched": sched.state_dict(),
                    "sched_disc": sched_disc.state_dict(), "tokenizer": kind, "tokenizer_config": description}
             if ema is not None:
-                out["ema"] = ema.state_dict()
+                out["ema"] = ema_sd
             if kind == "rae" and model.latent_stats() is not None:
                 out["latent_stats"] = model.latent_stats()
             return out
@@ -430,16 +403,17 @@ def main(args):
         grid_images = torch.stack([eval_ds[i][0] for i in range(min(args.num_recon_images, len(eval_ds)))])
 
     def eval_tokenizer():
-        """The tokenizer evaluated: the EMA when there is one (noise off: Tokenizer never adds it)."""
+        """The tokenizer evaluated: the EMA when there is one (noise off: Tokenizer never adds it);
+        collective under --fsdp (a gathered, unsharded copy)."""
         from models.tokenizers import Tokenizer
 
         net = ema if ema is not None else model
+        net = fsdp.full_copy(net, template) if args.fsdp else net
         return net, Tokenizer({"vqgan": "vq"}.get(kind, kind), net, kind)
 
     @torch.no_grad()
-    def recon_grid(at_step: int) -> None:
+    def recon_grid(at_step: int, net, tok) -> None:
         """Main process: PNG grid of (input | reconstruction) pairs of fixed evaluation images."""
-        net, tok = eval_tokenizer()
         was_training = net.training
         tok.eval()
         x = grid_images.to(device)
@@ -459,10 +433,10 @@ def main(args):
 
         net, tok = eval_tokenizer()
         was_training = net.training
-        ds = eval_ds
+        ds, scored = eval_ds, tok
         if in_channels == 1:  # LPIPS / Inception are RGB networks: compare the grey image repeated
-            ds, tok = RGBView(eval_ds), GrayTokenizer(tok)
-        res = reconstruction_metrics(tok, ds, inception=extractor, metrics=metrics, batch_size=args.eval_batch_size,
+            ds, scored = RGBView(eval_ds), GrayTokenizer(tok)
+        res = reconstruction_metrics(scored, ds, inception=extractor, metrics=metrics, batch_size=args.eval_batch_size,
                                      device=device, lpips=lpips_net if lpips_net is not None else "random")
         if kind == "vqgan":  # histogram of code ids over the evaluation set, summed over ranks
             counts = codebook_counts(net, eval_ds, local_indices(len(eval_ds)), args.eval_batch_size, device)
@@ -470,7 +444,7 @@ def main(args):
         net.train(was_training)
         model.train()
         if accelerator.is_main_process:
-            recon_grid(at_step)
+            recon_grid(at_step, net, tok)
         accelerator.wait_for_everyone()
         summary["evaluations"][str(at_step)] = res
         # The metrics may carry notes (e.g. a random Inception's): numbers go to the tracker.
@@ -480,7 +454,8 @@ def main(args):
 
     # ---------------- loop
     summary = {"start_step": step, "tokenizer": kind, "evaluations": {}}
-    last_layer = model.decoder.decoder_pred.weight if kind == "rae" else model.get_last_layer()
+    # --fsdp: a function, read after the forward, when the root holds the gathered weight the graph uses
+    last_layer = (lambda: model.decoder.decoder_pred.weight) if kind == "rae" else model.get_last_layer()
     enc_last_layer = model.get_encoder_last_layer() if kind == "vavae" else None
     fwd.train()
     loss_fn.train()
@@ -505,6 +480,7 @@ def main(args):
             use_d = (loss_fn.update_discriminator(epoch) if kind == "rae" else d_step >= args.disc_start) \
                 and step % args.disc_every == 0
             with accelerator.accumulate(fwd):
+                fsdp.set_gradient_sync(model, accelerator.sync_gradients)  # --fsdp: as DDP's no_sync
                 # -- generator update
                 with accelerator.autocast():
                     out = fwd(x)
@@ -550,6 +526,9 @@ def main(args):
             if ema is not None:
                 utils.update_ema(ema, model, args.ema_decay)
             step += 1
+            if step == summary["start_step"] + 1:  # of the trained network (RAE: the decoder)
+                part = FSDP_UNITS.get(kind, ("",))[0]
+                logger.info(fsdp.state_bytes_line(model.get_submodule(part), ema and ema.get_submodule(part), opt, args.fsdp))
             if world > 1:
                 utils.broadcast_from_main(disc_state if actnorm_pending else disc_buffers, accelerator)
                 actnorm_pending = actnorm_pending and not all(int(m.initialized) for m in actnorms)
@@ -575,8 +554,9 @@ def main(args):
                 evaluate(step)
             elif eval_ds is not None and utils.should_run(step, args.sampling_steps, args.max_train_steps) \
                     and step != args.max_train_steps:
+                net_tok = eval_tokenizer()  # collective under --fsdp
                 if accelerator.is_main_process:
-                    recon_grid(step)
+                    recon_grid(step, *net_tok)
                 accelerator.wait_for_everyone()
             if utils.checkpoint_or_stop(run, step, stop_requested, save_checkpoint):
                 break

@@ -5,15 +5,18 @@
   vqgan       loss.reconstruction.VQLPIPSLoss: L1 + LPIPS + adaptive-weight PatchGAN + codebook
   rae         loss.rae.RAELoss: L1 + LPIPS + adaptive-weight DINO GAN through DiffAug
 
-and the clock its GAN runs on: global steps (kl / vavae / vqgan, optionally counted as Lightning
-does) or epochs (rae). It lives in loss/ beside the losses it configures.
+the clock its GAN runs on: global steps (kl / vavae / vqgan, optionally counted as Lightning
+does) or epochs (rae), and the two players' optimizers and LR schedules, each on its own clock. It
+lives in loss/ beside the losses it configures.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn as nn
 
+import utils
 from models.stage1 import read_mapping
+from utils.fsdp import reshard
 
 
 def build_loss(args, in_channels: int) -> tuple:
@@ -74,7 +77,12 @@ def generator_objective(kind: str, loss_fn: nn.Module, x: torch.Tensor, out: dic
                         last_layer, enc_last_layer, aux_feature, autocast) -> tuple:
     """(loss, logs) of the tokenizer's update: each family's loss called as its original calls it.
     `out` is `models.stage1.TrainForward`'s output; `aux_feature` the frozen foundation model's
-    features (vavae) or None; `autocast` the step's autocast context factory."""
+    features (vavae) or None; `autocast` the step's autocast context factory. `last_layer` may be a
+    function returning it, called after the forward: under --fsdp the weight the graph used is the
+    gathered one the sharded root holds then (the full tensor, so the adaptive weight's gradient
+    norms are the full ones, from this process's batch, as under DDP)."""
+    if callable(last_layer):
+        last_layer = last_layer()
     if kind in ("kl", "vavae"):
         return loss_fn(x, out["recon"], out["posterior"], 0, g_step, last_layer=last_layer, z=out.get("z_proj"),
                        aux_feature=aux_feature, enc_last_layer=enc_last_layer)
@@ -93,6 +101,7 @@ def discriminator_objective(kind: str, loss_fn: nn.Module, model: nn.Module, x: 
             model.eval()
             fake = model((x + 1) / 2) * 2 - 1
             model.train()
+        reshard(model)  # --fsdp: no backward follows to free the root's gathered weights
         with autocast():
             return loss_fn.discriminator_loss(x, fake)
     if kind == "vqgan":
@@ -116,3 +125,45 @@ def first_disc_step(args, steps_per_epoch: int) -> int:
     if args.tokenizer == "rae":
         return args.disc_update_start_epoch * steps_per_epoch
     return 0 if args.lightning_global_step else max(args.disc_start, 0)
+
+
+def make_optimizer(params, lr: float, args) -> torch.optim.Optimizer:
+    """--optimizer (adam / adamw) over `params` with the --adam-* flags."""
+    if args.optimizer == "adamw":
+        return utils.adamw(params, lr, args, betas=(args.adam_beta1, args.adam_beta2))
+    return torch.optim.Adam(params, lr=lr, betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon,
+                            weight_decay=args.adam_weight_decay, fused=torch.cuda.is_available() or None)
+
+
+def build_schedulers(opt, opt_disc, args, total_steps: int, warmup: int, disc_first: int) -> tuple:
+    """The two LR schedules, each stepped on its own optimizer's clock. With --disc-lr-horizon run
+    (the originals) the discriminator's schedule is the generator's, so one that starts at epoch 6
+    of 16 ends 10 epochs into a 16-epoch decay (RAE: 8.2e-5, not the final 2e-5)."""
+    sched = utils.lr_scheduler(opt, schedule=args.lr_schedule, warmup_steps=warmup, decay_start=args.lr_decay_start,
+                               total_steps=total_steps, final_ratio=args.lr_final_ratio)
+    if args.disc_lr_horizon == "run":
+        decay_start, horizon = args.lr_decay_start, total_steps
+    else:
+        decay_start = max(args.lr_decay_start - disc_first, 0)
+        horizon = max(1, len(range(disc_first, total_steps, args.disc_every)))
+    sched_disc = utils.lr_scheduler(opt_disc, schedule=args.lr_schedule, warmup_steps=warmup, decay_start=decay_start,
+                                    total_steps=horizon, final_ratio=args.lr_final_ratio)
+    return sched, sched_disc
+
+
+def build_optimizers(args, trainable, disc_params, world: int, local_bs: int, steps_per_epoch: int, total_steps: int,
+                     logger) -> tuple:
+    """(opt, opt_disc, sched, sched_disc): the tokenizer's and the discriminator's optimizers at
+    their LRs (--scale-lr: taming's rule, the same factor for both) and their schedules."""
+    lr = args.learning_rate
+    if args.scale_lr:
+        lr = args.gradient_accumulation_steps * world * local_bs * args.learning_rate
+        logger.info(f"--scale-lr: lr = {args.gradient_accumulation_steps} x {world} x {local_bs} x "
+                    f"{args.learning_rate:.2e} = {lr:.2e}")
+    disc_lr = args.disc_learning_rate * (lr / args.learning_rate)  # scaled by the same rule
+    opt = make_optimizer(trainable, lr, args)
+    opt_disc = make_optimizer(disc_params, disc_lr, args)
+    warmup = (round(args.lr_warmup_epochs * steps_per_epoch) if args.lr_warmup_epochs is not None
+              else args.lr_warmup_steps)
+    return (opt, opt_disc) + build_schedulers(opt, opt_disc, args, total_steps, warmup,
+                                              first_disc_step(args, steps_per_epoch))

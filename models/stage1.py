@@ -9,8 +9,8 @@ network side, so the script's `main` holds only the loop.
 Per family: the published recipe's defaults of the flags left unset (`KIND_DEFAULTS`), the network
 with random weights from a preset or an original's config (`build_model`), the geometry checks
 (`check_model`), what the generator optimizer updates (`trainable_parameters`), released weights
-to start from (`init_from`), the training forward pass (`TrainForward`) and the evaluation
-adapters. The objective of each family (losses, discriminator, GAN clock) is its counterpart in
+to start from (`init_from`), its EMA (`make_ema`), what --fsdp shards (`FSDP_UNITS`), the training
+forward pass (`TrainForward`) and the evaluation adapters. The objective of each family (losses, discriminator, GAN clock) is its counterpart in
 `loss/stage1.py`: it lives in loss/ because loss/ may import models/, never the reverse; the
 export description is `models.tokenizers.describe_model`.
 """
@@ -42,6 +42,22 @@ KIND_DEFAULTS = {
                 disc_weight=0.75, ema_decay=0.9978, model="dinov2-b-xl",
                 short_side_resize="pil-bicubic"),
 }
+
+
+# --fsdp (utils/fsdp.py): per family, the trained submodule sharded per transformer block and the
+# ModuleList of its blocks. The conv nets (kl, vavae, vqgan) have no blocks to shard by.
+FSDP_UNITS = {"rae": ("decoder", "decoder_layers")}
+
+
+def check_fsdp(args) -> None:
+    """Refuse --fsdp for a family without transformer blocks, and what utils.fsdp refuses."""
+    from utils.fsdp import check_fsdp_args
+
+    if getattr(args, "fsdp", False) and args.tokenizer not in FSDP_UNITS:
+        raise SystemExit(f"--fsdp shards a tokenizer's transformer blocks; --tokenizer {args.tokenizer} trains a "
+                         f"convolutional network without any: train it without --fsdp (--fsdp supports --tokenizer "
+                         f"{', '.join(FSDP_UNITS)})")
+    check_fsdp_args(args)
 
 
 def read_mapping(value, what: str):
@@ -186,6 +202,20 @@ def trainable_parameters(args, model: nn.Module) -> list:
     if args.tokenizer == "vqgan" and args.quantizer == "ema":
         assert not any(p.requires_grad for p in model.quantize.parameters())  # EMA codebook: no gradient
     return trainable
+
+
+def make_ema(args, model: nn.Module, ckpt: Optional[dict], source) -> Optional[nn.Module]:
+    """The tokenizer's EMA (None with --ema-decay 0): a frozen copy of `model` on its device, or
+    the resumed checkpoint's `ckpt['ema']`; refuses a checkpoint's EMA the flags switch off."""
+    state = None if ckpt is None else ckpt.get("ema")
+    if args.ema_decay <= 0:
+        if state is not None:
+            raise SystemExit(f"{source} holds an EMA but --ema-decay is 0; resume with the same --ema-decay")
+        return None
+    ema = copy.deepcopy(model).eval().requires_grad_(False)
+    if state is not None:
+        utils.load_state_dict_strict(ema, state, f"{source}['ema']")
+    return ema
 
 
 class TrainForward(nn.Module):

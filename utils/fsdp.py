@@ -10,12 +10,14 @@ wrap it in DDP.
 
 Layout: one FSDP unit per transformer block (`module.blocks`) plus the root (embeddings, final
 layer, projectors); parameters are split along dim 0 (DTensor `Shard(0)`); buffers stay
-replicated. Checkpoints hold full state dicts in exactly the DDP layout (`full_state_dict`), so
-a run resumes DDP <-> FSDP and generate.py / the exports read them unchanged."""
+replicated. Where only part of a network trains (train_stage1.py's RAE: the ViT decoder, beside a
+frozen encoder), that part is the root and the rest stays replicated. Checkpoints hold full state
+dicts in exactly the DDP layout (`full_state_dict`), so a run resumes DDP <-> FSDP and
+generate.py / the exports read them unchanged."""
 from __future__ import annotations
 
 import copy
-from typing import Any, Iterable
+from typing import Any, Iterable, Optional
 
 import torch
 import torch.nn as nn
@@ -61,16 +63,16 @@ def check_fsdp_args(args) -> None:
                          "skipping a step; pass --mixed-precision bf16 (or no)")
 
 
-def shard_blocks(module: nn.Module, mesh, mp_policy=None) -> nn.Module:
-    """`fully_shard` every transformer block of `module`, then the root (in place)."""
+def shard_blocks(module: nn.Module, mesh, mp_policy=None, blocks: str = "blocks") -> nn.Module:
+    """`fully_shard` every transformer block of `module` (its ModuleList `blocks`), then the root (in place)."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-    blocks = getattr(module, "blocks", None)
-    if not isinstance(blocks, nn.ModuleList) or len(blocks) == 0:
-        raise SystemExit(f"--fsdp: {type(module).__name__} has no transformer blocks (`.blocks`) to shard by; "
+    units = getattr(module, blocks, None)
+    if not isinstance(units, nn.ModuleList) or len(units) == 0:
+        raise SystemExit(f"--fsdp: {type(module).__name__} has no transformer blocks (`.{blocks}`) to shard by; "
                          f"train it without --fsdp")
     kw = dict(mesh=mesh, mp_policy=mp_policy or MixedPrecisionPolicy())
-    for block in blocks:
+    for block in units:
         fully_shard(block, **kw)
     fully_shard(module, **kw)
     return module
@@ -86,26 +88,53 @@ def mixed_precision_policy(mixed_precision: str):
     return MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32, cast_forward_inputs=False)
 
 
-def shard_for_training(net: nn.Module, ema: nn.Module, accelerator, mixed_precision: str, fresh: bool) -> nn.Module:
-    """Shard `net` and `ema` (unsharded, identical on every rank after a resume) in place; returns a
-    meta-device template of the EMA for `full_copy`. A fresh start first copies the main process's
-    weights to every rank and the EMA from them, as DDP's start does."""
+def shard_for_training(net: nn.Module, ema: Optional[nn.Module], accelerator, mixed_precision: str, fresh: bool,
+                       part: str = "", blocks: str = "blocks") -> nn.Module:
+    """Shard `net` and `ema` (unsharded, identical on every rank after a resume; None: no EMA) in
+    place: their submodule `part` ("" = the whole network) by its ModuleList `blocks`; returns a
+    meta-device template of the network for `full_copy`. A fresh start first copies the main
+    process's weights to every rank and the EMA from them, as DDP's start does."""
     from torch.distributed.device_mesh import init_device_mesh
 
     if accelerator.num_processes == 1:
         raise SystemExit("--fsdp shards over processes: launch several (accelerate launch --num_processes N / "
                          "torchrun), or train without --fsdp")
     device = accelerator.device
-    template = copy.deepcopy(ema).to("meta")
+    template = copy.deepcopy(ema if ema is not None else net).to("meta")
     net.to(device)
-    ema.to(device)
     if fresh:
         broadcast_from_main(list(net.parameters()) + list(net.buffers()), accelerator)
-        ema.load_state_dict(net.state_dict())
     mesh = init_device_mesh(device.type, (accelerator.num_processes,))
-    shard_blocks(net, mesh, mixed_precision_policy(mixed_precision))
-    shard_blocks(ema, mesh)  # never runs forward: the layout only, so its shards line up with the model's
+    if ema is not None:
+        ema.to(device)
+        if fresh:
+            ema.load_state_dict(net.state_dict())
+        # never runs forward: the layout only, so its shards line up with the model's
+        shard_blocks(ema.get_submodule(part), mesh, blocks=blocks)
+    shard_blocks(net.get_submodule(part), mesh, mixed_precision_policy(mixed_precision), blocks)
     return template
+
+
+def _fsdp_modules(module: nn.Module) -> list:
+    from torch.distributed.fsdp import FSDPModule
+
+    return [m for m in module.modules() if isinstance(m, FSDPModule)]
+
+
+def set_gradient_sync(module: nn.Module, sync: bool) -> None:
+    """Whether the sharded parts of `module` reduce-scatter their gradients in this backward: off on
+    accumulation micro-steps (the unsharded gradients accumulate), as DDP's no_sync. No-op unsharded."""
+    for m in _fsdp_modules(module):
+        m.set_requires_gradient_sync(sync, recurse=False)
+
+
+def reshard(module: nn.Module) -> None:
+    """Free the gathered parameters of the sharded parts of `module`. Needed after a forward without
+    gradients (e.g. a reconstruction for the discriminator): an FSDP root keeps its parameters
+    gathered after its forward for the backward it expects, and meanwhile `named_parameters` would
+    be the full tensors, not the shards the EMA and the optimizer update. No-op unsharded."""
+    for m in _fsdp_modules(module):
+        m.reshard()
 
 
 def _gather(x: Any, keep: bool) -> Any:
@@ -131,7 +160,7 @@ def full_state_dict(obj, keep: bool = True) -> dict:
 def load_full_optimizer_state(opt: torch.optim.Optimizer, state: dict) -> None:
     """Load a full (DDP-layout) optimizer state into an optimizer over sharded parameters: each
     rank keeps its slice of every per-parameter tensor of the parameter's shape (no communication:
-    every rank read the checkpoint)."""
+    every rank read the checkpoint). Over unsharded parameters: `opt.load_state_dict(state)`."""
     from torch.distributed.tensor import distribute_tensor
 
     params = [p for group in opt.param_groups for p in group["params"]]
@@ -165,9 +194,15 @@ def local_bytes(tensors: Iterable[torch.Tensor]) -> int:
     return sum(local(t).numel() * t.element_size() for t in tensors)
 
 
-def state_bytes(model: nn.Module, ema: nn.Module, opt) -> dict:
-    """Per-process bytes of the training state: parameters, EMA, optimizer moments."""
+def state_bytes(model: nn.Module, ema: Optional[nn.Module], opt) -> dict:
+    """Per-process bytes of the training state: parameters, EMA (None: none), optimizer moments."""
     inner = getattr(opt, "optimizer", opt)
     moments = [v for st in inner.state.values() for v in st.values() if torch.is_tensor(v)]
-    return {"params": local_bytes(model.parameters()), "ema": local_bytes(ema.parameters()),
+    return {"params": local_bytes(model.parameters()), "ema": local_bytes(ema.parameters()) if ema is not None else 0,
             "optimizer": local_bytes(moments)}
+
+
+def state_bytes_line(model: nn.Module, ema: Optional[nn.Module], opt, sharded: bool) -> str:
+    """The log line of `state_bytes` (after the first step, when the optimizer moments exist)."""
+    return (f"per-process training state ({'sharded' if sharded else 'replicated'}): "
+            + ", ".join(f"{k} {v / 2**20:.3f} MiB" for k, v in state_bytes(model, ema, opt).items()))
