@@ -104,13 +104,14 @@ def build_vae(args, logger):
 
 def build_loss(args) -> ReconstructionLoss:
     """The VAE loss from --loss-cfg-path (REPA-E keys); --lpips-weights points LPIPS at local VGG weights,
-    --lpips-lean-head / --lpips-grad-checkpointing set its backward memory."""
+    --lpips-lean-head / --lpips-lean-trunk / --lpips-grad-checkpointing set its backward memory."""
     cfg = utils.load_yaml(args.loss_cfg_path)
     if args.lpips_weights:
         losses = cfg["losses"] if "losses" in cfg else cfg
         losses["perceptual_vgg_weights"] = args.lpips_weights
     loss_fn = ReconstructionLoss(cfg, source=args.loss_cfg_path)
-    set_memory_options(loss_fn, lean_head=args.lpips_lean_head, grad_checkpointing=args.lpips_grad_checkpointing)
+    set_memory_options(loss_fn, lean_head=args.lpips_lean_head, grad_checkpointing=args.lpips_grad_checkpointing,
+                       lean_trunk=args.lpips_lean_trunk)
     return loss_fn
 
 

@@ -5,7 +5,7 @@ cost of trained ones; nothing is downloaded).
   python bench/train_repae_step.py                  # CUDA: the published configuration (preset xl)
   python bench/train_repae_step.py --preset tiny    # CPU: the same step at tiny sizes (the CPU default)
   python bench/train_repae_step.py --preset tiny --grad-checkpointing sit,vae,lpips
-  python bench/train_repae_step.py --preset tiny --no-lpips-lean-head   # LPIPS as the lpips package
+  python bench/train_repae_step.py --preset tiny --no-lpips-lean-head --no-lpips-lean-trunk   # LPIPS as the lpips package
 
 Preset xl is REPA-E's published ImageNet-256 run (specs/repae.md: SiT-XL/2, SD-VAE f8d4,
 DINOv2-B at block 8, proj-coeff 0.5, vae-align-proj-coeff 1.5, configs/l1_lpips_kl_gan.yaml,
@@ -50,6 +50,8 @@ def main(argv=None):
                    help="comma list of networks to checkpoint: sit, vae, lpips (empty: none)")
     p.add_argument("--lpips-lean-head", action=argparse.BooleanOptionalAction, default=True,
                    help="the trainer's --lpips-lean-head (its default: on)")
+    p.add_argument("--lpips-lean-trunk", action=argparse.BooleanOptionalAction, default=True,
+                   help="the trainer's --lpips-lean-trunk (its default: on)")
     p.add_argument("--num-workers", type=int, default=2, help="data loader workers")
     p.add_argument("--log-every", type=int, default=1, help="the trainer's --log-every (its default: 1)")
     args = p.parse_args(argv)
@@ -83,11 +85,13 @@ def main(argv=None):
         flags += ["--grad-checkpointing"] * ("sit" in ckpt) + ["--vae-grad-checkpointing"] * ("vae" in ckpt)
         flags += ["--lpips-grad-checkpointing"] * ("lpips" in ckpt)
         flags += ["--lpips-lean-head" if args.lpips_lean_head else "--no-lpips-lean-head"]
+        flags += ["--lpips-lean-trunk" if args.lpips_lean_trunk else "--no-lpips-lean-trunk"]
         with probed_trainer(utils, probe):
             train_repae.main(train_repae.parse_args(flags))
     return record("train_repae_step", DESCRIPTION[preset], bs, probe, preset=preset,
                   mixed_precision=flags[flags.index("--mixed-precision") + 1], compile=args.compile, log_every=args.log_every,
-                  grad_checkpointing=sorted(ckpt), lpips_lean_head=args.lpips_lean_head)
+                  grad_checkpointing=sorted(ckpt), lpips_lean_head=args.lpips_lean_head,
+                  lpips_lean_trunk=args.lpips_lean_trunk)
 
 
 if __name__ == "__main__":

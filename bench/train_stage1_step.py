@@ -93,6 +93,8 @@ def main(argv=None):
     p.add_argument("--lpips-grad-checkpointing", action="store_true", help="pass --lpips-grad-checkpointing to the trainer")
     p.add_argument("--lpips-lean-head", action=argparse.BooleanOptionalAction, default=True,
                    help="the trainer's --lpips-lean-head (its default: on)")
+    p.add_argument("--lpips-lean-trunk", action=argparse.BooleanOptionalAction, default=True,
+                   help="the trainer's --lpips-lean-trunk (its default: on)")
     p.add_argument("--num-workers", type=int, default=2, help="data loader workers")
     add_probe_flags(p)
     args = p.parse_args(argv)
@@ -106,7 +108,8 @@ def main(argv=None):
              list(GPU_RECIPES if cuda else CPU_RECIPES) if args.recipe is None else list(RECIPES))
     memory_flags = (["--grad-checkpointing"] * args.grad_checkpointing
                     + ["--lpips-grad-checkpointing"] * args.lpips_grad_checkpointing
-                    + ["--lpips-lean-head" if args.lpips_lean_head else "--no-lpips-lean-head"])
+                    + ["--lpips-lean-head" if args.lpips_lean_head else "--no-lpips-lean-head"]
+                    + ["--lpips-lean-trunk" if args.lpips_lean_trunk else "--no-lpips-lean-trunk"])
     lines = []
     for name in names:
         probe = StepProbe(args.warmup, args.steps)
@@ -115,7 +118,8 @@ def main(argv=None):
                       args.num_workers)
         lines.append(record("train_stage1_step", f"{name} ({RECIPES[name][0]})", s["batch"], probe, recipe=name,
                             mixed_precision=s["mixed_precision"], grad_checkpointing=args.grad_checkpointing,
-                            lpips_grad_checkpointing=args.lpips_grad_checkpointing, lpips_lean_head=args.lpips_lean_head))
+                            lpips_grad_checkpointing=args.lpips_grad_checkpointing, lpips_lean_head=args.lpips_lean_head,
+                            lpips_lean_trunk=args.lpips_lean_trunk))
     return lines
 
 

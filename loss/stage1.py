@@ -56,7 +56,8 @@ def build_loss(args, in_channels: int) -> tuple:
                               diffaug_policy=args.diffaug_policy, disc_loss=args.disc_loss,
                               perceptual=perceptual if perceptual is not None else None,
                               vgg_weights=args.lpips_weights, full_precision=args.rae_loss_full_precision)
-    set_memory_options(loss_fn, lean_head=args.lpips_lean_head, grad_checkpointing=args.lpips_grad_checkpointing)
+    set_memory_options(loss_fn, lean_head=args.lpips_lean_head, grad_checkpointing=args.lpips_grad_checkpointing,
+                       lean_trunk=args.lpips_lean_trunk)
     return loss_fn, lpips_net
 
 

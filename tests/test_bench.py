@@ -236,6 +236,18 @@ def test_train_repae_step_tiny_and_checkpointing_and_lean_lpips_cut_saved_bytes(
     assert plain["flops_per_image"] <= lpips_graph["flops_per_image"]
 
 
+def test_lpips_memory_bench_orders_the_options(capsys):
+    """bench/lpips_memory.py: each option keeps less than the one before; only checkpointing adds FLOPs."""
+    import lpips_memory
+
+    lines = lpips_memory.main(["--batch-size", "1", "--resolution", "16"])
+    assert [json.loads(x)["config"] for x in capsys.readouterr().out.splitlines()] == list(lpips_memory.CONFIGS)
+    saved = [line["saved_bytes"] for line in lines]
+    assert saved == sorted(saved, reverse=True) and len(set(saved)) == 4
+    flops = [line["gflops"] for line in lines]
+    assert flops[0] == flops[1] == flops[2] < flops[3]
+
+
 @pytest.mark.parametrize("model", ["SiT-XL/2", "DiTDH-XL"])
 def test_train_ldm_step_tiny(model, capsys):
     import train_ldm_step

@@ -1,5 +1,6 @@
 """Unit tests of the discriminator, LPIPS wrapper, GAN pieces, VF loss and the two tokenizer
 losses (offline, CPU, a few seconds)."""
+import functools
 import math
 import sys
 from pathlib import Path
@@ -289,12 +290,12 @@ def test_vavae_loss_generator_and_discriminator():
     assert vlog["val/d_weight"].item() == 0.0 and vlog["val/vf_weight"].item() == 0.0
 
 
-def _lpips_run(m, x, y, lean_head, grad_checkpointing, grad_x=False):
+def _lpips_run(m, x, y, lean_head, grad_checkpointing, grad_x=False, lean_trunk=False):
     """(distance, saved bytes, grad w.r.t. y[, grad w.r.t. x]) with the given memory options."""
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
     from common import SavedBytes
 
-    m.set_memory_options(lean_head=lean_head, grad_checkpointing=grad_checkpointing)
+    m.set_memory_options(lean_head=lean_head, grad_checkpointing=grad_checkpointing, lean_trunk=lean_trunk)
     x, y = x.clone().requires_grad_(grad_x), y.clone().requires_grad_(True)
     with SavedBytes() as saved:
         d = m(x, y)
@@ -331,7 +332,7 @@ def test_lpips_memory_options_same_loss_and_gradient_fewer_saved_bytes(lpips_ran
         torch.testing.assert_close(gx, ref_gx, rtol=1e-5, atol=1e-6 * ref_gx.abs().max().item())
         torch.testing.assert_close(gy, ref_gy, rtol=1e-5, atol=1e-6 * ref_gy.abs().max().item())
     finally:
-        lpips_random.set_memory_options(lean_head=True, grad_checkpointing=False)
+        lpips_random.set_memory_options(lean_head=True, grad_checkpointing=False, lean_trunk=True)
 
 
 def test_lpips_lean_head_under_autocast(lpips_random):
@@ -347,4 +348,147 @@ def test_lpips_lean_head_under_autocast(lpips_random):
         assert gy.dtype == torch.float32 and torch.isfinite(gy).all()
         assert torch.nn.functional.cosine_similarity(gy.flatten(), ref_gy.flatten(), dim=0) > 0.99
     finally:
-        lpips_random.set_memory_options(lean_head=True, grad_checkpointing=False)
+        lpips_random.set_memory_options(lean_head=True, grad_checkpointing=False, lean_trunk=True)
+
+
+# VGG16's conv widths ("M": 2x2/2 max-pool); lpips' feature maps are the ReLU before each pool and the last.
+_VGG16 = [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512]
+
+
+def _vgg_activation_bytes(b, h, w):
+    """Per input of shape [b, 3, h, w] (float32): (ReLU outputs that are no feature map, the five
+    feature maps, 1-bit ReLU masks, pooled elements), in bytes (the last: a count)."""
+    relu, feats, masks, pooled, ch = 0, 0, 0, 0, 3
+    for i, c in enumerate(_VGG16):
+        if c == "M":
+            h, w = h // 2, w // 2  # floor mode
+            pooled += b * ch * h * w
+            continue
+        ch, n = c, b * c * h * w
+        masks += -(-n // 8)
+        if i + 1 == len(_VGG16) or _VGG16[i + 1] == "M":
+            feats += 4 * n
+        else:
+            relu += 4 * n
+    return relu, feats, masks, pooled
+
+
+@pytest.mark.parametrize("shape, options", [((2, 3, 16, 16), [(False, False), (True, False), (True, True)]),
+                                            ((1, 3, 18, 22), [(True, False)])])
+def test_lpips_lean_trunk_bit_identical_and_saves_only_bits(lpips_random, shape, options):
+    """The lean trunk gives the same loss and the same gradient bit for bit, with the other
+    options (lean head, checkpointing), odd sizes included (18x22: pools of 9x11 and 5x5 maps drop a row / column), and keeps
+    exactly a 1-bit mask per ReLU output and a uint8 position per pooled output instead of the
+    conv inputs, ReLU outputs and int64 indices."""
+    g = torch.Generator().manual_seed(6)
+    x = torch.rand(shape, generator=g) * 2 - 1
+    y = (x + 0.3 * torch.randn(shape, generator=g)).clamp(-1, 1)
+    try:
+        for lean_head, ckpt in options:
+            ref, ref_bytes, ref_gy, _ = _lpips_run(lpips_random, x, y, lean_head, ckpt, lean_trunk=False)
+            d, nbytes, gy, _ = _lpips_run(lpips_random, x, y, lean_head, ckpt, lean_trunk=True)
+            assert torch.equal(d, ref) and torch.equal(gy, ref_gy), (lean_head, ckpt)
+            if lean_head and not ckpt:
+                head_bytes, plain_bytes = nbytes, ref_bytes
+        relu, feats, masks, pooled = _vgg_activation_bytes(shape[0], *shape[2:])
+        scaled_input = 4 * math.prod(shape)
+        # lean head: lpips' 3-float scale buffer and both inputs' feature maps, plus the trunk's bits
+        assert head_bytes == 12 + 2 * feats + masks + pooled  # + a uint8 position per pooled element
+        # torch keeps every conv input (the scaled image, ReLU outputs, pooled maps: float32) and
+        # each pool's int64 indices
+        assert plain_bytes - head_bytes == scaled_input + relu + (4 + 8) * pooled - masks - pooled
+        # both inputs with a gradient
+        _, _, ref_gy, ref_gx = _lpips_run(lpips_random, x, y, True, False, grad_x=True)
+        _, _, gy, gx = _lpips_run(lpips_random, x, y, True, False, grad_x=True, lean_trunk=True)
+        assert torch.equal(gx, ref_gx) and torch.equal(gy, ref_gy)
+    finally:
+        lpips_random.set_memory_options(lean_head=True, grad_checkpointing=False, lean_trunk=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_lpips_lean_trunk_under_autocast_and_channels_last(lpips_random, dtype):
+    """Under autocast the lean trunk convolves the same cast weights and casts the gradient back
+    as autograd does: loss and gradient bit-identical, and the per-call half-precision copies of
+    the weights that aten's convolution saves are not kept. channels_last (the trainers' CUDA
+    layout) too."""
+    g = torch.Generator().manual_seed(7)
+    x = torch.rand(1, 3, 16, 16, generator=g) * 2 - 1
+    y = (x + 0.3 * torch.randn(x.shape, generator=g)).clamp(-1, 1)
+    try:
+        with torch.autocast("cpu", dtype=dtype):
+            ref, ref_bytes, ref_gy, _ = _lpips_run(lpips_random, x, y, True, False, lean_trunk=False)
+            d, nbytes, gy, _ = _lpips_run(lpips_random, x, y, True, False, lean_trunk=True)
+        assert torch.equal(d, ref) and torch.equal(gy, ref_gy) and gy.dtype == torch.float32
+        weights = sum(p.numel() for n, p in lpips_random.net.net.named_parameters() if n.endswith("weight"))
+        assert ref_bytes - nbytes > 2 * weights  # the cast weights alone
+        lpips_random.to(memory_format=torch.channels_last)
+        x, y = (t.contiguous(memory_format=torch.channels_last) for t in (x, y))
+        ref, _, ref_gy, ref_gx = _lpips_run(lpips_random, x, y, True, False, grad_x=True, lean_trunk=False)
+        d, _, gy, gx = _lpips_run(lpips_random, x, y, True, False, grad_x=True, lean_trunk=True)
+        assert torch.equal(d, ref) and torch.equal(gy, ref_gy) and torch.equal(gx, ref_gx)
+    finally:
+        lpips_random.to(memory_format=torch.contiguous_format)
+        lpips_random.set_memory_options(lean_head=True, grad_checkpointing=False, lean_trunk=True)
+
+
+def test_lean_max_pool_routes_ties_and_signed_zeros_as_torch():
+    """The uint8-position pool gives max_pool2d's output and gradient bit for bit (sign of zero
+    included) where windows hold tied maxima (the first one wins) and on odd sizes."""
+    from loss.perceptual import _MaxPool2x2
+
+    g = torch.Generator().manual_seed(8)
+    for shape in [(2, 3, 8, 8), (1, 2, 7, 9)]:
+        x = torch.randint(0, 3, shape, generator=g).float()  # many ties
+        x[0, 0, :2, :2] = torch.tensor([[-0.0, 0.0], [0.0, -0.0]])
+        grad = torch.randn(shape[0], shape[1], shape[2] // 2, shape[3] // 2, generator=g)
+        grad[0, 0, 0, 0] = -0.0  # torch's backward accumulates it into +0.0
+        a, b = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+        out_ref, out = torch.nn.functional.max_pool2d(a, 2, 2), _MaxPool2x2.apply(b)
+        out_ref.backward(grad)
+        out.backward(grad)
+        assert torch.equal(out.view(torch.int32), out_ref.view(torch.int32))
+        assert torch.equal(b.grad.view(torch.int32), a.grad.view(torch.int32))
+
+
+def test_lean_trunk_runs_an_unfrozen_conv_as_its_module():
+    """A conv whose weight needs a gradient is left to its module (the lean node returns no weight
+    gradient), so its weight gradient is still computed."""
+    from loss.perceptual import _lean_slice
+
+    torch.manual_seed(0)
+    s = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(inplace=True), nn.MaxPool2d(2, 2),
+                      nn.Conv2d(4, 4, 3, padding=1), nn.ReLU(inplace=True))
+    s[3].requires_grad_(False)
+    x = torch.randn(1, 3, 8, 8, requires_grad=True)
+    _lean_slice(s, x, lean=True).sum().backward()
+    lean_w, lean_x = s[0].weight.grad.clone(), x.grad.clone()
+    s[0].weight.grad, x.grad = None, None
+    s(x).sum().backward()
+    assert torch.equal(lean_w, s[0].weight.grad) and torch.equal(lean_x, x.grad)
+
+
+def test_lean_trunk_compiles_to_one_graph():
+    """torch.compile traces the lean nodes, forward and backward (aot_eager), without a graph
+    break, and gives the eager output and gradient (one VGG-like slice: the whole LPIPS takes a
+    minute to trace on a CPU)."""
+    import torch._dynamo
+    from loss.perceptual import _lean_slice
+
+    torch.manual_seed(0)
+    s = nn.Sequential(nn.MaxPool2d(2, 2), nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(inplace=True),
+                      nn.Conv2d(4, 4, 3, padding=1), nn.ReLU(inplace=True)).requires_grad_(False)
+    x = torch.randn(2, 3, 10, 14)
+
+    def run(fn):
+        xg = x.clone().requires_grad_(True)
+        out = fn(s, xg)
+        out.backward(torch.linspace(-1, 1, out.numel()).view_as(out))
+        return out.detach(), xg.grad
+
+    ref = run(functools.partial(_lean_slice, lean=True))
+    torch._dynamo.reset()
+    try:
+        out = run(torch.compile(functools.partial(_lean_slice, lean=True), backend="aot_eager", fullgraph=True))
+    finally:
+        torch._dynamo.reset()
+    assert torch.equal(out[0], ref[0]) and torch.equal(out[1], ref[1])

@@ -472,15 +472,16 @@ def test_discriminator_lr_schedule_follows_the_run_on_its_own_clock():
 
 
 def test_lpips_memory_flags_reach_the_loss(data_dir, tmp_path):
-    """--lpips-grad-checkpointing / --no-lpips-lean-head reach every LPIPS of the family's loss
-    (the lean head is on, checkpointing off, by default)."""
+    """--lpips-grad-checkpointing / --no-lpips-lean-head / --no-lpips-lean-trunk reach every LPIPS
+    of the family's loss (the lean head and trunk are on, checkpointing off, by default)."""
     from loss.perceptual import LPIPS
     from loss.stage1 import build_loss
 
     def lpips_options(argv):
         loss_fn, _ = build_loss(train_stage1.parse_args(argv), 3)
-        return {(m.lean_head, m.grad_checkpointing) for m in loss_fn.modules() if isinstance(m, LPIPS)}
+        return {(m.lean_head, m.grad_checkpointing, m.lean_trunk) for m in loss_fn.modules() if isinstance(m, LPIPS)}
 
     base = flags("kl", data_dir, tmp_path, "m", 1)
-    assert lpips_options(base) == {(True, False)}
-    assert lpips_options(base + ["--no-lpips-lean-head", "--lpips-grad-checkpointing"]) == {(False, True)}
+    assert lpips_options(base) == {(True, False, True)}
+    assert lpips_options(base + ["--no-lpips-lean-head", "--lpips-grad-checkpointing"]) == {(False, True, True)}
+    assert lpips_options(base + ["--no-lpips-lean-trunk"]) == {(True, False, False)}
