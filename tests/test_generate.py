@@ -666,3 +666,31 @@ def test_training_evaluation_labels_random_inception(exp, tmp_path):
                                  3, accelerator, SimpleNamespace(info=lines.append))
     assert scores["inception"].startswith("random weights") and np.isfinite(scores["fid"])
     assert "FID (random Inception: not comparable)=" in lines[0] and set(logged[0]) == {"eval/num_samples", "eval/fid"}
+
+
+def test_training_evaluation_streams_features_with_the_former_scores(exp, tmp_path):
+    """The trainers' FID takes Inception features batch by batch right after decode (no image
+    gather): the scores equal those of the former path (all images gathered, then evaluate_samples),
+    with a short last batch (6 samples in batches of 4)."""
+    from types import SimpleNamespace
+
+    from evaluation.metrics import evaluate_samples, get_extractor
+    from evaluation.training import euler_kwargs
+
+    setup = load_models(generate.parse_args(["--exp-dir", str(exp), "--device", "cpu"]), lambda m: None)
+    rng = np.random.default_rng(1)
+    np.savez(tmp_path / "ref.npz", arr_0=rng.integers(0, 256, (8, 32, 32, 3), dtype=np.uint8))
+    args = SimpleNamespace(inception_weights=None, inception_image_size=75, random_init_inception=True, eval_num_steps=2,
+                           eval_cfg_scale=1.5, eval_samples=6, seed=0, eval_batch_size=4, eval_label_sampling="equal",
+                           eval_metrics="fid,sfid,is", eval_reference=str(tmp_path / "ref.npz"))
+    accelerator = SimpleNamespace(log=lambda d, step: None, is_main_process=False)
+    scores = evaluate_generation(setup.model, setup.decoder, setup.latent_shape, setup.num_classes, args, "cpu",
+                                 1, accelerator, SimpleNamespace(info=lambda line: None))
+    images = samplers.sample_for_eval(setup.model, setup.decoder, setup.latent_shape, setup.num_classes, 6, 0, 4,
+                                      euler_kwargs(2, 1.5), "cpu", label_sampling="equal")
+    extractor = get_extractor(image_size=75, random_init=True, device="cpu")
+    former = evaluate_samples(images, str(tmp_path / "ref.npz"), inception=extractor, metrics=["fid", "sfid", "is"],
+                              device="cpu")
+    assert scores["num_samples"] == 6 and np.isfinite(scores["fid"]) and scores["fid"] > 0
+    for k in ("fid", "sfid", "is"):
+        assert scores[k] == former[k], k
