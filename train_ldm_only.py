@@ -10,6 +10,8 @@ One optimisation step:
      LightningDiT / DiT^DH: z is normalised by the statistics of the latent folder (per channel or
      per position), time t ~ --weighting (uniform or logit-normal) pushed by --time-shift, loss
      MSE(v, eps - x) (+ --direction-loss-weight x LightningDiT's velocity-direction term);
+     (the forward of 1-2 after the encoders is one module, `loss/latent_diffusion.py`, which --compile
+     compiles whole; its random numbers are drawn outside it, in the eager order);
   3. clip, AdamW step, LR schedule, EMA (parameters and float buffers).
 Everything else (experiment folder, checkpoints with full state, exact resume, stop signals, NaN
 guard, summary) is the shared plumbing of `utils/`, as in `train_repae.py`.

@@ -300,7 +300,7 @@ class SiT(nn.Module):
         return bn_latent_stats(self.bn.running_mean, self.bn.running_var, self.bn.eps if include_eps else 0.0)
 
     # ------------------------------------------------------------------ network
-    def _embed(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, force_drop_ids=None):
+    def _embed(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, force_drop_ids: Optional[torch.Tensor] = None):
         x = self.x_embedder(x) + self.pos_embed.to(x.dtype)  # [N, T, D]
         c = self.t_embedder(t) + self.y_embedder(y, self.training, force_drop_ids)  # [N, D]
         return x, c
