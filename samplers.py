@@ -502,11 +502,12 @@ def sample_for_eval(model, decode_fn: Callable[[torch.Tensor], torch.Tensor], la
                               label_sampling, autocast_dtype, uint8_conversion, labels, decode_precision)
         if on_decoded is not None:
             on_decoded(chunk, images[:len(chunk)])
-        arr = images[:len(chunk)].permute(0, 2, 3, 1).contiguous().cpu()  # [b, H, W, 3]
-        if on_batch is not None:
-            on_batch(chunk, arr.numpy())
-        if gather:
-            parts.append(arr)
+        if on_batch is not None or gather:  # else (streamed features only) the images stay on the device
+            arr = images[:len(chunk)].permute(0, 2, 3, 1).contiguous().cpu()  # [b, H, W, 3]
+            if on_batch is not None:
+                on_batch(chunk, arr.numpy())
+            if gather:
+                parts.append(arr)
         if bar is not None:
             bar.update(min(len(chunk) * world, len(todo) - bar.n))
     if bar is not None:

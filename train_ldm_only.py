@@ -10,6 +10,8 @@ One optimisation step:
      LightningDiT / DiT^DH: z is normalised by the statistics of the latent folder (per channel or
      per position), time t ~ --weighting (uniform or logit-normal) pushed by --time-shift, loss
      MSE(v, eps - x) (+ --direction-loss-weight x LightningDiT's velocity-direction term);
+     (the forward of 1-2 after the encoders is one module, `loss/latent_diffusion.py`, which --compile
+     compiles whole; its random numbers are drawn outside it, in the eager order);
   3. clip, AdamW step, LR schedule, EMA (parameters and float buffers).
 Everything else (experiment folder, checkpoints with full state, exact resume, stop signals, NaN
 guard, summary) is the shared plumbing of `utils/`, as in `train_repae.py`.
@@ -34,7 +36,8 @@ from utils import fsdp
 from datasources import LatentShardDataset, ResumableDistributedSampler, build_image_dataset, collate_latents
 from datasources.latents import tokenizer_differences
 from models.diffusion import (DIFFUSION_MODELS, LatentNormalizer, VelocityModel, build_diffusion_model,
-                              default_time_convention, flow_matching_loss, model_family, sit_bn_from_stats)
+                              default_time_convention, model_family, sit_bn_from_stats)
+from loss.latent_diffusion import LatentDiffusionLoss
 from evaluation.training import add_training_eval_flags, evaluate_generation, training_sample_grid
 from models.loading import LatentDecoder
 from transport import Transport, shift_from_dims
@@ -306,15 +309,21 @@ def main(args):
             opt.load_state_dict(ckpt["opt"])
         sched.load_state_dict(ckpt["sched"])
         step, epoch, batch_pos = utils.resume_position(run, ckpt)
+    # the step's whole forward (posterior sample, normalisation, noising, network, losses) is one
+    # module; --compile compiles it once (backward by AOTAutograd), the optimizer step stays eager
+    step_loss = LatentDiffusionLoss(net, family, normalizer, transport, data_at_one, weighting=args.weighting,
+                                    path_type=args.path_type, prediction=args.prediction, proj_coeff=args.proj_coeff,
+                                    direction_weight=args.direction_loss_weight)
     if args.fsdp:
         model = net  # already sharded: accelerator.prepare would wrap it in DDP
+        step_fn = step_loss
         opt = accelerator.prepare(opt)  # skips the optimizer step on accumulation micro-steps
     else:
-        model = torch.compile(net) if args.compile else net
-        model, opt = accelerator.prepare(model, opt)
+        # DDP (several processes) wraps the loss module: its parameters are the network's
+        model, opt = accelerator.prepare(torch.compile(step_loss) if args.compile else step_loss, opt)
+        step_fn = model
         ema = ema.to(device)
-    net_m = utils.unwrap(model)
-    vmodel = VelocityModel(model, data_at_one)
+    net_m = utils.unwrap(net)
     if ckpt is None and not args.fsdp:
         # Every rank built its network from its own seed and DDP broadcast rank 0's: the EMA starts
         # from those synchronised weights (the originals' update_ema(ema, model, decay=0)).
@@ -372,31 +381,19 @@ def main(args):
         while step < args.max_train_steps and epoch < args.epochs:
             epoch, batch_pos, batch = next(data_iter)
             batch_pos += 1  # position of the NEXT micro-batch, what a checkpoint must record
-            # stored dtype (e.g. float16) over the wire, float32 on the device
-            mean = batch["mean"].to(device, non_blocking=True).float()
-            std = batch["std"].to(device, non_blocking=True).float()
+            # stored dtype (e.g. float16) over the wire, float32 inside the step
+            mean = batch["mean"].to(device, non_blocking=True)
+            std = batch["std"].to(device, non_blocking=True)
             labels = batch["label"].to(device, non_blocking=True)
-            z = mean + std * torch.randn_like(mean)  # posterior sample; std = 0 for deterministic tokenizers
+            draws = step_loss.draw(mean, labels)  # all the step's random numbers, outside a compiled graph
             with torch.no_grad(), accelerator.autocast():
                 zs = [enc(batch["image"].to(device, non_blocking=True)).float() for enc in encoders]
             with accelerator.accumulate(model):
                 if args.fsdp:  # no reduce-scatter on accumulation micro-steps (unsharded gradients accumulate)
                     model.set_requires_gradient_sync(accelerator.sync_gradients)
                 with accelerator.autocast():
-                    if family == "sit":
-                        out = model(z, labels, zs, loss_kwargs=dict(weighting=args.weighting, path_type=args.path_type,
-                                                                    prediction=args.prediction))
-                        denoising = out["denoising_loss"].mean()
-                        loss = denoising + args.proj_coeff * out["proj_loss"]
-                        losses = {"loss": loss, "denoising_loss": denoising, "proj_loss": out["proj_loss"]}
-                    else:
-                        x = normalizer(z)
-                        t = transport.sample_time(torch.rand(x.shape[0], device=device))
-                        per_sample, logs = flow_matching_loss(vmodel, x, labels, t, torch.randn_like(x),
-                                                              args.direction_loss_weight)
-                        loss = per_sample.mean()
-                        losses = {"loss": loss, "mse": logs["mse"]} | ({"direction_loss": logs["direction"]}
-                                                                       if "direction" in logs else {})
+                    losses = step_fn(mean, std, labels, zs, draws)
+                loss = losses["loss"]
                 accelerator.backward(loss)
                 if accelerator.sync_gradients and args.max_grad_norm > 0:
                     accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)

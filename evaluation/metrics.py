@@ -226,18 +226,46 @@ def compute_features(images, extractor: InceptionFeatures, features: Sequence[st
         bar = tqdm(total=n, desc=f"Inception features ({what})", unit="img", dynamic_ncols=True)
     for start in range(0, len(idx), batch_size):
         batch = source.batch(idx[start:start + batch_size]).to(device, non_blocking=True)
-        out = extractor(batch, features)
-        for f in features:
-            chunks[f].append(out[f].cpu())
+        for f, v in batch_features(extractor, batch, features).items():
+            chunks[f].append(v)
         if bar is not None:
             bar.update(batch.shape[0] * dist_info()[1])
     if bar is not None:
         bar.close()
+    return gather_features(chunks, n, extractor)
+
+
+@torch.no_grad()
+def batch_features(extractor: InceptionFeatures, images: torch.Tensor, features: Sequence[str]) -> Dict[str, torch.Tensor]:
+    """uint8 [b, C, H, W] on the extractor's device (1-channel images replicated to 3, as ImageSource
+    does) -> {name: float32 [b, D]} on the CPU. The extractor's fixed chunks make an image's features
+    independent of the batch it comes in, so per-batch features equal `compute_features`'."""
+    if images.shape[1] == 1:
+        images = images.expand(-1, 3, -1, -1)
+    out = extractor(images.contiguous(), features)
+    return {f: out[f].cpu() for f in features}
+
+
+def gather_features(chunks: Dict[str, List[torch.Tensor]], total: int, extractor: InceptionFeatures) -> Dict[str, torch.Tensor]:
+    """Collective: per-batch features of this rank's items (rank r holds r, r + W, ..., in order) ->
+    {name: float32 [total, D]} in index order on every rank."""
     result = {}
-    for f in features:
-        local = torch.cat(chunks[f]) if chunks[f] else torch.zeros((0, _feature_width(extractor, f)))
-        result[f] = gather_strided(local, n)
+    for f, parts in chunks.items():
+        local = torch.cat(parts) if parts else torch.zeros((0, _feature_width(extractor, f)))
+        result[f] = gather_strided(local, total)
     return result
+
+
+def features_for_metrics(metrics: Sequence[str]) -> List[str]:
+    """The sample features `evaluate_samples` reads for `metrics`."""
+    want = []
+    if any(m in metrics for m in ("fid", "kid", "prc")):
+        want.append("pool")
+    if "sfid" in metrics:
+        want.append("spatial")
+    if "is" in metrics:
+        want.append("logits_unbiased")
+    return want
 
 
 def _feature_width(extractor: InceptionFeatures, name: str) -> int:
@@ -371,13 +399,7 @@ def evaluate_samples(images, reference, inception: Optional[nn.Module] = None, i
     extractor = get_extractor(inception, inception_weights, device, image_size)
     need_ref_images = any(m in metrics for m in ("kid", "prc"))
     ref = load_reference(reference, extractor, batch_size, use_file_stats, need_ref_images, progress)
-    want = []
-    if any(m in metrics for m in ("fid", "kid", "prc")):
-        want.append("pool")
-    if "sfid" in metrics:
-        want.append("spatial")
-    if "is" in metrics:
-        want.append("logits_unbiased")
+    want = features_for_metrics(metrics)
     rank, _ = dist_info()
     if features is not None:
         missing = [f for f in want if f not in features] if rank == 0 else []

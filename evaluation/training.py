@@ -82,19 +82,30 @@ def evaluate_generation(field, decode_fn, latent_shape, num_classes: int, args, 
                         logger, shift: float = 1.0) -> Dict[str, float]:
     """Collective: FID etc. of `args.eval_samples` Euler samples of `field` (index-keyed, so every
     evaluation of a run sees the same noise and labels) against `args.eval_reference`, through the
-    same `sample_for_eval` + `evaluate_samples` path as generate.py --eval. Logged to the trackers."""
-    from evaluation.metrics import get_extractor
+    same `sample_for_eval` + `evaluate_samples` path as generate.py --eval. Logged to the trackers.
+
+    Each decoded batch goes through Inception on the device right away (generate.py's streamed
+    features) and only the features are gathered, not the images: no second pass, a few KB per
+    sample instead of the whole image on every rank, the same metrics."""
+    from evaluation.metrics import batch_features, features_for_metrics, format_scores, gather_features, get_extractor
 
     extractor = get_extractor(weights_path=args.inception_weights, device=device, image_size=args.inception_image_size,
                               random_init=args.random_init_inception)
-    kw = euler_kwargs(args.eval_num_steps, args.eval_cfg_scale, shift)
-    images = sample_for_eval(field, decode_fn, latent_shape, num_classes, args.eval_samples, args.seed,
-                             args.eval_batch_size, kw, device, label_sampling=args.eval_label_sampling,
-                             progress=accelerator.is_main_process)
     metrics = [m.strip() for m in args.eval_metrics.split(",") if m.strip()]
-    from evaluation.metrics import format_scores
+    want = features_for_metrics(metrics)
+    chunks = {f: [] for f in want}
 
-    scores = evaluate_samples(images, args.eval_reference, inception=extractor, metrics=metrics, device=device)
+    def on_decoded(chunk, images):  # uint8 [b, C, H, W] on the device, samples chunk of this rank
+        for f, v in batch_features(extractor, images, want).items():
+            chunks[f].append(v)
+
+    kw = euler_kwargs(args.eval_num_steps, args.eval_cfg_scale, shift)
+    sample_for_eval(field, decode_fn, latent_shape, num_classes, args.eval_samples, args.seed, args.eval_batch_size,
+                    kw, device, label_sampling=args.eval_label_sampling, progress=accelerator.is_main_process,
+                    gather=False, on_decoded=on_decoded)
+    feats = gather_features(chunks, args.eval_samples, extractor)
+    scores = evaluate_samples(None, args.eval_reference, inception=extractor, metrics=metrics, device=device,
+                              features=feats)
     numbers = {k: v for k, v in scores.items() if isinstance(v, (int, float))}
     accelerator.log({f"eval/{k}": v for k, v in numbers.items()}, step=step)
     logger.info(f"eval at step {step}: " + format_scores(scores))

@@ -16,7 +16,7 @@ C*p*p channels to a patch conv), `wo_shift=True` and `use_rope=False` all work h
 """
 from __future__ import annotations
 
-from typing import Callable, Tuple
+from typing import Callable, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -91,10 +91,12 @@ class DiTwDDTHead(nn.Module):
             return torch.utils.checkpoint.checkpoint(block, h, cond, rope, use_reentrant=False)
         return block(h, cond, rope=rope)
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """x [B, C, G, G], t [B] (1 = noise), y [B] int64 (num_classes = null) -> velocity [B, C, G, G]."""
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor,
+                force_drop_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """x [B, C, G, G], t [B] (1 = noise), y [B] int64 (num_classes = null) -> velocity [B, C, G, G];
+        force_drop_ids [B] (bool or 1 = drop) replaces the training label-dropout draw."""
         te = self.t_embedder(t)  # [B, De]
-        c = F.silu(te + self.y_embedder(y, self.training))  # global condition of the encoder
+        c = F.silu(te + self.y_embedder(y, self.training, force_drop_ids))  # global condition of the encoder
         s = self.s_embedder(x)  # [B, T, De]
         if self.pos_embed is not None:
             s = s + self.pos_embed.to(s.dtype)

@@ -14,7 +14,7 @@ the tokenizer's statistics; LightningDiT and DiT^DH receive (z - mean) / std fro
 """
 from __future__ import annotations
 
-from typing import Dict, Mapping, Sequence, Tuple
+from typing import Dict, Mapping, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -60,12 +60,13 @@ class VelocityModel(nn.Module):
     def num_classes(self) -> int:
         return int(self.net.num_classes)
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, **label_kw) -> torch.Tensor:
+        """`label_kw`: force_drop_ids for a training forward of LightningDiT / DiT^DH."""
         # the SiT's forward computes its training losses; its field is `inference`
         field = self.net.inference if hasattr(self.net, "inference") else self.net
         if self.data_at_one:
-            return -field(x, 1 - t, y)
-        return field(x, t, y)
+            return -field(x, 1 - t, y, **label_kw)
+        return field(x, t, y, **label_kw)
 
     inference = forward
 
@@ -125,15 +126,18 @@ def default_time_convention(name: str, options: Mapping) -> bool:
 
 
 def flow_matching_loss(model: VelocityModel, x: torch.Tensor, y: torch.Tensor, t: torch.Tensor,
-                       noise: torch.Tensor, direction_weight: float = 0.0) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
-    """Per-sample loss [B] on normalised latents x [B, C, h, w] at times t [B]:
+                       noise: torch.Tensor, direction_weight: float = 0.0, force_drop_ids: Optional[torch.Tensor] = None,
+                       ) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+    """Per-sample loss [B] on normalised latents x [B, C, h, w] at times t [B] (force_drop_ids: the
+    label-dropout mask, drawn by the network when None):
     MSE(v, eps - x) (+ direction_weight * mean over positions of 1 - cos_C(v, eps - x), LightningDiT's
     velocity-direction loss; the cosine is sign- and time-reversal-invariant, so it is the same term
     in either convention)."""
     tb = t.view(-1, *([1] * (x.dim() - 1))).to(x.dtype)
     xt = (1 - tb) * x + tb * noise
     target = noise - x
-    pred = model(xt, t.to(x.dtype), y).float()
+    label_kw = {} if force_drop_ids is None else {"force_drop_ids": force_drop_ids}
+    pred = model(xt, t.to(x.dtype), y, **label_kw).float()
     mse = (pred - target.float()).square().mean(dim=tuple(range(1, x.dim())))
     logs = {"mse": mse.detach().mean()}
     loss = mse

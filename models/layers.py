@@ -88,11 +88,18 @@ class LabelEmbedder(nn.Module):
         self.dropout_prob = dropout_prob
 
     def token_drop(self, labels: torch.Tensor, force_drop_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Labels with the dropped ones set to the null id; `force_drop_ids` (1 or True = drop) replaces
+        the random draw (a boolean mask is used as is: `draw_drop_mask` draws the trainer's outside a
+        compiled step)."""
         if force_drop_ids is None:
-            drop = torch.rand(labels.shape[0], device=labels.device) < self.dropout_prob
+            drop = self.draw_drop_mask(labels)
         else:
-            drop = force_drop_ids == 1
+            drop = force_drop_ids if force_drop_ids.dtype == torch.bool else force_drop_ids == 1
         return torch.where(drop, torch.full_like(labels, self.num_classes), labels)
+
+    def draw_drop_mask(self, labels: torch.Tensor) -> torch.Tensor:
+        """The training-mode dropout draw [N] bool (one uniform per label, from the global generator)."""
+        return torch.rand(labels.shape[0], device=labels.device) < self.dropout_prob
 
     def forward(self, labels: torch.Tensor, train: bool, force_drop_ids: torch.Tensor | None = None) -> torch.Tensor:
         if (train and self.dropout_prob > 0) or force_drop_ids is not None:

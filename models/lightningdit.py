@@ -172,10 +172,12 @@ class LightningDiT(nn.Module):
         self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels, use_rmsnorm)
         init_adaln_zero(self, self.blocks, self.final_layer, [self.x_embedder])
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """x [B, C, S, S], t [B] in [0, 1], y [B] int64 (num_classes = null) -> [B, C, S, S]."""
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor,
+                force_drop_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """x [B, C, S, S], t [B] in [0, 1], y [B] int64 (num_classes = null) -> [B, C, S, S];
+        force_drop_ids [B] (bool or 1 = drop) replaces the training label-dropout draw."""
         h = self.x_embedder(x) + self.pos_embed.to(x.dtype)  # [B, T, D]
-        c = self.t_embedder(t) + self.y_embedder(y, self.training)  # [B, D]
+        c = self.t_embedder(t) + self.y_embedder(y, self.training, force_drop_ids)  # [B, D]
         for block in self.blocks:
             if self.use_checkpoint and self.training and torch.is_grad_enabled():
                 h = torch.utils.checkpoint.checkpoint(block, h, c, self.feat_rope, use_reentrant=False)

@@ -300,9 +300,9 @@ class SiT(nn.Module):
         return bn_latent_stats(self.bn.running_mean, self.bn.running_var, self.bn.eps if include_eps else 0.0)
 
     # ------------------------------------------------------------------ network
-    def _embed(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor):
+    def _embed(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, force_drop_ids: Optional[torch.Tensor] = None):
         x = self.x_embedder(x) + self.pos_embed.to(x.dtype)  # [N, T, D]
-        c = self.t_embedder(t) + self.y_embedder(y, self.training)  # [N, D]
+        c = self.t_embedder(t) + self.y_embedder(y, self.training, force_drop_ids)  # [N, D]
         return x, c
 
     def _run_block(self, block: nn.Module, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
@@ -311,9 +311,9 @@ class SiT(nn.Module):
         return block(x, c)
 
     def _network(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, align_only: bool = False,
-                 project: bool = True):
+                 project: bool = True, force_drop_ids: Optional[torch.Tensor] = None):
         """Returns (output [N, C, H, W], zs_tilde list of [N, T, z_dim]; empty unless `project`)."""
-        x, c = self._embed(x, t, y)
+        x, c = self._embed(x, t, y, force_drop_ids)
         zs_tilde: List[torch.Tensor] = []
         for i, block in enumerate(self.blocks):
             x = self._run_block(block, x, c)
@@ -341,13 +341,15 @@ class SiT(nn.Module):
         loss_kwargs: Optional[dict] = None,
         time_input: Optional[torch.Tensor] = None,
         noises: Optional[torch.Tensor] = None,
+        force_drop_ids: Optional[torch.Tensor] = None,
     ) -> Dict[str, object]:
         """Flow-matching and REPA losses on raw latents x [N, C, H, W].
 
         loss_kwargs: weighting (uniform|lognormal), path_type (linear|cosine), prediction ('v'),
         align_only (stop after block encoder_depth; no denoising loss). time_input [N,1,1,1] and
         noises [N,C,H,W] are drawn here unless given; they are returned so a second pass (the SiT
-        update after the VAE update in REPA-E) can reuse them.
+        update after the VAE update in REPA-E) can reuse them. force_drop_ids [N] (bool or 1 = drop)
+        replaces the label-dropout draw (a compiled step draws every random number outside the graph).
         """
         kw = {"weighting": "uniform", "path_type": self.path_type, "prediction": "v", "align_only": False}
         kw.update(loss_kwargs or {})
@@ -366,7 +368,8 @@ class SiT(nn.Module):
         model_input = alpha * x + sigma * noises
         target = d_alpha * x + d_sigma * noises
 
-        model_output, zs_tilde = self._network(model_input, time_input.flatten(), y, align_only=kw["align_only"])
+        model_output, zs_tilde = self._network(model_input, time_input.flatten(), y, align_only=kw["align_only"],
+                                                  force_drop_ids=force_drop_ids)
         denoising_loss = None
         if not kw["align_only"]:
             denoising_loss = (model_output.float() - target.float()).pow(2).mean(dim=(1, 2, 3))  # [N]

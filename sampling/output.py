@@ -123,14 +123,11 @@ class FeatureStore:
         utils.remove_stale_temp_files(self.dir)
         utils.atomic_write_text(json.dumps(self.identity, indent=2, sort_keys=True) + "\n", record)
 
-    @torch.no_grad()
     def compute(self, images: torch.Tensor) -> Dict[str, torch.Tensor]:
-        """uint8 [b, C, H, W] on the extractor's device (1-channel images replicated to 3, as
-        evaluation.metrics.ImageSource does) -> {name: float32 [b, D]} on the CPU."""
-        if images.shape[1] == 1:
-            images = images.expand(-1, 3, -1, -1)
-        out = self.extractor(images.contiguous(), STORED_FEATURES)
-        return {f: out[f].cpu() for f in STORED_FEATURES}
+        """uint8 [b, C, H, W] on the extractor's device -> {name: float32 [b, D]} on the CPU."""
+        from evaluation.metrics import batch_features
+
+        return batch_features(self.extractor, images, STORED_FEATURES)
 
     def save(self, indices: Sequence[int], feats: Dict[str, torch.Tensor]) -> None:
         arrays = {f: feats[f].numpy() for f in STORED_FEATURES}

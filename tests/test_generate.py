@@ -649,20 +649,46 @@ def test_training_grid_rows_are_classes():
     assert captioned[0].max() > 200 and captioned[0].min() == 0  # light text on a black box
 
 
-def test_training_evaluation_labels_random_inception(exp, tmp_path):
-    """The trainers' periodic FID (evaluate_generation): the log line and the returned scores
-    (which go into summary.json) say the Inception was random."""
+def training_evaluation(exp, tmp_path, n_ref, metrics, log=None, lines=None, **over):
+    """evaluate_generation of the tiny experiment against random reference images: (scores, setup, args)."""
     from types import SimpleNamespace
 
     setup = load_models(generate.parse_args(["--exp-dir", str(exp), "--device", "cpu"]), lambda m: None)
-    rng = np.random.default_rng(0)
-    np.savez(tmp_path / "ref.npz", arr_0=rng.integers(0, 256, (6, 32, 32, 3), dtype=np.uint8))
-    args = SimpleNamespace(inception_weights=None, inception_image_size=75, random_init_inception=True, eval_num_steps=1,
-                           eval_cfg_scale=1.0, eval_samples=4, seed=0, eval_batch_size=4, eval_label_sampling="equal",
-                           eval_metrics="fid", eval_reference=str(tmp_path / "ref.npz"))
-    logged, lines = [], []
-    accelerator = SimpleNamespace(log=lambda d, step: logged.append(d), is_main_process=True)
+    rng = np.random.default_rng(n_ref)
+    np.savez(tmp_path / "ref.npz", arr_0=rng.integers(0, 256, (n_ref, 32, 32, 3), dtype=np.uint8))
+    args = SimpleNamespace(**dict(dict(inception_weights=None, inception_image_size=75, random_init_inception=True,
+                                       eval_num_steps=1, eval_cfg_scale=1.0, eval_samples=4, seed=0, eval_batch_size=4,
+                                       eval_label_sampling="equal", eval_metrics=metrics,
+                                       eval_reference=str(tmp_path / "ref.npz")), **over))
+    accelerator = SimpleNamespace(log=lambda d, step: (log if log is not None else []).append(d), is_main_process=True)
     scores = evaluate_generation(setup.model, setup.decoder, setup.latent_shape, setup.num_classes, args, "cpu",
-                                 3, accelerator, SimpleNamespace(info=lines.append))
+                                 3, accelerator, SimpleNamespace(info=(lines if lines is not None else []).append))
+    return scores, setup, args
+
+
+def test_training_evaluation_labels_random_inception(exp, tmp_path):
+    """The trainers' periodic FID (evaluate_generation): the log line and the returned scores
+    (which go into summary.json) say the Inception was random."""
+    logged, lines = [], []
+    scores, _, _ = training_evaluation(exp, tmp_path, 6, "fid", logged, lines)
     assert scores["inception"].startswith("random weights") and np.isfinite(scores["fid"])
     assert "FID (random Inception: not comparable)=" in lines[0] and set(logged[0]) == {"eval/num_samples", "eval/fid"}
+
+
+def test_training_evaluation_streams_features_with_the_former_scores(exp, tmp_path):
+    """The trainers' FID takes Inception features batch by batch right after decode (no image
+    gather): the scores equal those of the former path (all images gathered, then evaluate_samples),
+    with a short last batch (6 samples in batches of 4)."""
+    from evaluation.metrics import evaluate_samples, get_extractor
+    from evaluation.training import euler_kwargs
+
+    scores, setup, args = training_evaluation(exp, tmp_path, 8, "fid,sfid,is", eval_num_steps=2, eval_cfg_scale=1.5,
+                                              eval_samples=6)
+    images = samplers.sample_for_eval(setup.model, setup.decoder, setup.latent_shape, setup.num_classes, 6, 0, 4,
+                                      euler_kwargs(2, 1.5), "cpu", label_sampling="equal")
+    extractor = get_extractor(image_size=75, random_init=True, device="cpu")
+    former = evaluate_samples(images, args.eval_reference, inception=extractor, metrics=["fid", "sfid", "is"],
+                              device="cpu")
+    assert scores["num_samples"] == 6 and np.isfinite(scores["fid"]) and scores["fid"] > 0
+    for k in ("fid", "sfid", "is"):
+        assert scores[k] == former[k], k

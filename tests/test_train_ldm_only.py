@@ -342,3 +342,30 @@ def test_fsdp_refuses_what_it_does_not_support(data, tmp_path):
         run(flags(latents, tmp_path, "one", 1, model="LightningDiT-N/1", fsdp=True))
     with pytest.raises(SystemExit, match="--fsdp: Linear has no transformer blocks"):
         shard_blocks(torch.nn.Linear(2, 2), mesh=None)
+
+
+def test_compile_compiles_the_whole_step_with_the_eager_random_stream(data, tmp_path, monkeypatch):
+    """--compile hands the loss module (normalisation, noising, network, losses) to torch.compile
+    (here with the fast aot_eager backend); two steps then give the eager run's weights: the same
+    random numbers reach the same places."""
+    from loss.latent_diffusion import LatentDiffusionLoss
+
+    images, latents = data
+    compiled, torch_compile = [], torch.compile
+
+    def aot_eager_compile(module, **kw):
+        compiled.append(module)
+        return torch_compile(module, backend="aot_eager")
+
+    monkeypatch.setattr(torch, "compile", aot_eager_compile)
+    extra = dict(model="SiT-N/4", enc_type="dinov2-vit-tiny", data_dir=images, projector_dim=32, encoder_depth=2,
+                 random_init_encoders=True, sampling_steps=0, cfg_prob=0.5, weighting="lognormal")
+    run(flags(latents, tmp_path, "eager", 2, **extra))
+    assert not compiled
+    run(flags(latents, tmp_path, "compiled", 2, compile=True, **extra))
+    assert len(compiled) == 1 and isinstance(compiled[0], LatentDiffusionLoss)
+    a, b = load(tmp_path / "eager/checkpoints/0000002.pt"), load(tmp_path / "compiled/checkpoints/0000002.pt")
+    assert a["model"].keys() == b["model"].keys()
+    for k in a["model"]:
+        torch.testing.assert_close(b["model"][k], a["model"][k], rtol=1e-4, atol=1e-5, msg=k)
+    torch._dynamo.reset()
