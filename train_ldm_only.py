@@ -389,8 +389,8 @@ def main(args):
             with torch.no_grad(), accelerator.autocast():
                 zs = [enc(batch["image"].to(device, non_blocking=True)).float() for enc in encoders]
             with accelerator.accumulate(model):
-                if args.fsdp:  # no reduce-scatter on accumulation micro-steps (unsharded gradients accumulate)
-                    model.set_requires_gradient_sync(accelerator.sync_gradients)
+                # --fsdp: no reduce-scatter on accumulation micro-steps (no-op for DDP, which accumulate() handles)
+                fsdp.set_gradient_sync(net, accelerator.sync_gradients)
                 with accelerator.autocast():
                     losses = step_fn(mean, std, labels, zs, draws)
                 loss = losses["loss"]

@@ -231,7 +231,7 @@ def add_common_training_flags(p) -> None:
     g.add_argument("--mixed-precision", type=str, default=None, choices=["no", "fp16", "bf16"],
                    help="autocast precision; when not given, `accelerate launch --mixed_precision` wins, else the "
                         "script's default (REPA-E trainers: fp16; off on CPU)")
-    g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None, help="torch.compile the trained network (default: on with a GPU, as REPA-E; off on CPU)")
+    g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None, help="torch.compile the training step's networks and losses (default: on with a GPU, as REPA-E; off on CPU)")
     g = p.add_argument_group("optimisation")
     g.add_argument("--epochs", type=positive_int, default=1400, help="stop after this many epochs")
     g.add_argument("--max-train-steps", type=positive_int, default=400000, help="stop after this many optimisation steps")
