@@ -17,7 +17,8 @@ tensors. Figures per configuration and option set (one JSON line each, bench/com
   gradient buckets (one more fp32 copy of every DDP-wrapped trainable parameter when world > 1);
 * saved activations: bytes of the distinct non-parameter storages autograd saves, per phase
   (generator / discriminator / SiT update), measured at REAL widths and resolution with the
-  transformer depth at 1 and 2 and batch 1 and 2, and extrapolated with the exact bilinear model
+  transformer depth at 2 and 3 and batch 2 and 3 (at 1, a size-1 dimension turns some copies into
+  views: a batch of 1 saves less per sample), and extrapolated with the exact bilinear model
   bytes(D, B) = c0 + c1*D + (a + b*D)*B (D-linear: cast weight copies under autocast and
   per-sample activations of each block; B-linear: every per-sample tensor); the same counter at
   the published depth and batch directly (`saved_direct`) checks the extrapolation;
@@ -169,19 +170,20 @@ def state_of(networks: dict, world: int) -> dict:
 
 
 def fit_bilinear(points: dict) -> tuple:
-    """(c0, c1, a, b) of bytes = c0 + c1*D + (a + b*D)*B from the four points {(D, B): bytes} at
-    D, B in {1, 2}."""
-    m11, m21, m12, m22 = points[1, 1], points[2, 1], points[1, 2], points[2, 2]
-    b = m22 - m21 - m12 + m11
-    a = (m12 - m11) - b
-    c1 = (m21 - m11) - b
-    c0 = m11 - c1 - a - b
+    """(c0, c1, a, b) of bytes = c0 + c1*D + (a + b*D)*B through four points {(D, B): bytes} on
+    a grid D in {d1, d2}, B in {b1, b2} (exact: four unknowns, four points)."""
+    (d1, d2), (b1, b2) = sorted({d for d, _ in points}), sorted({b for _, b in points})
+    m11, m21, m12, m22 = points[d1, b1], points[d2, b1], points[d1, b2], points[d2, b2]
+    b = (m22 - m21 - m12 + m11) / ((d2 - d1) * (b2 - b1))
+    a = (m12 - m11) / (b2 - b1) - b * d1
+    c1 = (m21 - m11) / (d2 - d1) - b * b1
+    c0 = m11 - c1 * d1 - a * b1 - b * d1 * b1
     return c0, c1, a, b
 
 
 def extrapolate(coef: tuple, depth: int, batch: int) -> int:
     c0, c1, a, b = coef
-    return c0 + c1 * depth + (a + b * depth) * batch
+    return round(c0 + c1 * depth + (a + b * depth) * batch)
 
 
 # ------------------------------------------------------------------------------------------------ RAE stage 1
@@ -403,8 +405,8 @@ def measure(kind: str, tiny: bool, depth: int, batch: int, precision: str, optio
 def published(kind: str, tiny: bool) -> dict:
     """The published depth and per-GPU batch, and the SiT block count each REPA-E phase runs."""
     if kind == "rae":
-        return dict(depth=3, batch=3) if tiny else dict(depth=28, batch=64)
-    return dict(depth=3, batch=3, encoder_depth=2) if tiny else dict(depth=28, batch=32, encoder_depth=8)
+        return dict(depth=4, batch=5) if tiny else dict(depth=28, batch=64)
+    return dict(depth=4, batch=5, encoder_depth=2) if tiny else dict(depth=28, batch=32, encoder_depth=8)
 
 
 def phase_depth(kind: str, phase: str, pub: dict) -> int:
@@ -415,13 +417,18 @@ def phase_depth(kind: str, phase: str, pub: dict) -> int:
     return pub["depth"]
 
 
+# Depths and batches measured for the fit: not 1, where a size-1 dimension makes some reshapes views
+# instead of copies (a batch of 1 saves less per sample than any larger batch).
+FIT_AT = (2, 3)
+
+
 def estimate(kind: str, tiny: bool, precision: str, option_set: str, world: int) -> dict:
-    """Saved bytes per phase extrapolated from depth {1, 2} x batch {1, 2} to the published size, the
+    """Saved bytes per phase extrapolated from depth x batch in FIT_AT to the published size, the
     direct count there (fake), the state and the estimated peak."""
     options = OPTION_SETS[kind][option_set]
     pub = published(kind, tiny)
     points = {(d, b): measure(kind, tiny, d, b, precision, options, world=world, track_live=False)
-              for d in (1, 2) for b in (1, 2)}
+              for d in FIT_AT for b in FIT_AT}
     phases = list(points[1, 1]["saved"])
     coef = {ph: fit_bilinear({k: v["saved"][ph] for k, v in points.items()}) for ph in phases}
     saved = {ph: extrapolate(coef[ph], phase_depth(kind, ph, pub), pub["batch"]) for ph in phases}
