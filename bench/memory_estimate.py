@@ -429,7 +429,7 @@ def estimate(kind: str, tiny: bool, precision: str, option_set: str, world: int)
     pub = published(kind, tiny)
     points = {(d, b): measure(kind, tiny, d, b, precision, options, world=world, track_live=False)
               for d in FIT_AT for b in FIT_AT}
-    phases = list(points[1, 1]["saved"])
+    phases = list(next(iter(points.values()))["saved"])
     coef = {ph: fit_bilinear({k: v["saved"][ph] for k, v in points.items()}) for ph in phases}
     saved = {ph: extrapolate(coef[ph], phase_depth(kind, ph, pub), pub["batch"]) for ph in phases}
     line = dict(kind=kind, option_set=option_set, options=options, precision=precision, world=world,

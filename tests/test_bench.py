@@ -332,7 +332,7 @@ def test_rae_grid_guidance_is_decided_on_the_host_with_unchanged_results():
 def test_memory_estimate_extrapolates_saved_bytes_exactly():
     """bench/memory_estimate.py, tiny RAE with every checkpointing option under bf16: the saved
     bytes extrapolated from depth and batch {2, 3} equal those counted directly at (depth 4,
-    batch 3), per phase, to the byte; the state counts AdamW's two fp32 moments and DDP's buckets."""
+    batch 5), per phase, to the byte; the state counts AdamW's two fp32 moments and DDP's buckets."""
     import memory_estimate as me
 
     est = me.estimate("rae", True, "bf16", "all", world=2)
