@@ -356,6 +356,7 @@ GRAD_OWNER = {"generator": "tokenizer", "discriminator": "loss (LPIPS + discrimi
 
 
 def autocast_factory(precision: str):
+    """The trainers' `accelerator.autocast` for --mixed-precision `precision`, on CPU."""
     if precision == "no":
         return contextlib.nullcontext
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
