@@ -2,7 +2,7 @@
 does the RAE XL recipe fit in 80 GB, and with which options?
 
   python bench/memory_estimate.py                 # RAE XL (64/GPU) and REPA-E XL (32/GPU), every option set
-  python bench/memory_estimate.py --tiny          # the same at tiny sizes (seconds; tests/test_bench.py)
+  python bench/memory_estimate.py --tiny          # the same at tiny sizes (~30 s per option set; tests/test_bench.py)
   python bench/memory_estimate.py --only rae-xl --precision bf16
 
 Each network is built from the trainers' own builders (train_stage1's build_model / build_loss for
@@ -449,12 +449,13 @@ def estimate(kind: str, tiny: bool, precision: str, option_set: str, world: int)
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--tiny", action="store_true", help="tiny configurations (seconds; what the tests run)")
+    p.add_argument("--tiny", action="store_true", help="tiny configurations (~30 s per option set; what the tests run)")
     p.add_argument("--only", choices=["rae-xl", "repae-xl"], default=None, help="one configuration (default: both)")
     p.add_argument("--precision", choices=["no", "fp16", "bf16"], action="append", default=None,
                    help="autocast precision (repeatable; default: bf16 for RAE, fp16 and bf16 for REPA-E)")
     p.add_argument("--option-set", action="append", default=None,
-                   help=f"option sets to count (repeatable; default: all of {OPTION_SETS})")
+                   help="option sets to count (repeatable; default: all; RAE: "
+                        f"{', '.join(OPTION_SETS['rae'])}; REPA-E: {', '.join(OPTION_SETS['repae'])})")
     p.add_argument("--world", type=int, default=8, help="processes of the published run (DDP buckets when > 1)")
     args = p.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
