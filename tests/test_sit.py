@@ -15,16 +15,21 @@ def tiny(**kw):
 
 @pytest.mark.parametrize("name", list(SiT_models))
 def test_every_registry_size_runs(name):
+    """Every size builds and runs forward and inference; L and XL on the meta device (shapes only:
+    initialising their 0.5-0.7B random weights on CPU is most of a minute per size and tests
+    nothing the S / B sizes, which run for real, do not)."""
     torch.manual_seed(0)
     patch = int(name.split("/")[1])
-    model = build_sit(name, input_size=2 * patch, in_channels=4, num_classes=10, z_dims=[8], projector_dim=16,
-                      encoder_depth=2)
-    x = torch.randn(2, 4, 2 * patch, 2 * patch)
-    out = model(x, torch.tensor([1, 2]), zs=[torch.randn(2, 4, 8)])
-    assert out["model_output"].shape == x.shape
-    assert torch.isfinite(out["denoising_loss"]).all() and torch.isfinite(out["proj_loss"])
-    v = model.eval().inference(x, torch.rand(2), torch.tensor([10, 3]))
-    assert v.shape == x.shape
+    real = name.split("-")[1].split("/")[0] in ("S", "B")
+    with torch.device("cpu" if real else "meta"):
+        model = build_sit(name, input_size=2 * patch, in_channels=4, num_classes=10, z_dims=[8], projector_dim=16,
+                          encoder_depth=2)
+        x = torch.randn(2, 4, 2 * patch, 2 * patch)
+        out = model(x, torch.tensor([1, 2]), zs=[torch.randn(2, 4, 8)])
+        v = model.eval().inference(x, torch.rand(2), torch.tensor([10, 3]))
+    assert out["model_output"].shape == x.shape and v.shape == x.shape
+    if real:
+        assert torch.isfinite(out["denoising_loss"]).all() and torch.isfinite(out["proj_loss"])
 
 
 def test_unknown_size_lists_choices():
