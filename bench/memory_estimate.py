@@ -368,8 +368,6 @@ def measure(kind: str, tiny: bool, depth: int, batch: int, precision: str, optio
     """One step of `kind` at (transformer depth, per-GPU batch): saved bytes per phase, the live
     peak, and the exact state. fake=False runs real tensors (tiny sizes only: the check of the
     fake count)."""
-    from loss import perceptual
-
     make_args, make_networks, step = KINDS[kind]
     mode = FakeTensorMode(allow_non_fake_inputs=True) if fake else None
     device = torch.device("meta" if fake else "cpu")
@@ -378,8 +376,6 @@ def measure(kind: str, tiny: bool, depth: int, batch: int, precision: str, optio
         args = (make_args(tiny, depth, batch, precision, options, Path(tmp)) if kind == "rae"
                 else make_args(tiny, depth, batch, precision, options))
         built = make_networks(args, device)
-    if fake:  # LPIPS keeps a template network to copy from: a meta one must not outlive this build
-        perceptual._TEMPLATE.clear()
     nets = built[-1]
     state = state_of(nets, world)
     if fake:

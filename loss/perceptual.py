@@ -91,7 +91,9 @@ def _lpips_network() -> nn.Module:
     if "net" not in _TEMPLATE:
         import lpips
 
-        with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
+        # on the CPU whatever the caller's default device: a template built under `torch.device("meta")`
+        # would hand weightless copies to every later caller
+        with torch.random.fork_rng(devices=[]), warnings.catch_warnings(), torch.device("cpu"):
             # lpips calls torchvision's deprecated `pretrained=` argument
             warnings.simplefilter("ignore", UserWarning)
             torch.manual_seed(0)

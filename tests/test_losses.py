@@ -492,3 +492,15 @@ def test_lean_trunk_compiles_to_one_graph():
     finally:
         torch._dynamo.reset()
     assert torch.equal(out[0], ref[0]) and torch.equal(out[1], ref[1])
+
+
+def test_lpips_built_under_meta_leaves_later_builds_real(monkeypatch):
+    """LPIPS copies a cached template network: one first built under `torch.device("meta")` (the
+    memory estimate's weightless build) must not make every later LPIPS weightless."""
+    from loss import perceptual
+
+    monkeypatch.setattr(perceptual, "_TEMPLATE", {})
+    with torch.device("meta"):
+        LPIPS(vgg_weights="random")
+    later = LPIPS(vgg_weights="random")
+    assert not any(t.is_meta for t in list(later.parameters()) + list(later.buffers()))
