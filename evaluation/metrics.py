@@ -243,7 +243,10 @@ def batch_features(extractor: InceptionFeatures, images: torch.Tensor, features:
     if images.shape[1] == 1:
         images = images.expand(-1, 3, -1, -1)
     out = extractor(images.contiguous(), features)
-    return {f: out[f].cpu() for f in features}
+    parts = [out[f].float() for f in features]  # each [b, D_f]
+    # one device -> host copy (one wait on CUDA) for all of them, split back on the host
+    flat = torch.cat(parts, dim=1).cpu().split([p.shape[1] for p in parts], dim=1)
+    return {f: t.contiguous() for f, t in zip(features, flat)}
 
 
 def gather_features(chunks: Dict[str, List[torch.Tensor]], total: int, extractor: InceptionFeatures) -> Dict[str, torch.Tensor]:
